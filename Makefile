@@ -1,0 +1,27 @@
+# Every target sets up .venv first, so a fresh clone needs only python3.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup serve test bench bench-pools clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev,gevent,dask]'
+	touch $(STAMP)
+
+serve: setup
+	$(BIN)/muxpool serve
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench-pools: setup
+	$(BIN)/python benchmarks/pools.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,62 @@
+"""muxpool: concurrent network services and worker pools.
+
+One pool API over threads, processes and greenlets; one server handler under
+any concurrency engine. This module declares the public surface once; it
+never imports gevent or dask (``GeventPool`` loads gevent on first use).
+"""
+
+from .errors import (
+    ConnectionBroken,
+    ConnectionClosed,
+    HandlerTimeout,
+    LocalProtocolError,
+    MessageTooLarge,
+    MissingDependency,
+    MuxpoolError,
+    PoolClosed,
+    PoolError,
+    ProtocolError,
+    QueueFull,
+    RemoteError,
+    RemoteProtocolError,
+    RemoteTraceback,
+    SerializationError,
+    TaskTimeout,
+    WorkerCrashed,
+)
+from .pools import AsyncFuture, Pool, PoolStats, ProcessPool, ThreadPool
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncFuture",
+    "ConnectionBroken",
+    "ConnectionClosed",
+    "GeventPool",
+    "HandlerTimeout",
+    "LocalProtocolError",
+    "MessageTooLarge",
+    "MissingDependency",
+    "MuxpoolError",
+    "Pool",
+    "PoolClosed",
+    "PoolError",
+    "PoolStats",
+    "ProcessPool",
+    "ProtocolError",
+    "QueueFull",
+    "RemoteError",
+    "RemoteProtocolError",
+    "RemoteTraceback",
+    "SerializationError",
+    "TaskTimeout",
+    "ThreadPool",
+    "WorkerCrashed",
+]
+
+
+def __getattr__(name: str):
+    if name == "GeventPool":
+        from .pools.gevent import GeventPool
+        return GeventPool
+    raise AttributeError(f"module 'muxpool' has no attribute {name!r}")

@@ -1,0 +1,76 @@
+"""GeventPool: the pool API over greenlets (``pip install muxpool[gevent]``).
+
+Greenlets suit many concurrent I/O waits in a gevent program. Like every
+gevent object, the pool belongs to the thread whose hub runs it: submit from
+greenlets of that thread. Its futures wait cooperatively, so ``fut.result()``
+works without monkey-patching; ``concurrent.futures.wait``/``as_completed``
+block the hub unless ``threading`` is monkey-patched.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+from ..errors import MissingDependency
+
+try:
+    import gevent
+    import gevent.event
+    import gevent.lock
+    import gevent.queue
+except ImportError as exc:  # pragma: no cover - exercised without the extra
+    raise MissingDependency("GeventPool", "gevent") from exc
+
+from .base import AsyncFuture
+from .queued import QueuePool, Runtime
+
+
+class GeventFuture(Future):
+    """A ``concurrent.futures.Future`` whose waits yield to the gevent hub."""
+
+    def _wait_cooperatively(self, timeout: float | None) -> None:
+        if self.done():
+            return
+        ready = gevent.event.Event()
+        self.add_done_callback(lambda _f: ready.set())
+        ready.wait(timeout)
+
+    def result(self, timeout: float | None = None):
+        self._wait_cooperatively(timeout)
+        return super().result(timeout=0)
+
+    def exception(self, timeout: float | None = None):
+        self._wait_cooperatively(timeout)
+        return super().exception(timeout=0)
+
+
+class GeventAsyncFuture(AsyncFuture, GeventFuture):
+    pass
+
+
+def _start_greenlet(target, name):
+    greenlet = gevent.spawn(target)
+    greenlet.name = name
+    return greenlet
+
+
+GREENLETS = Runtime(
+    make_queue=gevent.queue.Queue,
+    make_semaphore=gevent.lock.Semaphore,
+    make_event=gevent.event.Event,
+    start_worker=_start_greenlet,
+    empty=gevent.queue.Empty,
+)
+
+
+class GeventPool(QueuePool):
+    """Up to ``max_workers`` greenlets, started only when needed."""
+
+    runtime = GREENLETS
+    kind = "GeventPool"
+    future_class = GeventFuture
+    async_future_class = GeventAsyncFuture
+
+    def __init__(self, max_workers: int, max_queue: int | None = None, *,
+                 idle_timeout: float | None = 10.0, name: str | None = None):
+        super().__init__(max_workers, max_queue, idle_timeout=idle_timeout, name=name)

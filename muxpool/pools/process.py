@@ -1,0 +1,495 @@
+"""ProcessPool: worker processes for CPU-bound work, safe against crashes.
+
+Each worker has its own pair of pipes, so the parent knows exactly which task
+each worker holds: a worker that dies fails only the task it was running
+(``WorkerCrashed``), tasks queued behind it go to other workers, and a
+replacement starts. ``multiprocessing.Pool`` cannot tell which task died and
+hangs; ``ProcessPoolExecutor`` marks the whole pool broken.
+
+One supervisor thread owns an epoll selector over the workers' result pipes
+and exit sentinels; it reads results, enforces ``task_timeout`` (kill and
+replace the worker), respawns, and hands queued tasks to free workers.
+Submitting threads pickle outside the lock and write straight to an idle
+worker's pipe (non-blocking; anything left over is flushed by the supervisor),
+so a task needs no thread hop on its way out. Tasks are prefetched one deep
+per worker only while tasks are short, which hides the pipe round trip for
+tiny tasks without parking a task behind a long one.
+
+Workers start with the ``forkserver`` method by default: forking from a
+process that runs threads (ours always does) can deadlock the child.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import multiprocessing
+import os
+import pickle
+import selectors
+import threading
+import time
+from concurrent.futures import CancelledError
+from typing import Any
+
+from ..errors import PoolError, QueueFull, RemoteTraceback, SerializationError, TaskTimeout, WorkerCrashed
+from . import _procworker
+from .base import Pool, PoolStats, cancel_task, closed_error, deliver
+
+log = logging.getLogger("muxpool.pools.process")
+
+_HEADER = _procworker.HEADER
+_SHORT_TASK = 0.002  # seconds: below this, prefetching one task pays off
+_STARTUP_FAILURES_BEFORE_GIVING_UP = 3
+
+
+class _Task:
+    __slots__ = ("id", "frame", "fut", "callback", "task_timeout", "started", "holds_slot",
+                 "dispatched")
+
+    def __init__(self, task_id, frame, fut, callback, task_timeout, holds_slot):
+        self.id = task_id
+        self.frame = frame  # kept until settled: a task a dead worker never began is resent
+        self.fut = fut
+        self.callback = callback
+        self.task_timeout = task_timeout
+        self.started = 0.0
+        self.holds_slot = holds_slot
+        self.dispatched = False
+
+
+class _Worker:
+    __slots__ = ("process", "pid", "task_fd", "result_fd", "conns", "inbuf", "outbuf",
+                 "inflight", "sent", "ready", "doomed", "retiring")
+
+    def __init__(self, process, task_w, result_r, max_tasks):
+        self.process = process
+        self.pid = process.pid
+        self.conns = (task_w, result_r)  # keep the Connection objects: they own the fds
+        self.task_fd = task_w.fileno()
+        self.result_fd = result_r.fileno()
+        os.set_blocking(self.task_fd, False)
+        os.set_blocking(self.result_fd, False)
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.inflight: collections.deque[_Task] = collections.deque()
+        self.sent = 0
+        self.ready = False
+        self.doomed = False     # killed on purpose: its tasks are already settled
+        self.retiring = max_tasks == 0
+
+
+class ProcessPool(Pool):
+    """Up to ``max_workers`` processes (default: the number of cores).
+
+    Callbacks and future callbacks run on the pool's supervisor thread: keep
+    them short. ``task_timeout`` (here, or per task on ``schedule``/``run``)
+    kills a worker whose task runs too long and fails that task with
+    ``TaskTimeout``.
+    """
+
+    def __init__(self, max_workers: int | None = None, max_queue: int | None = None, *,
+                 initializer=None, initargs: tuple = (), max_tasks_per_worker: int | None = None,
+                 task_timeout: float | None = None, mp_context=None, name: str | None = None):
+        self.max_workers = max_workers or os.cpu_count() or 1
+        if self.max_workers < 1:
+            raise ValueError("max_workers must be >= 1")
+        if max_queue is not None and max_queue < 1:
+            raise ValueError("max_queue must be >= 1 or None")
+        if max_tasks_per_worker is not None and max_tasks_per_worker < 1:
+            raise ValueError("max_tasks_per_worker must be >= 1 or None")
+        if mp_context is None or isinstance(mp_context, str):
+            mp_context = multiprocessing.get_context(mp_context or _default_start_method())
+        self.max_queue = max_queue
+        self.task_timeout = task_timeout
+        self.name = name or f"ProcessPool-{id(self):x}"
+        self._ctx = mp_context
+        self._initializer = initializer
+        self._initargs = tuple(initargs)
+        self._max_tasks = max_tasks_per_worker
+        self._lock = threading.Lock()
+        self._slots = threading.Semaphore(max_queue) if max_queue else None
+        self._pending: collections.deque[_Task] = collections.deque()
+        self._workers: dict[int, _Worker] = {}  # by result fd
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._terminated = False
+        self._avg_duration = 0.0
+        self._startup_failures = 0
+        self._respawn_at = 0.0
+        self._counts = {"completed": 0, "failed": 0, "cancelled": 0}
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
+        self._supervisor = threading.Thread(target=self._supervise, name=f"{self.name}-supervisor",
+                                            daemon=True)
+        self._supervisor.start()
+
+    # --- submitting ----------------------------------------------------------------
+
+    def _schedule(self, func, args, kwargs, fut, callback, timeout, task_timeout) -> None:
+        if self._closed:
+            raise closed_error(self.name)
+        task_id = next(self._ids)
+        try:
+            frame = _procworker.encode_frame(
+                task_id, pickle.dumps((func, args, kwargs), pickle.HIGHEST_PROTOCOL))
+        except Exception as exc:
+            err = SerializationError("arguments", repr(exc))
+            err.__cause__ = exc
+            if fut is not None:
+                fut.set_running_or_notify_cancel()
+            with self._lock:
+                self._counts["failed"] += 1
+            deliver(fut, callback, False, err)
+            return
+        slots = self._slots
+        if slots is not None and not slots.acquire(timeout=timeout):
+            raise QueueFull(self.max_queue, timeout)
+        task = _Task(task_id, frame, fut, callback,
+                     self.task_timeout if task_timeout is None else task_timeout, slots is not None)
+        with self._lock:
+            if self._closed:
+                if slots is not None:
+                    slots.release()
+                raise closed_error(self.name)
+            self._pending.append(task)
+            if len(self._pending) == 1:
+                self._dispatch_locked()
+        if task.task_timeout is not None:
+            self._wake()  # the supervisor may need an earlier deadline
+
+    def _capacity(self, worker: _Worker) -> int:
+        if worker.retiring or worker.doomed:
+            return 0
+        depth = 2 if self._avg_duration < _SHORT_TASK else 1
+        if self._max_tasks is not None:
+            depth = min(depth, self._max_tasks - worker.sent)
+        return depth - len(worker.inflight)
+
+    def _dispatch_locked(self) -> None:
+        """Hand pending tasks to workers with room, emptiest first."""
+        pending = self._pending
+        while pending:
+            best, room = None, 0
+            for worker in self._workers.values():
+                r = self._capacity(worker)
+                if r > room and (best is None or len(worker.inflight) < len(best.inflight)):
+                    best, room = worker, r
+                    if not worker.inflight:
+                        break
+            if best is None:
+                return
+            task = pending.popleft()
+            if task.holds_slot:
+                task.holds_slot = False
+                self._slots.release()
+            if not task.dispatched:
+                task.dispatched = True
+                if task.fut is not None and not task.fut.set_running_or_notify_cancel():
+                    self._counts["cancelled"] += 1
+                    continue
+            self._send_locked(best, task)
+
+    def _send_locked(self, worker: _Worker, task: _Task) -> None:
+        if not worker.inflight:
+            task.started = time.monotonic()
+        worker.inflight.append(task)
+        worker.sent += 1
+        if self._max_tasks is not None and worker.sent >= self._max_tasks:
+            worker.retiring = True
+        self._write_locked(worker, task.frame)
+
+    def _write_locked(self, worker: _Worker, frame: bytes) -> None:
+        """Write without blocking; the supervisor flushes what the pipe won't take."""
+        if not worker.outbuf:
+            try:
+                written = os.write(worker.task_fd, frame)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                return  # the worker is gone; its exit settles its tasks
+            if written == len(frame):
+                return
+            frame = frame[written:]
+        worker.outbuf += frame
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # already awake, or closed at the very end
+
+    # --- the supervisor thread -----------------------------------------------------
+
+    def _supervise(self) -> None:
+        try:
+            with self._lock:
+                for _ in range(self.max_workers):
+                    self._start_worker_locked()
+            while True:
+                events = self._selector.select(self._next_timeout())
+                settled: list = []
+                with self._lock:
+                    for key, mask in events:
+                        key.data(key, mask, settled)
+                    self._expire_locked(settled)
+                    self._maintain_locked(settled)
+                    finished = self._closed and not self._workers
+                for task, ok, value in settled:
+                    deliver(task.fut, task.callback, ok, value)
+                del settled
+                if finished:
+                    return
+        except BaseException:
+            log.exception("%s: supervisor failed", self.name)
+            raise
+        finally:
+            self._selector.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _next_timeout(self) -> float | None:
+        with self._lock:
+            deadlines = [w.inflight[0].started + w.inflight[0].task_timeout
+                         for w in self._workers.values()
+                         if w.inflight and w.inflight[0].task_timeout is not None and not w.doomed]
+            if self._respawn_at and len(self._workers) < self.max_workers:
+                deadlines.append(self._respawn_at)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def _on_wakeup(self, key, mask, settled) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        for worker in self._workers.values():
+            if worker.outbuf:
+                self._watch_writes(worker, True)
+
+    def _watch_writes(self, worker: _Worker, on: bool) -> None:
+        try:
+            if on:
+                self._selector.register(worker.task_fd, selectors.EVENT_WRITE, self._on_writable)
+            else:
+                self._selector.unregister(worker.task_fd)
+        except (KeyError, ValueError):
+            pass  # already in that state
+
+    def _on_writable(self, key, mask, settled) -> None:
+        worker = next((w for w in self._workers.values() if w.task_fd == key.fd), None)
+        if worker is None or not worker.outbuf:
+            return
+        try:
+            written = os.write(worker.task_fd, worker.outbuf)
+        except BlockingIOError:
+            return
+        except OSError:
+            written = len(worker.outbuf)  # the worker is gone
+        del worker.outbuf[:written]
+        if not worker.outbuf:
+            self._watch_writes(worker, False)
+
+    def _on_results(self, key, mask, settled) -> None:
+        worker = self._workers.get(key.fd)
+        if worker is not None:
+            self._read_results(worker, settled)
+
+    def _read_results(self, worker: _Worker, settled: list) -> None:
+        try:
+            while chunk := os.read(worker.result_fd, 262144):
+                worker.inbuf += chunk
+                if len(chunk) < 262144:
+                    break
+            else:  # EOF: the exit sentinel follows; stop watching this fd
+                self._selector.unregister(worker.result_fd)
+        except (OSError, KeyError, ValueError):
+            pass  # nothing more to read now (BlockingIOError), or already unwatched
+        buf = worker.inbuf
+        pos = 0
+        now = 0.0
+        while len(buf) - pos >= _HEADER.size:
+            size, task_id = _HEADER.unpack_from(buf, pos)
+            end = pos + 4 + size
+            if len(buf) < end:
+                break
+            payload = bytes(buf[pos + _HEADER.size:end])
+            pos = end
+            if task_id == _procworker.READY_ID:
+                worker.ready = True
+                self._startup_failures = 0
+                continue
+            now = now or time.monotonic()
+            self._settle_result(worker, task_id, payload, now, settled)
+        del buf[:pos]
+        self._dispatch_locked()
+
+    def _settle_result(self, worker, task_id, payload, now, settled) -> None:
+        inflight = worker.inflight
+        if inflight and inflight[0].id == task_id:
+            task = inflight.popleft()
+        else:  # a task that timed out (or was terminated) answered after all
+            task = next((t for t in inflight if t.id == task_id), None)
+            if task is None:
+                return
+            inflight.remove(task)
+        self._avg_duration = 0.8 * self._avg_duration + 0.2 * (now - task.started)
+        if inflight:
+            inflight[0].started = now
+        try:
+            ok, value, tb_text = pickle.loads(payload)
+        except Exception as exc:
+            ok, value, tb_text = False, SerializationError("result", f"cannot unpickle: {exc!r}"), None
+        if tb_text and isinstance(value, BaseException):
+            value.__cause__ = RemoteTraceback(tb_text)
+        self._counts["completed" if ok else "failed"] += 1
+        settled.append((task, ok, value))
+
+    def _on_exit(self, key, mask, settled) -> None:
+        worker = next((w for w in self._workers.values() if w.process.sentinel == key.fd), None)
+        if worker is None:
+            return
+        self._read_results(worker, settled)  # what it answered before dying still counts
+        worker.process.join()
+        for fd in (worker.result_fd, worker.process.sentinel, worker.task_fd):
+            try:
+                self._selector.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+        for conn in worker.conns:
+            conn.close()
+        del self._workers[worker.result_fd]
+        exitcode = worker.process.exitcode
+        inflight = list(worker.inflight)
+        worker.inflight.clear()
+        if not worker.ready and not worker.doomed and not self._terminated:
+            self._startup_failures += 1
+            self._respawn_at = time.monotonic() + min(2.0, 0.05 * 2 ** self._startup_failures)
+            log.error("%s: worker %s died during start-up (exit code %s)",
+                      self.name, worker.pid, exitcode)
+        elif inflight and not worker.doomed and not self._terminated:
+            crashed = inflight.pop(0)
+            self._counts["failed"] += 1
+            log.warning("%s: worker %s died (exit code %s) running task %s",
+                        self.name, worker.pid, exitcode, crashed.id)
+            settled.append((crashed, False, WorkerCrashed(worker.pid, exitcode)))
+        self._requeue_locked(inflight, settled)
+
+    def _requeue_locked(self, tasks: list[_Task], settled: list) -> None:
+        """Tasks a dead worker never started go back to the front of the queue."""
+        for task in reversed(tasks):
+            if self._terminated:
+                settled.append((task, False, CancelledError()))
+            else:
+                self._pending.appendleft(task)
+
+    def _expire_locked(self, settled: list) -> None:
+        now = time.monotonic()
+        for worker in self._workers.values():
+            if worker.doomed or not worker.inflight:
+                continue
+            task = worker.inflight[0]
+            if task.task_timeout is not None and now - task.started >= task.task_timeout:
+                worker.inflight.popleft()
+                worker.doomed = True
+                worker.process.kill()
+                self._counts["failed"] += 1
+                settled.append((task, False, TaskTimeout(task.task_timeout)))
+
+    def _maintain_locked(self, settled: list) -> None:
+        """Keep the worker count up while there is or may be work."""
+        if self._terminated:
+            return
+        if self._startup_failures >= _STARTUP_FAILURES_BEFORE_GIVING_UP and self._pending:
+            err = WorkerCrashed(None, None, "worker processes keep dying at start-up "
+                                "(does the initializer fail?)")
+            while self._pending:
+                self._counts["failed"] += 1
+                settled.append((self._pending.popleft(), False, err))
+        if self._closed and not self._pending and not any(w.inflight for w in self._workers.values()):
+            for worker in list(self._workers.values()):
+                if not worker.retiring:
+                    worker.retiring = True
+                    self._send_stop_locked(worker)
+            return
+        if time.monotonic() < self._respawn_at:
+            return
+        live = sum(1 for w in self._workers.values() if not w.retiring and not w.doomed)
+        while live < self.max_workers and not (self._closed and not self._pending):
+            self._start_worker_locked()
+            live += 1
+        self._dispatch_locked()
+
+    def _send_stop_locked(self, worker: _Worker) -> None:
+        self._write_locked(worker, _procworker.encode_frame(0, b""))
+
+    def _start_worker_locked(self) -> None:
+        task_r, task_w = self._ctx.Pipe(duplex=False)
+        result_r, result_w = self._ctx.Pipe(duplex=False)
+        process = self._ctx.Process(
+            target=_procworker.worker_main, name=f"{self.name}-worker",
+            args=(task_r, result_w, self._initializer, self._initargs, self._max_tasks),
+            daemon=True)
+        process.start()
+        task_r.close()
+        result_w.close()
+        worker = _Worker(process, task_w, result_r, self._max_tasks)
+        self._workers[worker.result_fd] = worker
+        self._selector.register(worker.result_fd, selectors.EVENT_READ, self._on_results)
+        self._selector.register(process.sentinel, selectors.EVENT_READ, self._on_exit)
+
+    # --- stopping --------------------------------------------------------------
+
+    def _shutdown(self, cancel: bool) -> None:
+        dropped: list[_Task] = []
+        killed: list[_Task] = []
+        with self._lock:
+            self._closed = True
+            if cancel and not self._terminated:
+                self._terminated = True
+                dropped = list(self._pending)
+                self._pending.clear()
+                for worker in self._workers.values():
+                    killed.extend(worker.inflight)
+                    worker.inflight.clear()
+                    worker.doomed = True
+                    worker.process.kill()
+                self._counts["cancelled"] += len(dropped)
+                self._counts["failed"] += len(killed)
+                if self._slots is not None:
+                    for _ in dropped:
+                        self._slots.release()
+        self._wake()
+        for task in dropped:
+            cancel_task(task.fut, task.callback)
+        for task in killed:
+            deliver(task.fut, task.callback, False, CancelledError("the pool was terminated"))
+
+    def _join(self, timeout: float | None) -> bool:
+        if not self._closed:
+            raise PoolError("join() needs close() or terminate() first")
+        self._supervisor.join(timeout)
+        return not self._supervisor.is_alive()
+
+    def stats(self) -> PoolStats:
+        with self._lock:
+            workers = [w for w in self._workers.values() if not w.doomed]
+            busy = sum(1 for w in workers if w.inflight)
+            return PoolStats(workers=len(workers), idle=len(workers) - busy, busy=busy,
+                             queued=len(self._pending), **self._counts)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<ProcessPool {self.name!r} {state} max_workers={self.max_workers}>"
+
+
+def _default_start_method() -> str:
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" if "forkserver" in methods else methods[0]
