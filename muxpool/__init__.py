@@ -24,12 +24,26 @@ from .errors import (
     TaskTimeout,
     WorkerCrashed,
 )
+from .client import Client
+from .framing import FRAMERS, LengthFramer, LineFramer, RawFramer, make_framer
+from .handlers import EchoService
 from .pools import AsyncFuture, Pool, PoolStats, ProcessPool, ThreadPool
+from .server import Server, ServerConfig, serve
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncFuture",
+    "Client",
+    "EchoService",
+    "FRAMERS",
+    "LengthFramer",
+    "LineFramer",
+    "RawFramer",
+    "Server",
+    "ServerConfig",
+    "make_framer",
+    "serve",
     "ConnectionBroken",
     "ConnectionClosed",
     "GeventPool",

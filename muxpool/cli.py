@@ -1,11 +1,133 @@
-"""The ``muxpool`` command: a thin layer that parses flags and calls the public API."""
+"""The ``muxpool`` command: a thin layer that parses flags and calls the public API.
+
+``serve`` flags are generated from :class:`~muxpool.server.ServerConfig`, so a
+new server option is a new flag with the same name (``max_connections`` →
+``--max-connections``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from dataclasses import fields
+from typing import Any
 
 from . import __version__
+from .engines import ENGINES
+from .framing import FRAMERS
+from .server import ServerConfig
+
+_HELP = {
+    "host": "address to listen on (default 127.0.0.1; '::' for IPv6)",
+    "port": "TCP port (default 8088)",
+    "unix_path": "listen on this Unix socket path instead of TCP",
+    "dualstack": "with an IPv6 host, accept IPv4 too",
+    "engine": "where handlers run (default threadpool: safe for any handler)",
+    "framing": "raw (each received chunk is a message), line, or length (4-byte prefix)",
+    "workers": "handler threads for the threadpool engine (default 32)",
+    "max_connections": "connections served at once; the rest wait in the backlog",
+    "idle_timeout": "close a connection silent this many seconds (0: never)",
+    "max_message_size": "largest message in bytes; larger closes the connection",
+    "write_high_water": "unsent reply bytes above which a connection's reading pauses",
+    "write_timeout": "close a connection whose replies make no progress this long",
+    "handler_timeout": "close a connection whose handler runs longer than this",
+    "drain_timeout": "seconds shutdown waits for in-flight work",
+    "backlog": "listen() backlog",
+    "reuse_port": "set SO_REUSEPORT on the listening socket",
+    "stats_interval": "log connections, messages/s, handler p50/p99 every N seconds",
+}
+
+
+def _flag_type(default: Any):
+    if isinstance(default, bool):
+        return None
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float):
+        return float
+    return str
+
+
+def _optional_number(kind):
+    def parse(text: str):
+        value = kind(text)
+        return None if value == 0 else value
+    return parse
+
+
+def add_serve(commands) -> None:
+    parser = commands.add_parser("serve", help="serve an app (default: the lesson's echo service)",
+                                 description="Serve APP ('module:attr': a function "
+                                 "handle(message, conn) or a handler class) on one engine.")
+    parser.add_argument("app", nargs="?", help="module:attr (default: the built-in echo service)")
+    for field in fields(ServerConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.name == "unix_path":
+            flag = "--unix"
+        if isinstance(field.default, bool):
+            parser.add_argument(flag, dest=field.name, action="store_true", help=_HELP[field.name])
+            continue
+        kind = _flag_type(field.default)
+        if field.default is None:
+            kind = {"workers": int, "unix_path": str}.get(field.name, float)
+        if field.name in ("idle_timeout", "write_timeout", "handler_timeout", "stats_interval"):
+            kind = _optional_number(float)
+        kwargs: dict[str, Any] = {"dest": field.name, "type": kind, "default": field.default,
+                                  "help": _HELP[field.name]}
+        if field.name == "engine":
+            kwargs["choices"] = list(ENGINES)
+        if field.name == "framing":
+            kwargs["choices"] = list(FRAMERS)
+        parser.add_argument(flag, **kwargs)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .handlers import load_app
+    from .server import serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    app = load_app(args.app) if args.app else None
+    options = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
+    serve(app, **options)
+    return 0
+
+
+def parse_address(text: str | None, default_port: int = 8088) -> tuple[str, int]:
+    """``HOST:PORT``, ``HOST``, ``:PORT`` or ``[V6]:PORT``."""
+    if not text:
+        return "127.0.0.1", default_port
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, int(rest.lstrip(":") or default_port)
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text, default_port
+    return host or "127.0.0.1", int(port)
+
+
+def add_client(commands) -> None:
+    parser = commands.add_parser("client", help="the lesson's interactive client (q quits)")
+    parser.add_argument("address", nargs="?", help="HOST:PORT (default 127.0.0.1:8088)")
+    parser.add_argument("--framing", choices=list(FRAMERS), default="raw")
+    parser.add_argument("--unix", dest="unix_path", help="connect to a Unix socket path")
+    parser.add_argument("--no-greeting", action="store_true", help="the server sends no greeting")
+    parser.set_defaults(func=run_client)
+
+
+def run_client(args: argparse.Namespace) -> int:
+    from .client import Client, interactive
+
+    host, port = parse_address(args.address)
+    client = Client(host, port, framing=args.framing, unix_path=args.unix_path,
+                    greeting=not args.no_greeting)
+    try:
+        return interactive(client)
+    except OSError as exc:
+        print(f"muxpool client: {exc}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="muxpool",
         description="Concurrent network services and worker pools: one handler, any engine.")
     parser.add_argument("--version", action="version", version=f"muxpool {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_serve(commands)
+    add_client(commands)
     return parser
 
 

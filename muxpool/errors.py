@@ -16,8 +16,20 @@ from __future__ import annotations
 import signal as _signal
 
 
+def _rebuild(cls: type, args: tuple, state: dict) -> "MuxpoolError":
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
 class MuxpoolError(Exception):
     """Root of every error muxpool raises on purpose."""
+
+    def __reduce__(self):
+        # Subclasses take their own __init__ arguments; rebuild from the
+        # stored state instead, so every error survives a trip between processes.
+        return _rebuild, (type(self), self.args, self.__dict__)
 
 
 # --- pools -----------------------------------------------------------------

@@ -11,9 +11,10 @@ and exit sentinels; it reads results, enforces ``task_timeout`` (kill and
 replace the worker), respawns, and hands queued tasks to free workers.
 Submitting threads pickle outside the lock and write straight to an idle
 worker's pipe (non-blocking; anything left over is flushed by the supervisor),
-so a task needs no thread hop on its way out. Tasks are prefetched one deep
-per worker only while tasks are short, which hides the pipe round trip for
-tiny tasks without parking a task behind a long one.
+so a task needs no thread hop on its way out. A worker is sent its next task
+only once it has answered the last: prefetching would hide the pipe's round
+trip for tiny tasks, but it parks a task behind a long one while other
+workers sit idle (use ``map``'s chunks to batch tiny tasks instead).
 
 Workers start with the ``forkserver`` method by default: forking from a
 process that runs threads (ours always does) can deadlock the child.
@@ -40,13 +41,12 @@ from .base import Pool, PoolStats, cancel_task, closed_error, deliver
 log = logging.getLogger("muxpool.pools.process")
 
 _HEADER = _procworker.HEADER
-_SHORT_TASK = 0.002  # seconds: below this, prefetching one task pays off
 _STARTUP_FAILURES_BEFORE_GIVING_UP = 3
 
 
 class _Task:
     __slots__ = ("id", "frame", "fut", "callback", "task_timeout", "started", "holds_slot",
-                 "dispatched")
+                 "running", "dropped")
 
     def __init__(self, task_id, frame, fut, callback, task_timeout, holds_slot):
         self.id = task_id
@@ -56,7 +56,8 @@ class _Task:
         self.task_timeout = task_timeout
         self.started = 0.0
         self.holds_slot = holds_slot
-        self.dispatched = False
+        self.running = False   # its future is RUNNING: it is, or was, a worker's current task
+        self.dropped = False   # cancelled by its caller after it was sent: ignore its result
 
 
 class _Worker:
@@ -115,7 +116,6 @@ class ProcessPool(Pool):
         self._ids = itertools.count(1)
         self._closed = False
         self._terminated = False
-        self._avg_duration = 0.0
         self._startup_failures = 0
         self._respawn_at = 0.0
         self._counts = {"completed": 0, "failed": 0, "cancelled": 0}
@@ -162,41 +162,44 @@ class ProcessPool(Pool):
         if task.task_timeout is not None:
             self._wake()  # the supervisor may need an earlier deadline
 
-    def _capacity(self, worker: _Worker) -> int:
-        if worker.retiring or worker.doomed:
-            return 0
-        depth = 2 if self._avg_duration < _SHORT_TASK else 1
-        if self._max_tasks is not None:
-            depth = min(depth, self._max_tasks - worker.sent)
-        return depth - len(worker.inflight)
-
     def _dispatch_locked(self) -> None:
-        """Hand pending tasks to workers with room, emptiest first."""
+        """Hand pending tasks to idle workers."""
         pending = self._pending
-        while pending:
-            best, room = None, 0
-            for worker in self._workers.values():
-                r = self._capacity(worker)
-                if r > room and (best is None or len(worker.inflight) < len(best.inflight)):
-                    best, room = worker, r
-                    if not worker.inflight:
-                        break
-            if best is None:
+        if not pending:
+            return
+        for worker in self._workers.values():
+            if worker.inflight or worker.retiring or worker.doomed:
+                continue
+            while pending:
+                task = pending.popleft()
+                if task.holds_slot:
+                    task.holds_slot = False
+                    self._slots.release()
+                if self._begin(task, time.monotonic()):
+                    self._send_locked(worker, task)
+                    break
+            if not pending:
                 return
-            task = pending.popleft()
-            if task.holds_slot:
-                task.holds_slot = False
-                self._slots.release()
-            if not task.dispatched:
-                task.dispatched = True
-                if task.fut is not None and not task.fut.set_running_or_notify_cancel():
-                    self._counts["cancelled"] += 1
-                    continue
-            self._send_locked(best, task)
+
+    def _begin(self, task: _Task, now: float) -> bool:
+        """``task`` becomes its worker's current one; False if its caller cancelled it.
+
+        Only then is its future marked running: a task prefetched behind
+        another can still be cancelled, as if it were queued.
+        """
+        task.started = now
+        if task.dropped:
+            return False
+        if task.running or task.fut is None:
+            return True
+        if task.fut.set_running_or_notify_cancel():
+            task.running = True
+            return True
+        task.dropped = True
+        self._counts["cancelled"] += 1
+        return False
 
     def _send_locked(self, worker: _Worker, task: _Task) -> None:
-        if not worker.inflight:
-            task.started = time.monotonic()
         worker.inflight.append(task)
         worker.sent += 1
         if self._max_tasks is not None and worker.sent >= self._max_tasks:
@@ -340,9 +343,10 @@ class ProcessPool(Pool):
             if task is None:
                 return
             inflight.remove(task)
-        self._avg_duration = 0.8 * self._avg_duration + 0.2 * (now - task.started)
         if inflight:
-            inflight[0].started = now
+            self._begin(inflight[0], now)
+        if task.dropped:
+            return
         try:
             ok, value, tb_text = pickle.loads(payload)
         except Exception as exc:
@@ -385,6 +389,8 @@ class ProcessPool(Pool):
     def _requeue_locked(self, tasks: list[_Task], settled: list) -> None:
         """Tasks a dead worker never started go back to the front of the queue."""
         for task in reversed(tasks):
+            if task.dropped:
+                continue
             if self._terminated:
                 settled.append((task, False, CancelledError()))
             else:
@@ -457,14 +463,16 @@ class ProcessPool(Pool):
                 dropped = list(self._pending)
                 self._pending.clear()
                 for worker in self._workers.values():
-                    killed.extend(worker.inflight)
+                    for task in worker.inflight:
+                        (killed if task.running else dropped).append(task)
                     worker.inflight.clear()
                     worker.doomed = True
                     worker.process.kill()
                 self._counts["cancelled"] += len(dropped)
                 self._counts["failed"] += len(killed)
-                if self._slots is not None:
-                    for _ in dropped:
+                for task in dropped:
+                    if task.holds_slot:
+                        task.holds_slot = False
                         self._slots.release()
         self._wake()
         for task in dropped:

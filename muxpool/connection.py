@@ -1,0 +1,245 @@
+"""One client connection on the multiplexer: buffers, backpressure, order.
+
+All methods except :meth:`Connection.send` and :meth:`Connection.close` run on
+the loop thread; those two may be called from any thread (a handler on a
+pool thread) and hop to the loop with ``defer``.
+
+Order: at most one handler call per connection runs at a time; messages that
+arrive meanwhile wait in ``backlog`` and run in arrival order, so replies
+leave in request order whatever engine runs the handler.
+
+Backpressure: reading pauses while the backlog is long or while more than
+``write_high_water`` bytes of replies wait for a slow reader, and resumes
+below a quarter of that, so a client that never reads cannot grow memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConnectionClosed, ProtocolError
+from .multiplexer import EVENT_READ, EVENT_WRITE
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("muxpool.server")
+
+MAX_BACKLOG = 64  # queued messages per connection before reading pauses
+
+
+def _call_connect(conn: "Connection", _unused: Any):
+    return conn.session.on_connect(conn)
+
+
+def _call_disconnect(conn: "Connection", error: BaseException | None):
+    conn.session.on_disconnect(conn, error)
+
+
+class Connection:
+    """A client connection as a handler sees it: ``send``, ``close``, ``peer``."""
+
+    def __init__(self, server: "Server", sock: socket.socket, peer: Any, conn_id: int):
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.id = conn_id
+        self.session = server.new_session()
+        self.framer = server.new_framer()
+        self.outbuf = bytearray()
+        self.backlog: collections.deque = collections.deque()
+        self.busy = False
+        self.reading = True   # we want input
+        self.eof = False      # the peer sent EOF, or we stopped reading for good
+        self.closing = False  # close once the work in hand is done and flushed
+        self.closed = False
+        self.events = 0
+        self.last_active = time.monotonic()
+        self.write_progress = 0.0
+        self.idle_timer = None
+        self.write_timer = None
+        self.handler_timer = None
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id} {self.peer}>"
+
+    # --- for handlers, from any thread ------------------------------------
+
+    def send(self, message: bytes) -> None:
+        """Frame and send ``message``; raises ``ConnectionClosed`` once closed."""
+        if self.closed:
+            raise ConnectionClosed(f"connection {self.peer} is closed")
+        data = self.framer.encode(message)
+        mux = self.server.mux
+        if mux.in_loop_thread():
+            self.write(data)
+        else:
+            mux.defer(lambda: self.write(data))
+
+    def close(self) -> None:
+        """Stop reading, flush what was sent, then close. Idempotent."""
+        mux = self.server.mux
+        if mux.in_loop_thread():
+            self.close_when_done()
+        else:
+            mux.defer(self.close_when_done)
+
+    # --- loop thread -------------------------------------------------------
+
+    def update_interest(self) -> None:
+        events = (EVENT_READ if self.reading and not self.eof else 0) | (EVENT_WRITE if self.outbuf else 0)
+        if events == self.events or self.closed:
+            return
+        mux = self.server.mux
+        if not events:
+            mux.unregister(self.sock)
+        elif not self.events:
+            mux.register(self.sock, events, self.on_ready)
+        else:
+            mux.modify(self.sock, events, self.on_ready)
+        self.events = events
+
+    def on_ready(self, mask: int) -> None:
+        if mask & EVENT_READ:
+            self.read()
+        if mask & EVENT_WRITE and not self.closed:
+            self.flush()
+
+    def read(self) -> None:
+        server = self.server
+        buf = server.read_buffer
+        try:
+            n = self.sock.recv_into(buf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.abort(exc)
+            return
+        self.last_active = time.monotonic()
+        try:
+            messages = self.framer.feed(server.read_view[:n])
+        except ProtocolError as exc:
+            log.warning("closing %s: %s", self.peer, exc)
+            self.close_when_done()
+            return
+        if n == 0:
+            self.eof = True
+            self.update_interest()
+        for message in messages:
+            self.dispatch(self.session.on_message, message)
+        if n == 0:
+            self.maybe_finish()
+
+    def dispatch(self, fn, arg) -> None:
+        """Run ``fn(conn, arg)`` through the engine, after any earlier call."""
+        if self.busy:
+            self.backlog.append((fn, arg))
+            if len(self.backlog) >= MAX_BACKLOG and self.reading:
+                self.reading = False
+                self.update_interest()
+            return
+        self.busy = True
+        self.server.run_handler(self, fn, arg)
+
+    def handler_done(self, ok: bool, value: Any) -> None:
+        """The engine's report that the current call ended (loop thread)."""
+        self.busy = False
+        if ok:
+            if value is not None and not self.closed:
+                try:
+                    self.write(self.framer.encode(value))
+                except (ProtocolError, TypeError) as exc:
+                    log.error("handler reply to %s cannot be framed: %s", self.peer, exc)
+                    self.close_when_done()
+        else:
+            log.error("handler failed for %s", self.peer, exc_info=value)
+            self.close_when_done()
+        if self.backlog:
+            fn, arg = self.backlog.popleft()
+            self.busy = True
+            self.server.run_handler(self, fn, arg)
+            return
+        if not self.reading and not self.closing and not self.eof:
+            self.resume_if_drained()
+        self.maybe_finish()
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if not self.outbuf:
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self.abort(exc)
+                return
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+            self.write_progress = time.monotonic()
+            self.server.watch_writes(self)
+        self.outbuf += data
+        if len(self.outbuf) > self.server.config.write_high_water and self.reading:
+            self.reading = False
+        self.update_interest()
+
+    def flush(self) -> None:
+        try:
+            sent = self.sock.send(self.outbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.abort(exc)
+            return
+        del self.outbuf[:sent]
+        self.write_progress = time.monotonic()
+        if not self.outbuf:
+            self.update_interest()
+            self.maybe_finish()
+        if not self.reading and not self.closing and not self.eof:
+            self.resume_if_drained()
+
+    def resume_if_drained(self) -> None:
+        if (len(self.outbuf) <= self.server.config.write_high_water // 4
+                and len(self.backlog) < MAX_BACKLOG // 2):
+            self.reading = True
+            self.update_interest()
+
+    def close_when_done(self) -> None:
+        """Graceful close: no more input; in-flight replies are still flushed."""
+        if self.closed:
+            return
+        self.closing = True
+        self.reading = False
+        self.backlog.clear()
+        self.update_interest()
+        self.maybe_finish()
+
+    def maybe_finish(self) -> None:
+        if self.closed or self.busy or self.backlog or self.outbuf:
+            return
+        if self.closing or self.eof:
+            self.abort(None)
+
+    def abort(self, error: BaseException | None) -> None:
+        """Close the socket now; pending output is dropped. ``error`` is why."""
+        if self.closed:
+            return
+        self.closed = True
+        self.backlog.clear()
+        self.outbuf.clear()
+        if self.events:
+            self.server.mux.unregister(self.sock)
+            self.events = 0
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.server.forget(self)
+        # on_disconnect runs after the call in progress, in the same order.
+        self.dispatch(_call_disconnect, error)

@@ -1,0 +1,36 @@
+"""Engines decide only where a handler call runs.
+
+Each engine is a small module found through :data:`ENGINES` and imported on
+first use, so ``import muxpool`` never pulls in an optional dependency. An
+engine class takes the :class:`~muxpool.server.ServerConfig` and provides:
+
+* ``check_app(app)`` — refuse a handler it cannot run, with a clear message;
+* ``start(server)`` / ``stop()`` — set up and tear down (pools, processes);
+* ``run(conn, fn, arg)`` — run ``fn(conn, arg)`` somewhere, then call
+  ``server.handler_done(conn, ok, value, elapsed)`` on the loop thread;
+* ``idle()`` — no call in flight; ``queue_depth()``; ``describe()`` for logs.
+
+Calls for one connection never overlap: the connection queues the next one
+until the engine reports the previous one done.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+ENGINES = {
+    "loop": "muxpool.engines.loop:LoopEngine",
+    "threadpool": "muxpool.engines.threadpool:ThreadPoolEngine",
+}
+
+DEFAULT_ENGINE = "threadpool"
+
+
+def load_engine(name: str):
+    """The engine class called ``name``; ``ValueError`` names the choices."""
+    try:
+        target = ENGINES[name]
+    except KeyError:
+        raise ValueError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}") from None
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)

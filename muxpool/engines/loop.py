@@ -1,0 +1,45 @@
+"""``loop``: the handler runs on the loop thread itself.
+
+The fastest engine for handlers that never block (pure computation on the
+message, in-memory state): no thread hop, no locks. One blocking call stalls
+every connection, so it is not the default.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+class LoopEngine:
+    name = "loop"
+
+    def __init__(self, config):
+        self.config = config
+        self._server = None
+
+    def check_app(self, app) -> None:
+        pass
+
+    def start(self, server) -> None:
+        self._server = server
+
+    def stop(self) -> None:
+        pass
+
+    def run(self, conn, fn, arg) -> None:
+        started = time.perf_counter()
+        try:
+            value = fn(conn, arg)
+        except Exception as exc:
+            self._server.handler_done(conn, False, exc, time.perf_counter() - started)
+        else:
+            self._server.handler_done(conn, True, value, time.perf_counter() - started)
+
+    def idle(self) -> bool:
+        return True
+
+    def queue_depth(self) -> int:
+        return 0
+
+    def describe(self) -> str:
+        return "handlers on the loop thread"

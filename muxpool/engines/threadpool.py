@@ -1,0 +1,69 @@
+"""``threadpool``: the loop holds every connection; handler calls go to a pool.
+
+The default engine, because it is safe for any handler: a handler may block
+(a database call, a file, ``time.sleep``) without stalling other
+connections, yet an idle connection costs no thread — 5,000 idle clients
+cost ``workers`` threads, not 5,000. Results come back to the loop through
+``defer()``; per-connection order is kept by the connection itself.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..pools import ThreadPool
+
+DEFAULT_WORKERS = 32
+
+
+class ThreadPoolEngine:
+    name = "threadpool"
+
+    def __init__(self, config, pool=None):
+        self.config = config
+        self.workers = config.workers or DEFAULT_WORKERS
+        self._pool = pool
+        self._owns_pool = pool is None
+        self._server = None
+        self._in_flight = 0
+
+    def check_app(self, app) -> None:
+        pass
+
+    def start(self, server) -> None:
+        self._server = server
+        if self._pool is None:
+            # Unbounded queue on purpose: the loop must never block on it, and
+            # each connection has at most one call queued (see Connection).
+            self._pool = ThreadPool(self.workers, name="muxpool-handler")
+
+    def stop(self) -> None:
+        if self._owns_pool and self._pool is not None:
+            self._pool.close()
+            self._pool.join(self.config.drain_timeout)
+
+    def run(self, conn, fn, arg) -> None:
+        self._in_flight += 1
+        self._pool.run(self._call, (conn, fn, arg))
+
+    def _call(self, conn, fn, arg) -> None:
+        started = time.perf_counter()
+        try:
+            value, ok = fn(conn, arg), True
+        except Exception as exc:
+            value, ok = exc, False
+        elapsed = time.perf_counter() - started
+        self._server.mux.defer(lambda: self._done(conn, ok, value, elapsed))
+
+    def _done(self, conn, ok, value, elapsed) -> None:
+        self._in_flight -= 1
+        self._server.handler_done(conn, ok, value, elapsed)
+
+    def idle(self) -> bool:
+        return self._in_flight == 0
+
+    def queue_depth(self) -> int:
+        return self._pool.stats().queued if self._pool is not None else 0
+
+    def describe(self) -> str:
+        return f"{self.workers} handler threads"

@@ -1,0 +1,174 @@
+"""The one selectors loop: file descriptors, callbacks, ``defer()``, timers, stop.
+
+Only the loop's own thread touches the selector. Each registration's ``data``
+is the callback ``fn(mask)`` to run when the fd is ready. Other threads hand
+work to the loop with :meth:`Multiplexer.defer`, which queues the function and
+writes one byte to a wakeup socketpair — but only when the queue was empty,
+so a burst of replies costs one wakeup. Each drain runs at most the functions
+that were queued when it started, so a thread that defers in a tight loop
+cannot starve the sockets. Stopping uses the same wakeup: nothing polls.
+
+Timers are a heap of ``(when, seq, handle)``; a cancelled handle stays in the
+heap and is skipped when it comes due, which keeps ``cancel`` O(1).
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import logging
+import selectors
+import socket
+import threading
+import time
+from typing import Callable
+
+log = logging.getLogger("muxpool.multiplexer")
+
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+
+
+class Timer:
+    """A handle for a pending :meth:`Multiplexer.call_later`; ``cancel()`` it."""
+
+    __slots__ = ("when", "fn", "cancelled")
+
+    def __init__(self, when: float, fn: Callable[[], object]):
+        self.when = when
+        self.fn = fn
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.fn = None
+
+
+class Multiplexer:
+    """An event loop over ``selectors.DefaultSelector`` (epoll on Linux)."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._deferred: collections.deque[Callable[[], object]] = collections.deque()
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, EVENT_READ, self._on_wakeup)
+        self._running = False
+        self._stopping = False
+        self.thread_id: int | None = None
+
+    # --- registrations (loop thread only) ---------------------------------
+
+    def register(self, fileobj, events: int, callback: Callable[[int], object]) -> None:
+        self._selector.register(fileobj, events, callback)
+
+    def modify(self, fileobj, events: int, callback: Callable[[int], object]) -> None:
+        self._selector.modify(fileobj, events, callback)
+
+    def unregister(self, fileobj) -> None:
+        try:
+            self._selector.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass  # already gone: closing twice is not an error
+
+    def call_later(self, delay: float, fn: Callable[[], object]) -> Timer:
+        timer = Timer(time.monotonic() + delay, fn)
+        heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
+        return timer
+
+    def in_loop_thread(self) -> bool:
+        return threading.get_ident() == self.thread_id
+
+    # --- from any thread --------------------------------------------------
+
+    def defer(self, fn: Callable[[], object]) -> None:
+        """Run ``fn()`` on the loop thread soon. Safe from any thread."""
+        deferred = self._deferred
+        deferred.append(fn)
+        # Append first, then look: if fn is alone, the loop may be asleep.
+        # If others are queued, the loop has not drained them yet, and it
+        # re-checks the queue after every drain, so fn cannot be missed.
+        if len(deferred) == 1:
+            self._wake()
+
+    def stop(self) -> None:
+        """Make :meth:`run` return after the current iteration. Safe from any thread."""
+        self._stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wakeup is already pending, or the loop is closed
+
+    # --- the loop ----------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until :meth:`stop`. Callbacks that raise are logged, never fatal."""
+        self.thread_id = threading.get_ident()
+        self._running = True
+        select = self._selector.select
+        try:
+            while not self._stopping:
+                for key, mask in select(self._timeout()):
+                    try:
+                        key.data(mask)
+                    except Exception:
+                        log.exception("callback for fd %s failed", key.fd)
+                if self._timers:
+                    self._run_due_timers()
+                if self._deferred:
+                    self._run_deferred()
+        finally:
+            self._running = False
+            self._stopping = False
+
+    def _timeout(self) -> float | None:
+        if self._deferred:
+            return 0
+        timers = self._timers
+        while timers and timers[0][2].cancelled:
+            heapq.heappop(timers)
+        if not timers:
+            return None
+        return max(0.0, timers[0][0] - time.monotonic())
+
+    def _run_due_timers(self) -> None:
+        now = time.monotonic()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            timer = heapq.heappop(timers)[2]
+            if timer.cancelled:
+                continue
+            fn, timer.fn = timer.fn, None
+            timer.cancelled = True
+            try:
+                fn()
+            except Exception:
+                log.exception("timer %r failed", fn)
+
+    def _on_wakeup(self, mask: int) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _run_deferred(self) -> None:
+        deferred = self._deferred
+        for _ in range(len(deferred)):  # only what was queued when the drain began
+            fn = deferred.popleft()
+            try:
+                fn()
+            except Exception:
+                log.exception("deferred call %r failed", fn)
+
+    def close(self) -> None:
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()

@@ -1,0 +1,378 @@
+"""The server core: listening sockets, accept, connection lifetimes, shutdown.
+
+A :class:`Server` owns one :class:`~muxpool.multiplexer.Multiplexer` and the
+sockets on it; its engine decides only where handler calls run and reports
+each result back on the loop thread (``Connection.handler_done``).
+
+The accept loop survives overload: at ``max_connections`` it stops watching
+the listener, so excess clients wait in the kernel's backlog; on EMFILE,
+ENFILE, ENOBUFS or ENOMEM it logs and backs off; ECONNABORTED is skipped.
+
+Shutdown (``shutdown()`` from any thread, a handler included, or SIGTERM /
+SIGINT under :func:`serve`): stop accepting, stop reading, finish the messages
+already received, flush their replies, close; after ``drain_timeout`` the
+rest is closed hard.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .connection import Connection, _call_connect
+from .engines import load_engine
+from .framing import DEFAULT_MAX_MESSAGE_SIZE, make_framer
+from .handlers import EchoService, resolve_handler
+from .multiplexer import EVENT_READ, Multiplexer
+from .stats import ServerStats
+
+log = logging.getLogger("muxpool.server")
+
+_OVERLOAD_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_ACCEPTS_PER_EVENT = 64
+READ_BUFFER_SIZE = 256 * 1024
+
+
+@dataclass
+class ServerConfig:
+    """Options shared by every engine; CLI flags mirror these names."""
+
+    host: str = "127.0.0.1"
+    port: int = 8088
+    unix_path: str | None = None
+    dualstack: bool = False
+    engine: str = "threadpool"
+    framing: str = "raw"
+    workers: int | None = None
+    max_connections: int = 10_000
+    idle_timeout: float | None = 300.0
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    write_high_water: int = 1024 * 1024
+    write_timeout: float | None = 30.0
+    handler_timeout: float | None = None
+    drain_timeout: float = 10.0
+    backlog: int = 1024
+    reuse_port: bool = False
+    stats_interval: float | None = None
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def make_listener(config: ServerConfig) -> socket.socket:
+    """Bind the listening socket the config asks for (TCP v4/v6, dual-stack, or Unix)."""
+    if config.unix_path:
+        if os.path.exists(config.unix_path):
+            os.unlink(config.unix_path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(config.unix_path)
+        sock.listen(config.backlog)
+    else:
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        dualstack = config.dualstack and family == socket.AF_INET6 and socket.has_dualstack_ipv6()
+        sock = socket.create_server((config.host, config.port), family=family,
+                                    backlog=config.backlog, reuse_port=config.reuse_port,
+                                    dualstack_ipv6=dualstack)
+    sock.setblocking(False)
+    return sock
+
+
+class Server:
+    """Serve ``app`` (default: the lesson's echo service) on one engine.
+
+    ``Server(app, port=0, engine="loop")`` binds at once (so ``.address`` is
+    known); ``serve_forever()`` blocks, ``start()`` serves on a background
+    thread, ``shutdown()`` drains and stops from any thread. A context
+    manager: ``with Server(...).start() as srv:``.
+    """
+
+    def __init__(self, app: Any = None, **options: Any):
+        unknown = set(options) - set(ServerConfig.names())
+        if unknown:
+            raise TypeError(f"unknown server option(s): {', '.join(sorted(unknown))}")
+        self.config = config = ServerConfig(**options)
+        self.app = app if app is not None else EchoService()
+        self.new_session = resolve_handler(self.app)
+        self.engine = load_engine(config.engine)(config)
+        self.engine.check_app(self.app)
+        make_framer(config.framing, config.max_message_size)  # fail early on a bad name
+        self.mux = Multiplexer()
+        self.listener = make_listener(config)
+        self.read_buffer = bytearray(READ_BUFFER_SIZE)
+        self.read_view = memoryview(self.read_buffer)
+        self.stats = ServerStats()
+        self.connections: dict[int, Connection] = {}
+        self._ids = itertools.count(1)
+        self._accepting = False
+        self._draining = False
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._serving = threading.Event()
+
+    # --- lifecycle -----------------------------------------------------------
+
+    @property
+    def address(self) -> Any:
+        """Where the server listens: ``(host, port)`` or a Unix socket path."""
+        return self.listener.getsockname()
+
+    def serve_forever(self) -> None:
+        self.engine.start(self)
+        self._set_accepting(True)
+        if self.config.stats_interval:
+            self.mux.call_later(self.config.stats_interval, self._report_stats)
+        log.info("muxpool serving %s on %s (engine=%s, %s, framing=%s)", _app_name(self.app),
+                 _format_address(self.address), self.config.engine, self.engine.describe(),
+                 self.config.framing)
+        self._serving.set()
+        try:
+            self.mux.run()
+        finally:
+            self._close_everything()
+            self.engine.stop()
+            self.mux.close()
+            log.info("muxpool stopped (%d connections served)", self.stats.connections_total)
+            self._stopped.set()
+
+    def start(self) -> "Server":
+        """Serve on a background thread; returns once the server accepts."""
+        self._thread = threading.Thread(target=self.serve_forever, name="muxpool-server", daemon=True)
+        self._thread.start()
+        self._serving.wait()
+        return self
+
+    def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Drain and stop. Safe from any thread, a handler included (which
+        never waits for itself)."""
+        if self._stopped.is_set():
+            return
+        self.mux.defer(self._begin_drain)
+        if wait and not self.mux.in_loop_thread() and self._serving.is_set():
+            self._stopped.wait(timeout)
+
+    def stop_now(self) -> None:
+        """Close every connection at once and stop (a second SIGTERM)."""
+        self.mux.defer(self._hard_stop)
+
+    def __enter__(self) -> "Server":
+        if self._thread is None and not self._serving.is_set():
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _begin_drain(self) -> None:
+        if self._draining:
+            return
+        self._draining = True
+        self._set_accepting(False)
+        self.listener.close()
+        if self.config.unix_path:
+            _unlink_quietly(self.config.unix_path)
+        for conn in list(self.connections.values()):
+            conn.close_when_done()
+        self.mux.call_later(self.config.drain_timeout, self._hard_stop)
+        self._stop_if_drained()
+
+    def _stop_if_drained(self) -> None:
+        if self._draining and not self.connections and self.engine.idle():
+            self.mux.stop()
+
+    def _hard_stop(self) -> None:
+        if self.connections:
+            log.warning("closing %d connections that did not finish in time", len(self.connections))
+        self._close_everything()
+        self.mux.stop()
+
+    def _close_everything(self) -> None:
+        self._set_accepting(False)
+        for conn in list(self.connections.values()):
+            conn.abort(None)
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+
+    # --- accepting -------------------------------------------------------------
+
+    def _set_accepting(self, on: bool) -> None:
+        if on == self._accepting or (on and self._draining):
+            return
+        self._accepting = on
+        if on:
+            self.mux.register(self.listener, EVENT_READ, self._on_accept)
+        else:
+            self.mux.unregister(self.listener)
+
+    def _on_accept(self, mask: int) -> None:
+        for _ in range(_ACCEPTS_PER_EVENT):
+            if len(self.connections) >= self.config.max_connections:
+                self._set_accepting(False)  # the rest wait in the kernel backlog
+                return
+            try:
+                sock, peer = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _OVERLOAD_ERRNOS:
+                    log.error("accept failed (%s); pausing accepts for 0.1 s", exc)
+                    self._set_accepting(False)
+                    self.mux.call_later(0.1, lambda: self._set_accepting(True))
+                    return
+                raise
+            self._add_connection(sock, peer)
+
+    def _add_connection(self, sock: socket.socket, peer: Any) -> None:
+        sock.setblocking(False)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Connection(self, sock, peer or self.config.unix_path, next(self._ids))
+        self.connections[id(conn)] = conn
+        self.stats.connections_total += 1
+        conn.update_interest()
+        if self.config.idle_timeout:
+            conn.idle_timer = self.mux.call_later(self.config.idle_timeout, lambda: self._check_idle(conn))
+        conn.dispatch(_call_connect, None)
+
+    def forget(self, conn: Connection) -> None:
+        """A connection's socket closed: free its slot, resume accepting."""
+        self.connections.pop(id(conn), None)
+        for timer in (conn.idle_timer, conn.write_timer, conn.handler_timer):
+            if timer is not None:
+                timer.cancel()
+        if not self._accepting and not self._draining and len(self.connections) < self.config.max_connections:
+            self._set_accepting(True)
+        self._stop_if_drained()
+
+    # --- running handlers ----------------------------------------------------------
+
+    def run_handler(self, conn: Connection, fn, arg) -> None:
+        if self.config.handler_timeout:
+            conn.handler_timer = self.mux.call_later(self.config.handler_timeout,
+                                                     lambda: self._handler_overdue(conn))
+        self.engine.run(conn, fn, arg)
+
+    def handler_done(self, conn: Connection, ok: bool, value: Any, elapsed: float) -> None:
+        """Called by engines on the loop thread when a handler call returns."""
+        self.stats.record(elapsed)
+        if conn.handler_timer is not None:
+            conn.handler_timer.cancel()
+            conn.handler_timer = None
+            limit = self.config.handler_timeout
+            if elapsed > limit and not conn.closed:
+                log.error("handler for %s took %.3f s, over handler_timeout=%s s; closing it",
+                          conn.peer, elapsed, limit)
+                conn.abort(None)
+        conn.handler_done(ok, value)
+        if self._draining:
+            self._stop_if_drained()
+
+    def _handler_overdue(self, conn: Connection) -> None:
+        conn.handler_timer = None
+        if not conn.closed:
+            log.error("handler for %s exceeded handler_timeout=%s s; closing it",
+                      conn.peer, self.config.handler_timeout)
+            conn.abort(None)
+
+    # --- timers ----------------------------------------------------------------------
+
+    def _check_idle(self, conn: Connection) -> None:
+        if conn.closed:
+            return
+        limit = self.config.idle_timeout
+        quiet = time.monotonic() - conn.last_active
+        if quiet >= limit and not conn.busy and not conn.backlog:
+            log.info("closing %s: idle for %.1f s (idle_timeout)", conn.peer, quiet)
+            conn.abort(None)
+        else:
+            conn.idle_timer = self.mux.call_later(max(0.05, limit - quiet), lambda: self._check_idle(conn))
+
+    def watch_writes(self, conn: Connection) -> None:
+        """Start the write_timeout clock for a connection with unsent output."""
+        limit = self.config.write_timeout
+        if limit and conn.write_timer is None:
+            conn.write_timer = self.mux.call_later(limit, lambda: self._check_write(conn))
+
+    def _check_write(self, conn: Connection) -> None:
+        conn.write_timer = None
+        if conn.closed or not conn.outbuf:
+            return
+        limit = self.config.write_timeout
+        stalled = time.monotonic() - conn.write_progress
+        if stalled >= limit:
+            log.warning("closing %s: no reply bytes accepted for %.1f s (write_timeout), "
+                        "%d bytes unsent", conn.peer, stalled, len(conn.outbuf))
+            conn.abort(None)
+        else:
+            conn.write_timer = self.mux.call_later(limit - stalled, lambda: self._check_write(conn))
+
+    def _report_stats(self) -> None:
+        log.info("%s", self.stats.line(len(self.connections), self.engine.queue_depth()))
+        self.mux.call_later(self.config.stats_interval, self._report_stats)
+
+    def new_framer(self):
+        return make_framer(self.config.framing, self.config.max_message_size)
+
+
+def serve(app: Any = None, address: tuple[str, int] | None = None, **options: Any) -> None:
+    """Serve until SIGTERM/SIGINT (drain), a second signal stops at once.
+
+    ``serve(MyHandler, ("127.0.0.1", 9999), engine="threadpool")``.
+    """
+    if address is not None:
+        options["host"], options["port"] = address
+    server = Server(app, **options)
+    signals = {signal.SIGTERM: None, signal.SIGINT: None}
+    if threading.current_thread() is threading.main_thread():
+        def on_signal(signum, frame):
+            if server._draining:
+                log.warning("second signal: stopping now")
+                server.stop_now()
+            else:
+                log.info("signal %s: draining", signal.Signals(signum).name)
+                server.shutdown(wait=False)
+        for signum in signals:
+            signals[signum] = signal.signal(signum, on_signal)
+    try:
+        server.serve_forever()
+    finally:
+        for signum, previous in signals.items():
+            if previous is not None:
+                signal.signal(signum, previous)
+
+
+def _app_name(app: Any) -> str:
+    if isinstance(app, EchoService):
+        return "the echo service"
+    return getattr(app, "__qualname__", type(app).__qualname__)
+
+
+def _format_address(address: Any) -> str:
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+__all__ = ["Server", "ServerConfig", "serve"]

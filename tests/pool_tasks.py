@@ -1,0 +1,176 @@
+"""Module-level task functions for the pool tests.
+
+Worker processes are started with "forkserver", so everything handed to a
+ProcessPool must be importable by name from a module: this one. It imports
+only the standard library (never pytest or gevent), so a worker can import
+it cheaply. The same functions serve the thread and gevent pools, which is
+why none of them sleeps except where the sleep *is* the work.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pathlib
+import signal
+import threading
+import time
+
+# --- plain work --------------------------------------------------------------
+
+
+def identity(x):
+    return x
+
+
+def square(x):
+    return x * x
+
+
+def add(a, b):
+    return a + b
+
+
+def echo(*args, **kwargs):
+    """Return exactly what was received, to check argument forwarding."""
+    return args, kwargs
+
+
+def getpid(_ignored=None):
+    return os.getpid()
+
+
+def sleep_then_return(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+# --- failures ----------------------------------------------------------------
+
+
+class TaskError(Exception):
+    """A user-defined exception type that must survive the trip home."""
+
+
+def fail(message):
+    raise ValueError(message)
+
+
+def fail_custom(message):
+    raise TaskError(message)
+
+
+def fail_on(x, bad):
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    return x * x
+
+
+def raise_deep():
+    """Fails two frames down, so the remote traceback has names to look for."""
+    return _deep_helper_for_traceback()
+
+
+def _deep_helper_for_traceback():
+    raise ValueError("raised deep in the worker")
+
+
+class UnpicklableError(Exception):
+    """An exception that cannot be pickled back to the parent (holds a lock)."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def raise_unpicklable_error():
+    raise UnpicklableError("carries a lock")
+
+
+# --- crashes (each kills the worker process running it) ----------------------
+
+
+def exit_hard(code=3):
+    os._exit(code)
+
+
+def kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(10)  # not reached
+
+
+def segfault():
+    ctypes.string_at(0)
+
+
+# --- serialization ---------------------------------------------------------------
+
+
+def return_lock():
+    return threading.Lock()
+
+
+def _refuse_unpickle(message):
+    raise RuntimeError(message)
+
+
+class Unloadable:
+    """Pickles fine in the worker; unpickling it in the parent raises."""
+
+    def __reduce__(self):
+        return _refuse_unpickle, ("this object refuses to be unpickled",)
+
+
+def return_unloadable():
+    return Unloadable()
+
+
+# --- blocking across processes: a file-based barrier ---------------------------
+
+
+def block_on_files(started_path, release_path, limit=30.0):
+    """Announce the start by creating ``started_path`` (holding this worker's
+    pid), then wait (with its own deadline) until ``release_path`` exists."""
+    tmp = f"{started_path}.tmp"
+    pathlib.Path(tmp).write_text(str(os.getpid()))
+    os.replace(tmp, started_path)
+    deadline = time.monotonic() + limit
+    while not os.path.exists(release_path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"blocker was never released ({release_path})")
+        time.sleep(0.005)
+    return "released"
+
+
+def write_pid_then_sleep(pid_path, seconds):
+    """Publish this worker's pid (atomically), then sleep: a long-running task."""
+    tmp = f"{pid_path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, pid_path)
+    time.sleep(seconds)
+    return "slept"
+
+
+# --- shared state handed over through the pool's initializer -----------------
+
+_shared_array = None
+_shared_lock = None
+
+
+def init_shared(array, lock):
+    global _shared_array, _shared_lock
+    _shared_array = array
+    _shared_lock = lock
+
+
+def increment_shared(index, times):
+    for _ in range(times):
+        with _shared_lock:
+            _shared_array[index] += 1
+    return index
+
+
+def initialized():
+    """True in a worker whose initializer ran."""
+    return _shared_array is not None and _shared_lock is not None
