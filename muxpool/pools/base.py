@@ -97,8 +97,12 @@ def cancel_task(fut: Future | None, callback: Callback | None) -> None:
         call_callback(callback, False, CancelledError())
 
 
-def _call_chunk(func: Callable, chunk: list[tuple]) -> list:
-    return [func(*args) for args in chunk]
+def _map_chunk(func: Callable, chunk: tuple) -> list:
+    return list(map(func, chunk))
+
+
+def _starmap_chunk(func: Callable, chunk: tuple) -> list:
+    return list(itertools.starmap(func, chunk))
 
 
 class Pool:
@@ -217,22 +221,29 @@ class Pool:
         """Yield ``(callable, args)`` pairs, one per task, lazily."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
-        arg_tuples = zip(*iterables)
+        single = len(iterables) == 1
+        items = iter(iterables[0]) if single else zip(*iterables)
         if chunksize == 1:
-            for args in arg_tuples:
-                yield func, args
+            if single:
+                for item in items:
+                    yield func, (item,)
+            else:
+                yield from ((func, args) for args in items)
             return
-        while chunk := list(itertools.islice(arg_tuples, chunksize)):
-            yield _call_chunk, (func, chunk)
+        # A chunk is a plain tuple of items: cheapest to build and to pickle.
+        run_chunk = _map_chunk if single else _starmap_chunk
+        while chunk := tuple(itertools.islice(items, chunksize)):
+            yield run_chunk, (func, chunk)
 
     def map(self, func: Callable, *iterables: Iterable, chunksize: int = 1) -> Iterator:
         """Lazy, ordered ``map``: at most a small window of tasks is in flight,
         so an endless iterable works. A task's exception is raised when the
         iteration reaches it."""
-        tasks = self._chunks(func, iterables, chunksize)
-        return self._ordered(tasks, chunked=chunksize > 1)
+        results = self._ordered(self._chunks(func, iterables, chunksize))
+        # Chunks come back as lists; chain flattens them in C, not per item in Python.
+        return itertools.chain.from_iterable(results) if chunksize > 1 else results
 
-    def _ordered(self, tasks: Iterator[tuple], chunked: bool) -> Iterator:
+    def _ordered(self, tasks: Iterator[tuple]) -> Iterator:
         in_flight: collections.deque[Future] = collections.deque()
         window = self._window()
         try:
@@ -241,9 +252,9 @@ class Pool:
                 self._schedule(fn, args, None, fut, None, None, None)
                 in_flight.append(fut)
                 while len(in_flight) >= window or (in_flight and in_flight[0].done()):
-                    yield from _unpack(in_flight.popleft().result(), chunked)
+                    yield in_flight.popleft().result()
             while in_flight:
-                yield from _unpack(in_flight.popleft().result(), chunked)
+                yield in_flight.popleft().result()
         finally:
             for fut in in_flight:  # the consumer stopped early or a task failed
                 fut.cancel()
@@ -280,18 +291,14 @@ class Pool:
             in_flight -= 1
             if not ok:
                 raise value
-            yield from _unpack(value, chunked)
+            if chunked:
+                yield from value
+            else:
+                yield value
 
     def _completion_signal(self):
         """An Event-like object the completion callbacks set (overridden for gevent)."""
         return threading.Event()
-
-
-def _unpack(value: Any, chunked: bool) -> Iterator:
-    if chunked:
-        yield from value
-    else:
-        yield value
 
 
 def closed_error(name: str) -> PoolClosed:
