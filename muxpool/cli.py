@@ -130,6 +130,53 @@ def run_client(args: argparse.Namespace) -> int:
         return 1
 
 
+def add_bench(commands) -> None:
+    parser = commands.add_parser("bench", help="load-test a server (or compare engines)",
+                                 description="Drive HOST:PORT with many connections and "
+                                 "report requests/s, latency percentiles and errors.")
+    parser.add_argument("address", nargs="?", help="HOST:PORT (default 127.0.0.1:8088)")
+    parser.add_argument("-c", "--connections", type=int, default=50)
+    parser.add_argument("-d", "--duration", type=float, default=10.0, help="seconds measured")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
+    parser.add_argument("-s", "--size", type=int, default=64, help="message bytes")
+    parser.add_argument("--framing", choices=list(FRAMERS), default="raw")
+    parser.add_argument("--greeting-bytes", default="17",
+                        help="bytes the server greets with (the lesson's service: 17; 0: none; "
+                        "auto: whatever arrives first)")
+    parser.add_argument("--pipeline", type=int, default=1, help="requests in flight per connection")
+    parser.add_argument("--rate", type=float, help="open loop: total requests/s on a fixed schedule")
+    parser.add_argument("-p", "--processes", type=int, help="generator processes (default: cores)")
+    parser.add_argument("--reply-prefix", default="response: ",
+                        help="expected reply = prefix + message ('' for a plain echo)")
+    parser.add_argument("--no-verify", action="store_true", help="do not check reply bytes")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds before a reply counts as lost")
+    parser.add_argument("--unix", dest="unix_path", help="a Unix socket path instead of HOST:PORT")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .loadtest import LoadSpec, run_load
+    from .loadtest.report import live_progress, render
+
+    host, port = parse_address(args.address)
+    greeting = args.greeting_bytes if args.greeting_bytes == "auto" else int(args.greeting_bytes)
+    spec = LoadSpec(host=host, port=port, connections=args.connections, duration=args.duration,
+                    warmup=args.warmup, size=args.size, framing=args.framing, greeting_bytes=greeting,
+                    pipeline=args.pipeline, rate=args.rate, reply_prefix=args.reply_prefix.encode(),
+                    verify=not args.no_verify, timeout=args.timeout, unix_path=args.unix_path)
+    show = not args.json and sys.stderr.isatty()
+    with live_progress(spec.warmup + spec.duration, "bench", enabled=show) as on_progress:
+        report = run_load(spec, args.processes, on_progress=on_progress)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        render(report)
+    return 0 if report.requests and not report.error_total else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="muxpool",
@@ -138,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_serve(commands)
     add_client(commands)
+    add_bench(commands)
     return parser
 
 

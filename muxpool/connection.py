@@ -50,6 +50,7 @@ class Connection:
         self.id = conn_id
         self.session = server.new_session()
         self.framer = server.new_framer()
+        self.encode = server.encoder.encode  # replies are not bound by the inbound limit
         self.outbuf = bytearray()
         self.backlog: collections.deque = collections.deque()
         self.busy = False
@@ -73,7 +74,7 @@ class Connection:
         """Frame and send ``message``; raises ``ConnectionClosed`` once closed."""
         if self.closed:
             raise ConnectionClosed(f"connection {self.peer} is closed")
-        data = self.framer.encode(message)
+        data = self.encode(message)
         mux = self.server.mux
         if mux.in_loop_thread():
             self.write(data)
@@ -84,9 +85,9 @@ class Connection:
         """Stop reading, flush what was sent, then close. Idempotent."""
         mux = self.server.mux
         if mux.in_loop_thread():
-            self.close_when_done()
+            self.close_when_done(drop_backlog=True)
         else:
-            mux.defer(self.close_when_done)
+            mux.defer(lambda: self.close_when_done(drop_backlog=True))
 
     # --- loop thread -------------------------------------------------------
 
@@ -120,8 +121,9 @@ class Connection:
             self.abort(exc)
             return
         self.last_active = time.monotonic()
+        framer = self.framer
         try:
-            messages = self.framer.feed(server.read_view[:n])
+            messages = framer.feed(server.read_view[:n])
         except ProtocolError as exc:
             log.warning("closing %s: %s", self.peer, exc)
             self.close_when_done()
@@ -131,7 +133,10 @@ class Connection:
             self.update_interest()
         for message in messages:
             self.dispatch(self.session.on_message, message)
-        if n == 0:
+        if framer.pending_error is not None:  # after good messages: answer them, then close
+            log.warning("closing %s: %s", self.peer, framer.pending_error)
+            self.close_when_done()
+        elif n == 0:
             self.maybe_finish()
 
     def dispatch(self, fn, arg) -> None:
@@ -151,13 +156,13 @@ class Connection:
         if ok:
             if value is not None and not self.closed:
                 try:
-                    self.write(self.framer.encode(value))
+                    self.write(self.encode(value))
                 except (ProtocolError, TypeError) as exc:
                     log.error("handler reply to %s cannot be framed: %s", self.peer, exc)
-                    self.close_when_done()
+                    self.close_when_done(drop_backlog=True)
         else:
             log.error("handler failed for %s", self.peer, exc_info=value)
-            self.close_when_done()
+            self.close_when_done(drop_backlog=True)
         if self.backlog:
             fn, arg = self.backlog.popleft()
             self.busy = True
@@ -210,13 +215,15 @@ class Connection:
             self.reading = True
             self.update_interest()
 
-    def close_when_done(self) -> None:
-        """Graceful close: no more input; in-flight replies are still flushed."""
+    def close_when_done(self, drop_backlog: bool = False) -> None:
+        """Graceful close: read no more; answer the messages already received
+        (unless ``drop_backlog``), flush, then close."""
         if self.closed:
             return
         self.closing = True
         self.reading = False
-        self.backlog.clear()
+        if drop_backlog:
+            self.backlog.clear()
         self.update_interest()
         self.maybe_finish()
 

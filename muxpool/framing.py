@@ -103,6 +103,12 @@ class Framer:
         """Bytes received but not yet part of a complete message."""
         return len(self._buf)
 
+    @property
+    def pending_error(self) -> RemoteProtocolError | None:
+        """The violation the next :meth:`feed` will raise, if the last call
+        returned messages that came before one; lets a caller act on it now."""
+        return self._error if self._state is _ERROR_PENDING else None
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Take the bytes that arrived; return the messages they complete, as ``bytes``.
 

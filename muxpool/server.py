@@ -39,6 +39,7 @@ log = logging.getLogger("muxpool.server")
 _OVERLOAD_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPTS_PER_EVENT = 64
 READ_BUFFER_SIZE = 256 * 1024
+_MAX_ENCODED = 0xFFFFFFFF  # the most a 4-byte length prefix can carry
 
 
 @dataclass
@@ -104,9 +105,13 @@ class Server:
         self.new_session = resolve_handler(self.app)
         self.engine = load_engine(config.engine)(config)
         self.engine.check_app(self.app)
-        make_framer(config.framing, config.max_message_size)  # fail early on a bad name
+        # One stateless encoder for every reply: what we send is not bound by
+        # the limit on what we accept.
+        self.encoder = make_framer(config.framing, _MAX_ENCODED)
+        self.in_handler = threading.local()  # engines set .active while a handler runs
         self.mux = Multiplexer()
         self.listener = make_listener(config)
+        self._address = self.listener.getsockname()
         self.read_buffer = bytearray(READ_BUFFER_SIZE)
         self.read_view = memoryview(self.read_buffer)
         self.stats = ServerStats()
@@ -123,7 +128,7 @@ class Server:
     @property
     def address(self) -> Any:
         """Where the server listens: ``(host, port)`` or a Unix socket path."""
-        return self.listener.getsockname()
+        return self._address
 
     def serve_forever(self) -> None:
         self.engine.start(self)
@@ -156,7 +161,8 @@ class Server:
         if self._stopped.is_set():
             return
         self.mux.defer(self._begin_drain)
-        if wait and not self.mux.in_loop_thread() and self._serving.is_set():
+        in_handler = self.mux.in_loop_thread() or getattr(self.in_handler, "active", False)
+        if wait and not in_handler and self._serving.is_set():
             self._stopped.wait(timeout)
 
     def stop_now(self) -> None:

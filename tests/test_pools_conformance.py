@@ -320,6 +320,7 @@ def test_map_over_an_endless_generator_is_lazy(pool_factory):
             pulled[0] = i + 1
             yield i
 
+    assert list(itertools.islice(pool.map(pool_tasks.square, itertools.count()), 50)) == squares(50)
     it = pool.map(pool_tasks.square, endless())
     assert list(itertools.islice(it, 50)) == squares(50)
 
@@ -447,6 +448,37 @@ def test_a_raising_callback_is_logged_and_the_pool_keeps_working(pool_factory, c
     assert good == [(True, 3)]
 
 
+def test_a_callback_may_submit_more_work(pool_factory):
+    # The crawler pattern: each result schedules the next task from its callback.
+    pool = pool_factory(2)
+    results = []
+
+    def callback(ok, result):
+        results.append((ok, result))
+        if ok and result < 20:
+            pool.run(pool_tasks.add, (result, 1), callback)
+
+    pool.run(pool_tasks.add, (0, 1), callback)
+    pool_factory.wait_until(lambda: len(results) == 20, what="a chain of 20 callbacks")
+    assert results == [(True, i) for i in range(1, 21)]
+
+
+def test_cancelling_a_queued_future_skips_its_task(pool_factory):
+    kit = pool_factory
+    pool = kit(1)
+    b = kit.blocker()
+    running = pool.submit(b.func, *b.args)
+    assert b.wait_started()
+    first, doomed, last = (pool.submit(pool_tasks.square, i) for i in (2, 3, 4))
+    assert doomed.cancel()
+    b.release()
+    assert running.result(timeout=10) == "released"
+    assert (first.result(timeout=10), last.result(timeout=10)) == (4, 16)
+    assert doomed.cancelled()
+    kit.wait_until(lambda: (pool.stats().completed, pool.stats().cancelled) == (3, 1), 5,
+                   what=f"completed=3 cancelled=1 (got {pool.stats()})")
+
+
 # --- close / terminate / join --------------------------------------------------------------
 
 
@@ -461,6 +493,7 @@ def test_close_lets_queued_tasks_finish(pool_factory):
         pool.run(pool_tasks.square, (i,), lambda ok, result: calls.append((ok, result)))
     pool.close()
     assert not any(f.cancelled() for f in futs)
+    assert pool.join(0.05) is False  # a worker is still busy
     b.release()
     assert pool.join(20)
     assert running.result(timeout=0) == "released"

@@ -170,6 +170,14 @@ def test_per_task_timeout_via_schedule_and_run(make_pool):
     assert_pool_serves(pool)
 
 
+def test_task_timeout_counts_run_time_not_time_in_the_queue(make_pool):
+    # Four 0.2 s tasks on one worker: the last waits 0.6 s in the queue, yet
+    # each runs well within its 0.5 s limit.
+    pool = make_pool(1, task_timeout=0.5)
+    futs = [pool.submit(pool_tasks.sleep_then_return, 0.2, i) for i in range(4)]
+    assert [f.result(timeout=15) for f in futs] == [0, 1, 2, 3]
+
+
 # --- exceptions keep the worker's traceback ----------------------------------------------
 
 

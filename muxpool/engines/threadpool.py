@@ -47,11 +47,15 @@ class ThreadPoolEngine:
         self._pool.run(self._call, (conn, fn, arg))
 
     def _call(self, conn, fn, arg) -> None:
+        marker = self._server.in_handler
+        marker.active = True
         started = time.perf_counter()
         try:
             value, ok = fn(conn, arg), True
         except Exception as exc:
             value, ok = exc, False
+        finally:
+            marker.active = False
         elapsed = time.perf_counter() - started
         self._server.mux.defer(lambda: self._done(conn, ok, value, elapsed))
 

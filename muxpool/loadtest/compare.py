@@ -1,0 +1,169 @@
+"""``muxpool bench --compare``: the same load against several servers, one at a time.
+
+Each server starts in its own process on a free loopback port, is primed with
+one short session that disconnects (CPython 3.11's asyncio runs about 3x
+slower until its process has seen a first EOF, so an unprimed comparison would
+flatter us), then measured ``repeat`` times; the median and the spread
+(min–max) are reported. Where the machine has two cores or more, a
+single-process server is pinned to one core and the generator to the others,
+so they do not fight for one core; a multi-process server is not pinned.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import LoadSpec, Report, run_load
+
+MULTI_PROCESS = {"muxpool:prefork"}
+
+
+def available_servers(engines: list[str]) -> list[str]:
+    """muxpool's engines, then every reference server whose library is installed."""
+    names = [f"muxpool:{e}" for e in engines]
+    names.append("asyncio")
+    for optional, name in (("uvloop", "uvloop"), ("gevent", "gevent")):
+        try:
+            __import__(optional)
+            names.append(name)
+        except ImportError:
+            pass
+    names.append("socketserver")
+    return names
+
+
+@dataclass
+class Row:
+    server: str
+    reports: list[Report] = field(default_factory=list)
+    pinned: str = ""
+    failure: str = ""
+
+    @property
+    def rps(self) -> list[float]:
+        return [r.rps for r in self.reports]
+
+    @property
+    def p99(self) -> list[float]:
+        return [r.latency_ms["p99"] for r in self.reports]
+
+    @property
+    def errors(self) -> int:
+        return sum(r.error_total for r in self.reports)
+
+    def median_rps(self) -> float:
+        return statistics.median(self.rps) if self.reports else 0.0
+
+    def median_p99(self) -> float:
+        return statistics.median(self.p99) if self.reports else 0.0
+
+    def as_dict(self) -> dict:
+        return {"server": self.server, "pinned": self.pinned, "failure": self.failure,
+                "requests_per_s": self.rps, "p99_ms": self.p99, "errors": self.errors,
+                "median_requests_per_s": self.median_rps(), "median_p99_ms": self.median_p99(),
+                "generator_cpu": [r.generator_cpu for r in self.reports]}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cpu_plan(server: str) -> tuple[list[int] | None, list[int] | None, str]:
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < 2 or server in MULTI_PROCESS:
+        return None, None, "not pinned"
+    return [cpus[0]], cpus[1:], f"server on CPU {cpus[0]}, generator on CPU {','.join(map(str, cpus[1:]))}"
+
+
+def start_server(server: str, port: int, framing: str, workload: str, app: str | None,
+                 workers: int | None, cpus: list[int] | None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "muxpool.loadtest.servers", server, "--port", str(port),
+           "--framing", framing, "--workload", workload]
+    if app:
+        cmd += ["--app", app]
+    if workers:
+        cmd += ["--workers", str(workers)]
+
+    def pin():
+        if cpus:
+            os.sched_setaffinity(0, set(cpus))
+
+    return subprocess.Popen(cmd, preexec_fn=pin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_until_listening(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: "
+                               f"{proc.stderr.read().decode(errors='replace')[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)  # the child is still starting: nothing to wait on but the port
+    raise RuntimeError(f"server did not listen on port {port} within {timeout} s")
+
+
+def prime(spec: LoadSpec) -> None:
+    """One short session that sends one request and disconnects."""
+    with socket.create_connection((spec.host, spec.port), timeout=5) as sock:
+        from ..framing import make_framer
+
+        framer = make_framer(spec.framing)
+        sock.sendall(framer.encode(b"prime"))
+        sock.recv(65536)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stderr is not None:
+        proc.stderr.close()
+
+
+def compare(servers: list[str], spec: LoadSpec, *, workload: str = "echo", app: str | None = None,
+            repeat: int = 3, processes: int | None = None, workers: int | None = None,
+            on_row: Callable[[Row], None] | None = None) -> list[Row]:
+    rows = []
+    for server in servers:
+        server_cpus, generator_cpus, pinned = _cpu_plan(server)
+        row = Row(server, pinned=pinned)
+        port = free_port()
+        run_spec = _with_port(spec, port)
+        proc = start_server(server, port, spec.framing, workload, app, workers, server_cpus)
+        try:
+            wait_until_listening(port, proc)
+            prime(run_spec)
+            for _ in range(repeat):
+                row.reports.append(run_load(run_spec, processes or (len(generator_cpus) if generator_cpus else None),
+                                            cpus=generator_cpus))
+        except Exception as exc:  # one broken server must not sink the whole comparison
+            row.failure = str(exc)
+        finally:
+            stop_server(proc)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows
+
+
+def _with_port(spec: LoadSpec, port: int) -> LoadSpec:
+    from dataclasses import replace
+
+    return replace(spec, host="127.0.0.1", port=port)
