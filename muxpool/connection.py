@@ -131,13 +131,38 @@ class Connection:
         if n == 0:
             self.eof = True
             self.update_interest()
-        for message in messages:
-            self.dispatch(self.session.on_message, message)
+        if server.inline and not self.busy:
+            self.handle_inline(messages)
+        else:
+            for message in messages:
+                self.dispatch(self.session.on_message, message)
         if framer.pending_error is not None:  # after good messages: answer them, then close
             log.warning("closing %s: %s", self.peer, framer.pending_error)
             self.close_when_done()
         elif n == 0:
             self.maybe_finish()
+
+    def handle_inline(self, messages: list[bytes]) -> None:
+        """The ``loop`` engine's fast path: call the handler right here, with
+        none of the engine hand-off (no timers are armed: see Server.inline)."""
+        on_message = self.session.on_message
+        for message in messages:
+            try:
+                reply = on_message(self, message)
+            except Exception as exc:
+                log.error("handler failed for %s", self.peer, exc_info=exc)
+                self.close_when_done(drop_backlog=True)
+                return
+            if reply is not None and not self.closed:
+                try:
+                    data = self.encode(reply)
+                except (ProtocolError, TypeError) as exc:
+                    log.error("handler reply to %s cannot be framed: %s", self.peer, exc)
+                    self.close_when_done(drop_backlog=True)
+                    return
+                self.write(data)
+            if self.closing or self.closed:
+                return  # the handler closed it: the rest of this read is dropped
 
     def dispatch(self, fn, arg) -> None:
         """Run ``fn(conn, arg)`` through the engine, after any earlier call."""

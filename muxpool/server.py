@@ -109,6 +109,10 @@ class Server:
         # the limit on what we accept.
         self.encoder = make_framer(config.framing, _MAX_ENCODED)
         self.in_handler = threading.local()  # engines set .active while a handler runs
+        # Handlers called straight from the read path when nothing needs the
+        # engine's hand-off: the loop engine, with no per-call timer or timing.
+        self.inline = (getattr(self.engine, "inline", False) and not config.handler_timeout
+                       and not config.stats_interval)
         self.mux = Multiplexer()
         self.listener = make_listener(config)
         self._address = self.listener.getsockname()

@@ -12,6 +12,7 @@ import time
 
 class LoopEngine:
     name = "loop"
+    inline = True  # connections may call the handler directly (Connection.handle_inline)
 
     def __init__(self, config):
         self.config = config
