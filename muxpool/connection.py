@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("muxpool.server")
 
 MAX_BACKLOG = 64  # queued messages per connection before reading pauses
+READ_SIZE = 65536
 
 
 def _call_connect(conn: "Connection", _unused: Any):
@@ -112,18 +113,21 @@ class Connection:
 
     def read(self) -> None:
         server = self.server
-        buf = server.read_buffer
         try:
-            n = self.sock.recv_into(buf)
+            # 64 KiB: below glibc's mmap threshold. A 256 KiB recv (asyncio's
+            # size) costs an mmap/munmap pair per read, 5x slower here; and a
+            # bytes object straight from recv beats recv_into + a copy.
+            data = self.sock.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self.abort(exc)
             return
+        n = len(data)
         self.last_active = time.monotonic()
         framer = self.framer
         try:
-            messages = framer.feed(server.read_view[:n])
+            messages = framer.feed(data)
         except ProtocolError as exc:
             log.warning("closing %s: %s", self.peer, exc)
             self.close_when_done()

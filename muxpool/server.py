@@ -38,7 +38,6 @@ log = logging.getLogger("muxpool.server")
 
 _OVERLOAD_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPTS_PER_EVENT = 64
-READ_BUFFER_SIZE = 256 * 1024
 _MAX_ENCODED = 0xFFFFFFFF  # the most a 4-byte length prefix can carry
 
 
@@ -116,8 +115,6 @@ class Server:
         self.mux = Multiplexer()
         self.listener = make_listener(config)
         self._address = self.listener.getsockname()
-        self.read_buffer = bytearray(READ_BUFFER_SIZE)
-        self.read_view = memoryview(self.read_buffer)
         self.stats = ServerStats()
         self.connections: dict[int, Connection] = {}
         self._ids = itertools.count(1)

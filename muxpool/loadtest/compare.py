@@ -44,8 +44,18 @@ def available_servers(engines: list[str]) -> list[str]:
 class Row:
     server: str
     reports: list[Report] = field(default_factory=list)
+    server_cpu: list[float] = field(default_factory=list)  # server CPU seconds per run
     pinned: str = ""
     failure: str = ""
+
+    @property
+    def per_cpu_second(self) -> list[float]:
+        """Requests served per second of server CPU: capacity, whatever the generator did."""
+        return [r.requests / cpu for r, cpu in zip(self.reports, self.server_cpu) if cpu]
+
+    def median_per_cpu_second(self) -> float:
+        values = self.per_cpu_second
+        return statistics.median(values) if values else 0.0
 
     @property
     def rps(self) -> list[float]:
@@ -69,7 +79,35 @@ class Row:
         return {"server": self.server, "pinned": self.pinned, "failure": self.failure,
                 "requests_per_s": self.rps, "p99_ms": self.p99, "errors": self.errors,
                 "median_requests_per_s": self.median_rps(), "median_p99_ms": self.median_p99(),
+                "requests_per_server_cpu_s": self.per_cpu_second,
                 "generator_cpu": [r.generator_cpu for r in self.reports]}
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` and its live descendants (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        stats = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                stats[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    except OSError:
+        return None
+    family, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, (ppid, _cpu) in stats.items():
+            if ppid == parent and child not in family:
+                family.add(child)
+                frontier.append(child)
+    if pid not in stats:
+        return None
+    return sum(stats[p][1] for p in family if p in stats) / ticks
 
 
 def free_port() -> int:
@@ -150,9 +188,11 @@ def compare(servers: list[str], spec: LoadSpec, *, workload: str = "echo", app: 
         try:
             wait_until_listening(port, proc)
             prime(run_spec)
+            generators = processes or (len(generator_cpus) if generator_cpus else None)
             for _ in range(repeat):
-                row.reports.append(run_load(run_spec, processes or (len(generator_cpus) if generator_cpus else None),
-                                            cpus=generator_cpus))
+                report, cpu = _measure(run_spec, generators, generator_cpus, proc.pid)
+                row.reports.append(report)
+                row.server_cpu.append(cpu)
         except Exception as exc:  # one broken server must not sink the whole comparison
             row.failure = str(exc)
         finally:
@@ -161,6 +201,20 @@ def compare(servers: list[str], spec: LoadSpec, *, workload: str = "echo", app: 
         if on_row is not None:
             on_row(row)
     return rows
+
+
+def _measure(spec: LoadSpec, processes, cpus, server_pid: int) -> tuple[Report, float]:
+    """One load run, with the server's CPU seconds spent during the measured part
+    (the warm-up is run first, unmeasured, so the CPU figure covers only what the
+    report counts)."""
+    from dataclasses import replace
+
+    if spec.warmup > 0:
+        run_load(replace(spec, duration=spec.warmup, warmup=0), processes, cpus=cpus)
+    before = process_cpu_seconds(server_pid) or 0.0
+    report = run_load(replace(spec, warmup=0), processes, cpus=cpus)
+    after = process_cpu_seconds(server_pid) or 0.0
+    return report, after - before
 
 
 def _with_port(spec: LoadSpec, port: int) -> LoadSpec:
