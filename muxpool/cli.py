@@ -152,21 +152,29 @@ def add_bench(commands) -> None:
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds before a reply counts as lost")
     parser.add_argument("--unix", dest="unix_path", help="a Unix socket path instead of HOST:PORT")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    group = parser.add_argument_group("comparing engines (--compare)")
+    group.add_argument("--compare", action="store_true",
+                       help="start the app under each engine and reference server, load each the same")
+    group.add_argument("--app", help="module:attr to compare (default: the workload)")
+    group.add_argument("--workload", default="echo", help="echo, io:MS or cpu:MS (default echo)")
+    group.add_argument("--engines", help="comma-separated muxpool engines (default: all)")
+    group.add_argument("--references", help="comma-separated reference servers "
+                       "(default: asyncio, uvloop, gevent, socketserver where installed; 'none')")
+    group.add_argument("--repeat", type=int, default=3, help="runs per server (default 3)")
+    group.add_argument("--workers", type=int, help="handler threads for the threadpool engine")
+    group.add_argument("--out", default="bench-results", help="folder for JSON and PNG (default bench-results)")
     parser.set_defaults(func=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> int:
     import json
 
-    from .loadtest import LoadSpec, run_load
+    from .loadtest import run_load
     from .loadtest.report import live_progress, render
 
-    host, port = parse_address(args.address)
-    greeting = args.greeting_bytes if args.greeting_bytes == "auto" else int(args.greeting_bytes)
-    spec = LoadSpec(host=host, port=port, connections=args.connections, duration=args.duration,
-                    warmup=args.warmup, size=args.size, framing=args.framing, greeting_bytes=greeting,
-                    pipeline=args.pipeline, rate=args.rate, reply_prefix=args.reply_prefix.encode(),
-                    verify=not args.no_verify, timeout=args.timeout, unix_path=args.unix_path)
+    if args.compare:
+        return run_compare(args)
+    spec = _load_spec(args)
     show = not args.json and sys.stderr.isatty()
     with live_progress(spec.warmup + spec.duration, "bench", enabled=show) as on_progress:
         report = run_load(spec, args.processes, on_progress=on_progress)
@@ -175,6 +183,51 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         render(report)
     return 0 if report.requests and not report.error_total else 1
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from .loadtest.compare import available_servers, compare
+    from .loadtest.report import render_comparison
+    from .loadtest.summary import recommend, write_chart, write_json
+
+    spec = _load_spec(args)
+    engines = args.engines.split(",") if args.engines else list(ENGINES)
+    servers = available_servers(engines)
+    if args.references:
+        wanted = [] if args.references == "none" else args.references.split(",")
+        servers = [s for s in servers if s.startswith("muxpool:") or s in wanted]
+    title = (f"{args.app or args.workload}: {spec.connections} connections, {spec.size}-byte "
+             f"{spec.framing} messages, {spec.duration:g} s x {args.repeat}")
+    print(f"comparing {', '.join(servers)} ({title})", file=sys.stderr)
+    rows = compare(servers, spec, workload=args.workload, app=args.app, repeat=args.repeat,
+                   processes=args.processes, workers=args.workers,
+                   on_row=lambda row: print(f"  {row.server}: {row.median_rps():,.0f} requests/s"
+                                            + (f" FAILED {row.failure}" if row.failure else ""),
+                                            file=sys.stderr))
+    render_comparison(rows, title)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = (args.app or args.workload).replace(":", "-").replace("/", "-")
+    write_json(rows, out / f"compare-{stem}.json", {"title": title, "command": " ".join(sys.argv)})
+    charted = write_chart(rows, out / f"compare-{stem}.png", title)
+    print(f"wrote {out / f'compare-{stem}.json'}" + (f" and {out / f'compare-{stem}.png'}" if charted else
+          " (no chart: pip install 'muxpool[bench]' for matplotlib)"))
+    print(recommend(rows, args.app or args.workload))
+    return 0 if all(row.reports and not row.errors for row in rows) else 1
+
+
+def _load_spec(args: argparse.Namespace):
+    from .loadtest import LoadSpec
+
+    host, port = parse_address(args.address)
+    greeting = args.greeting_bytes if args.greeting_bytes == "auto" else int(args.greeting_bytes)
+    spec = LoadSpec(host=host, port=port, connections=args.connections, duration=args.duration,
+                    warmup=args.warmup, size=args.size, framing=args.framing, greeting_bytes=greeting,
+                    pipeline=args.pipeline, rate=args.rate, reply_prefix=args.reply_prefix.encode(),
+                    verify=not args.no_verify, timeout=args.timeout, unix_path=args.unix_path)
+    return spec
 
 
 def build_parser() -> argparse.ArgumentParser:

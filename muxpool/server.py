@@ -27,12 +27,14 @@ import time
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .compat import RequestHandlerConnection, is_request_handler
 from .connection import Connection, _call_connect
 from .engines import load_engine
 from .framing import DEFAULT_MAX_MESSAGE_SIZE, make_framer
 from .handlers import EchoService, resolve_handler
 from .multiplexer import EVENT_READ, Multiplexer
 from .stats import ServerStats
+from .stream import StreamConnection
 
 log = logging.getLogger("muxpool.server")
 
@@ -101,9 +103,16 @@ class Server:
             raise TypeError(f"unknown server option(s): {', '.join(sorted(unknown))}")
         self.config = config = ServerConfig(**options)
         self.app = app if app is not None else EchoService()
-        self.new_session = resolve_handler(self.app)
         self.engine = load_engine(config.engine)(config)
-        self.engine.check_app(self.app)
+        self.request_handler = is_request_handler(self.app)
+        if self.request_handler:
+            if not self.engine.can_block:
+                raise ValueError(
+                    f"the {config.engine} engine runs handlers on its event loop, which must never "
+                    f"block, and {self.app.__qualname__} is a socketserver handler that blocks on its "
+                    "socket: use engine threadpool, threaded, prefork or gevent")
+        else:
+            self.new_session = resolve_handler(self.app)
         # One stateless encoder for every reply: what we send is not bound by
         # the limit on what we accept.
         self.encoder = make_framer(config.framing, _MAX_ENCODED)
@@ -130,6 +139,13 @@ class Server:
     def address(self) -> Any:
         """Where the server listens: ``(host, port)`` or a Unix socket path."""
         return self._address
+
+    # socketserver's names, for handlers that read self.server.server_address
+    server_address = address
+
+    @property
+    def socket(self) -> socket.socket:
+        return self.listener
 
     def serve_forever(self) -> None:
         self.engine.start(self)
@@ -247,13 +263,27 @@ class Server:
         sock.setblocking(False)
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = Connection(self, sock, peer or self.config.unix_path, next(self._ids))
+        peer = peer or self.config.unix_path
+        if self.request_handler or self.engine.per_connection:
+            kind = RequestHandlerConnection if self.request_handler else StreamConnection
+            stream = kind(self, sock, peer, next(self._ids))
+            self.connections[id(stream)] = stream
+            self.stats.connections_total += 1
+            self.engine.spawn(stream.serve, f"muxpool-conn-{stream.id}")
+            return
+        conn = Connection(self, sock, peer, next(self._ids))
         self.connections[id(conn)] = conn
         self.stats.connections_total += 1
         conn.update_interest()
         if self.config.idle_timeout:
             conn.idle_timer = self.mux.call_later(self.config.idle_timeout, lambda: self._check_idle(conn))
         conn.dispatch(_call_connect, None)
+
+    def forget_from_any_thread(self, conn) -> None:
+        if self.mux.in_loop_thread():
+            self.forget(conn)
+        else:
+            self.mux.defer(lambda: self.forget(conn))
 
     def forget(self, conn: Connection) -> None:
         """A connection's socket closed: free its slot, resume accepting."""

@@ -31,7 +31,7 @@ from muxpool import Client, ConnectionBroken, Server, make_framer
 
 pytestmark = pytest.mark.timeout(60)
 
-ENGINES = ["loop", "threadpool"]
+ENGINES = ["loop", "threadpool", "threaded"]
 FRAMINGS = ["raw", "line", "length"]
 
 GREETING = server_apps.GREETING

@@ -4,10 +4,15 @@ Each engine is a small module found through :data:`ENGINES` and imported on
 first use, so ``import muxpool`` never pulls in an optional dependency. An
 engine class takes the :class:`~muxpool.server.ServerConfig` and provides:
 
-* ``check_app(app)`` — refuse a handler it cannot run, with a clear message;
+* ``can_block`` — may a handler block? (``loop``: no; it refuses
+  socketserver handlers with a clear message);
+* ``per_connection`` — does each connection get its own thread or greenlet
+  (``threaded``, ``gevent``), or do messages go through the loop?
 * ``start(server)`` / ``stop()`` — set up and tear down (pools, processes);
-* ``run(conn, fn, arg)`` — run ``fn(conn, arg)`` somewhere, then call
-  ``server.handler_done(conn, ok, value, elapsed)`` on the loop thread;
+* ``run(conn, fn, arg)`` — message engines: run ``fn(conn, arg)`` somewhere,
+  then call ``server.handler_done(conn, ok, value, elapsed)`` on the loop thread;
+* ``spawn(fn, name)`` and ``make_lock()`` — engines that can block: run a
+  whole connection (``fn``) on its own thread, greenlet or pool thread;
 * ``idle()`` — no call in flight; ``queue_depth()``; ``describe()`` for logs.
 
 Calls for one connection never overlap: the connection queues the next one
@@ -21,6 +26,8 @@ import importlib
 ENGINES = {
     "loop": "muxpool.engines.loop:LoopEngine",
     "threadpool": "muxpool.engines.threadpool:ThreadPoolEngine",
+    "threaded": "muxpool.engines.threaded:ThreadedEngine",
+    "gevent": "muxpool.engines.gevent:GeventEngine",
 }
 
 DEFAULT_ENGINE = "threadpool"

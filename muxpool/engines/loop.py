@@ -12,14 +12,13 @@ import time
 
 class LoopEngine:
     name = "loop"
+    per_connection = False  # messages run on the loop, connections stay on it
+    can_block = False
     inline = True  # connections may call the handler directly (Connection.handle_inline)
 
     def __init__(self, config):
         self.config = config
         self._server = None
-
-    def check_app(self, app) -> None:
-        pass
 
     def start(self, server) -> None:
         self._server = server

@@ -9,6 +9,7 @@ cost ``workers`` threads, not 5,000. Results come back to the loop through
 
 from __future__ import annotations
 
+import threading
 import time
 
 from ..pools import ThreadPool
@@ -18,6 +19,8 @@ DEFAULT_WORKERS = 32
 
 class ThreadPoolEngine:
     name = "threadpool"
+    per_connection = False
+    can_block = True
 
     def __init__(self, config, pool=None):
         self.config = config
@@ -26,9 +29,6 @@ class ThreadPoolEngine:
         self._owns_pool = pool is None
         self._server = None
         self._in_flight = 0
-
-    def check_app(self, app) -> None:
-        pass
 
     def start(self, server) -> None:
         self._server = server
@@ -62,6 +62,13 @@ class ThreadPoolEngine:
     def _done(self, conn, ok, value, elapsed) -> None:
         self._in_flight -= 1
         self._server.handler_done(conn, ok, value, elapsed)
+
+    def spawn(self, fn, name: str) -> None:
+        """Run a whole connection (a socketserver handler) on one pool thread."""
+        self._pool.run(fn)
+
+    def make_lock(self):
+        return threading.Lock()
 
     def idle(self) -> bool:
         return self._in_flight == 0

@@ -48,3 +48,33 @@ def render(report: Report) -> None:
     if report.generator_cpu >= SATURATED:
         note += " — [bold red]saturated: the server may be faster than these figures[/]"
     console.print(note)
+
+
+def render_comparison(rows, title: str) -> None:
+    """Print a comparison's table: median and spread for each server."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=title)
+    for column in ("server", "requests/s", "spread", "p99 ms", "req/server CPU-s", "errors"):
+        table.add_column(column, justify="left" if column == "server" else "right", no_wrap=True)
+    for row in rows:
+        if row.failure:
+            table.add_row(row.server, "failed", "", "", "", "")
+            continue
+        rps = row.rps
+        cpu = row.median_per_cpu_second()
+        table.add_row(row.server, f"{row.median_rps():,.0f}", f"{min(rps):,.0f}–{max(rps):,.0f}",
+                      f"{row.median_p99():.2f}", f"{cpu:,.0f}" if cpu else "–", str(row.errors))
+    console.print(table)
+    console.print("requests/s: median of the runs; spread: min–max. Pinning: "
+                  + "; ".join(sorted({f"{row.pinned}" + (" (prefork)" if "prefork" in row.server else "")
+                                      for row in rows})))
+    for row in rows:
+        if row.failure:
+            console.print(f"[red]{row.server} failed:[/] {row.failure}")
+    if any(r.saturated for row in rows for r in row.reports):
+        console.print("[bold yellow]note:[/] the generator used >90% of its CPU in some runs: "
+                      "servers faster than it look alike in requests/s; compare the "
+                      "requests per server CPU-second column there.")

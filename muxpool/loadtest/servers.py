@@ -159,6 +159,18 @@ def serve_muxpool(engine: str, port: int, framing: str, app: Any, workers: int |
           idle_timeout=None)
 
 
+def raise_fd_limit() -> None:
+    """Lift the soft open-files limit to the hard one, so thousands of clients fit."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m muxpool.loadtest.servers")
     parser.add_argument("name", help="muxpool:<engine>, asyncio, uvloop, gevent or socketserver")
@@ -168,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--app", help="module:attr instead of a workload")
     parser.add_argument("--workers", type=int, help="handler threads (muxpool threadpool)")
     args = parser.parse_args(argv)
+    raise_fd_limit()
     if args.name == "gevent":
         from gevent import monkey
 

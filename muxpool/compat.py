@@ -1,0 +1,39 @@
+"""Run ``socketserver.BaseRequestHandler`` subclasses unchanged.
+
+A socketserver handler owns its connection for its whole life: it reads and
+writes a blocking socket (``self.request``, or ``rfile``/``wfile`` for a
+``StreamRequestHandler``). So it runs on an engine that may block, with the
+real socket handed over: a thread per connection (``threaded``), a pool
+thread per connection (``threadpool``: at most ``workers`` at once, the rest
+wait their turn), or a greenlet (``gevent``). ``self.server`` is the muxpool
+``Server``, which also answers ``server_address`` and ``socket`` as
+socketserver's does; ``setup()``, ``handle()`` and ``finish()`` run as in the
+standard library. Framing, ``max_message_size`` and ``handler_timeout`` do not
+apply: the handler reads the bytes itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import socketserver
+from typing import Any
+
+from .stream import StreamConnection
+
+log = logging.getLogger("muxpool.server")
+
+
+def is_request_handler(app: Any) -> bool:
+    return isinstance(app, type) and issubclass(app, socketserver.BaseRequestHandler)
+
+
+class RequestHandlerConnection(StreamConnection):
+    """One socketserver handler instance on its own connection."""
+
+    def prepare_socket(self) -> None:
+        self.sock.setblocking(True)
+        self.sock.settimeout(self.server.config.idle_timeout)
+
+    def run(self) -> None:
+        # BaseRequestHandler.__init__ runs setup(), handle() and finish().
+        self.server.app(self.sock, self.peer, self.server)

@@ -1,0 +1,71 @@
+"""A comparison's outputs: JSON, a PNG chart, and a recommendation in words."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import platform
+import os
+import time
+
+from .compare import Row
+
+
+def machine() -> str:
+    return (f"{os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
+            f"{platform.python_implementation()} {platform.python_version()}")
+
+
+def write_json(rows: list[Row], path: pathlib.Path, meta: dict) -> None:
+    data = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **meta,
+            "servers": [row.as_dict() for row in rows]}
+    path.write_text(json.dumps(data, indent=2))
+
+
+def write_chart(rows: list[Row], path: pathlib.Path, title: str) -> bool:
+    """Requests/s (median, min–max whiskers) and p99 for each server. False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in rows if r.reports]
+    names = [r.server.replace("muxpool:", "muxpool\n") for r in ok]
+    medians = [r.median_rps() for r in ok]
+    low = [m - min(r.rps) for m, r in zip(medians, ok)]
+    high = [max(r.rps) - m for m, r in zip(medians, ok)]
+    colors = ["#2b7bba" if r.server.startswith("muxpool:") else "#999999" for r in ok]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax1.bar(names, medians, yerr=[low, high], color=colors, capsize=4)
+    ax1.set_title("requests/s (median, min–max)")
+    ax2.bar(names, [r.median_p99() for r in ok], color=colors)
+    ax2.set_title("p99 latency, ms (median)")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def recommend(rows: list[Row], workload: str) -> str:
+    """Which muxpool engine to pick for this workload, from the figures."""
+    ours = [r for r in rows if r.server.startswith("muxpool:") and r.reports and not r.errors]
+    if not ours:
+        return "No muxpool engine completed without errors: no recommendation."
+    best = max(ours, key=Row.median_rps)
+    text = (f"For this workload ({workload}), use --engine {best.server.split(':', 1)[1]}: "
+            f"{best.median_rps():,.0f} requests/s")
+    others = sorted((r for r in ours if r is not best), key=Row.median_rps, reverse=True)
+    if others:
+        text += ", " + ", ".join(f"{best.median_rps() / max(1.0, r.median_rps()):.2f}x "
+                                 f"{r.server.split(':', 1)[1]}" for r in others)
+    refs = [r for r in rows if not r.server.startswith("muxpool:") and r.reports]
+    if refs:
+        ref = max(refs, key=Row.median_rps)
+        text += f"; the fastest reference server, {ref.server}, does {ref.median_rps():,.0f}"
+    return text + "."

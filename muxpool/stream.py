@@ -1,0 +1,197 @@
+"""A connection served by one thread or greenlet on a blocking socket.
+
+The ``threaded`` and ``gevent`` engines give each connection its own flow of
+control: read, frame, call the handler, write, in a loop — the model of
+``socketserver``'s ``ThreadingMixIn`` and of gevent's ``StreamServer``. The
+server's loop still accepts, counts and drains connections; only the
+connection's own I/O moves here.
+
+Options map onto the blocking model: ``idle_timeout`` is the socket's read
+timeout; ``write_timeout`` bounds each blocked write; ``write_high_water``
+sizes the kernel send buffer (a handler that writes to a client that does not
+read simply blocks, so memory cannot grow); ``handler_timeout`` can only be
+checked when the handler returns (a thread cannot be interrupted), and the
+connection is then closed.
+
+Drain: ``close_when_done`` shuts the socket's read side, so the blocked
+``recv`` returns and the loop ends after the messages already read.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConnectionClosed, ProtocolError
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("muxpool.server")
+
+READ_SIZE = 65536
+
+
+class StreamConnection:
+    """What a handler sees as ``conn`` on the thread- and greenlet-per-connection engines."""
+
+    idle_timer = write_timer = handler_timer = None  # the loop's timers do not apply here
+    outbuf = b""  # replies go straight to the kernel: no buffer in user space
+
+    def __init__(self, server: "Server", sock: socket.socket, peer: Any, conn_id: int):
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.id = conn_id
+        self.closing = False
+        self.closed = False
+        self._send_lock = server.engine.make_lock()
+        self._calls = 0  # handler calls started; a handler_timeout timer checks it
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id} {self.peer}>"
+
+    # --- for handlers --------------------------------------------------------
+
+    def send(self, message: bytes) -> None:
+        """Frame and send ``message`` now (blocking); ``ConnectionClosed`` once closed."""
+        if self.closed:
+            raise ConnectionClosed(f"connection {self.peer} is closed")
+        self._write(self.server.encoder.encode(message))
+
+    def close(self) -> None:
+        """Read no more; the reply in progress is still sent, then the socket closes."""
+        self.close_when_done()
+
+    # --- for the server (any thread) ----------------------------------------------
+
+    def close_when_done(self, drop_backlog: bool = False) -> None:
+        if self.closing or self.closed:
+            return
+        self.closing = True
+        try:
+            self.sock.shutdown(socket.SHUT_RD)  # wakes a blocked recv with EOF
+        except OSError:
+            pass
+
+    def abort(self, error: BaseException | None) -> None:
+        if self.closed:
+            return
+        self.closing = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # --- the connection's own thread or greenlet ------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        config = self.server.config
+        with self._send_lock:
+            self.sock.settimeout(config.write_timeout)
+            try:
+                self.sock.sendall(data)
+            except socket.timeout:
+                log.warning("closing %s: reply blocked for %s s (write_timeout)", self.peer,
+                            config.write_timeout)
+                raise
+
+    def prepare_socket(self) -> None:
+        self.sock.setblocking(True)
+        high_water = self.server.config.write_high_water
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, high_water)
+        except OSError:
+            pass
+
+    def serve(self) -> None:
+        """Run the connection to its end; always closes the socket and reports it."""
+        error: BaseException | None = None
+        self.server.in_handler.active = True  # this thread serves handlers only
+        try:
+            self.prepare_socket()
+            self.run()
+        except (OSError, ProtocolError, ConnectionClosed) as exc:
+            error = exc
+            if not self.closing:
+                log.info("connection %s ended: %s", self.peer, exc)
+        except Exception as exc:  # a handler's: logged with the peer, the server goes on
+            error = exc
+            log.error("handler failed for %s", self.peer, exc_info=exc)
+        finally:
+            self.finish(error)
+
+    def run(self) -> None:
+        server = self.server
+        self.session = session = server.new_session()
+        framer = server.new_framer()
+        encode = server.encoder.encode
+        config = server.config
+        greeting = self._timed(session.on_connect, self)
+        if greeting is not None:
+            self._write(encode(greeting))
+        while not self.closing:
+            self.sock.settimeout(config.idle_timeout)
+            try:
+                data = self.sock.recv(READ_SIZE)
+            except socket.timeout:
+                log.info("closing %s: idle for %s s (idle_timeout)", self.peer, config.idle_timeout)
+                return
+            try:
+                messages = framer.feed(data)
+            except ProtocolError as exc:
+                if not self.closing or data:
+                    log.warning("closing %s: %s", self.peer, exc)
+                return
+            for message in messages:
+                reply = self._timed(session.on_message, self, message)
+                if reply is not None:
+                    self._write(encode(reply))
+            if framer.pending_error is not None:
+                log.warning("closing %s: %s", self.peer, framer.pending_error)
+                return
+            if not data:
+                return
+
+    def _timed(self, fn, *args):
+        limit = self.server.config.handler_timeout
+        if not limit:
+            return fn(*args)
+        # A thread cannot be interrupted: the loop closes the socket when time
+        # is up, so the client learns at once; the handler's reply is dropped.
+        self._calls += 1
+        call = self._calls
+        mux = self.server.mux
+        mux.defer(lambda: mux.call_later(limit, lambda: self._overdue(call, limit)))
+        started = time.perf_counter()
+        try:
+            result = fn(*args)
+        finally:
+            self._calls += 1
+        elapsed = time.perf_counter() - started
+        if elapsed > limit:
+            log.error("handler for %s took %.3f s, over handler_timeout=%s s; closing it",
+                      self.peer, elapsed, limit)
+            raise ConnectionClosed(f"handler_timeout={limit} s exceeded")
+        return result
+
+    def _overdue(self, call: int, limit: float) -> None:
+        if self._calls == call and not self.closed:
+            log.error("handler for %s exceeded handler_timeout=%s s; closing it", self.peer, limit)
+            self.abort(None)
+
+    def finish(self, error: BaseException | None) -> None:
+        self.closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        session = getattr(self, "session", None)
+        if session is not None:
+            try:
+                session.on_disconnect(self, error)
+            except Exception:
+                log.exception("on_disconnect failed for %s", self.peer)
+        self.server.forget_from_any_thread(self)
