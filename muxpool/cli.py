@@ -88,6 +88,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from .handlers import load_app
     from .server import serve
 
+    if args.engine == "gevent":
+        from .engines import patch_for_gevent
+
+        patch_for_gevent()  # first: before the app's module imports socket or threading
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     app = load_app(args.app) if args.app else None
     options = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}

@@ -114,9 +114,11 @@ class StreamConnection:
             self.prepare_socket()
             self.run()
         except (OSError, ProtocolError, ConnectionClosed) as exc:
-            error = exc
+            # When we closed it (drain, close()), the blocked read's error is
+            # our own doing: gevent raises where a thread's recv returns b"".
+            error = None if self.closing else exc
             if not self.closing:
-                log.info("connection %s ended: %s", self.peer, exc)
+                log.debug("connection %s ended: %s", self.peer, exc)
         except Exception as exc:  # a handler's: logged with the peer, the server goes on
             error = exc
             log.error("handler failed for %s", self.peer, exc_info=exc)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import resource
 import selectors
 import socket
@@ -31,7 +32,10 @@ from muxpool import Client, ConnectionBroken, Server, make_framer
 
 pytestmark = pytest.mark.timeout(60)
 
-ENGINES = ["loop", "threadpool", "threaded"]
+# The gevent engine needs a monkey-patched process: test_engines.py runs this
+# same suite in a patched subprocess with MUXPOOL_GEVENT_SUITE=1.
+GEVENT_SUITE = os.environ.get("MUXPOOL_GEVENT_SUITE") == "1"
+ENGINES = ["gevent"] if GEVENT_SUITE else ["loop", "threadpool", "threaded"]
 FRAMINGS = ["raw", "line", "length"]
 
 GREETING = server_apps.GREETING

@@ -41,3 +41,15 @@ def load_engine(name: str):
         raise ValueError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}") from None
     module_name, _, attr = target.partition(":")
     return getattr(importlib.import_module(module_name), attr)
+
+
+def patch_for_gevent() -> None:
+    """Monkey-patch the standard library for the gevent engine, with a clear
+    error when gevent is missing."""
+    try:
+        from gevent import monkey
+    except ImportError as exc:
+        from ..errors import MissingDependency
+
+        raise MissingDependency("the gevent engine", "gevent") from exc
+    monkey.patch_all()

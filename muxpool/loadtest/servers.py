@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, help="handler threads (muxpool threadpool)")
     args = parser.parse_args(argv)
     raise_fd_limit()
-    if args.name == "gevent":
+    if args.name in ("gevent", "muxpool:gevent"):
         from gevent import monkey
 
         monkey.patch_all()  # before the app is imported, so its blocking calls cooperate
