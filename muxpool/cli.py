@@ -26,6 +26,8 @@ _HELP = {
     "engine": "where handlers run (default threadpool: safe for any handler)",
     "framing": "raw (each received chunk is a message), line, or length (4-byte prefix)",
     "workers": "handler threads for the threadpool engine (default 32)",
+    "processes": "worker processes for the prefork engine (default: the number of cores)",
+    "worker_engine": "engine inside each prefork worker: loop, threadpool or threaded",
     "max_connections": "connections served at once; the rest wait in the backlog",
     "idle_timeout": "close a connection silent this many seconds (0: never)",
     "max_message_size": "largest message in bytes; larger closes the connection",
@@ -70,13 +72,15 @@ def add_serve(commands) -> None:
             continue
         kind = _flag_type(field.default)
         if field.default is None:
-            kind = {"workers": int, "unix_path": str}.get(field.name, float)
+            kind = {"workers": int, "processes": int, "unix_path": str}.get(field.name, float)
         if field.name in ("idle_timeout", "write_timeout", "handler_timeout", "stats_interval"):
             kind = _optional_number(float)
         kwargs: dict[str, Any] = {"dest": field.name, "type": kind, "default": field.default,
                                   "help": _HELP[field.name]}
         if field.name == "engine":
             kwargs["choices"] = list(ENGINES)
+        if field.name == "worker_engine":
+            kwargs["choices"] = ["loop", "threadpool", "threaded"]
         if field.name == "framing":
             kwargs["choices"] = list(FRAMERS)
         parser.add_argument(flag, **kwargs)

@@ -136,6 +136,7 @@ class Connection:
             self.eof = True
             self.update_interest()
         if server.inline and not self.busy:
+            server.stats.messages_total += len(messages)
             self.handle_inline(messages)
         else:
             for message in messages:

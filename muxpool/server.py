@@ -54,6 +54,8 @@ class ServerConfig:
     engine: str = "threadpool"
     framing: str = "raw"
     workers: int | None = None
+    processes: int | None = None
+    worker_engine: str = "threadpool"
     max_connections: int = 10_000
     idle_timeout: float | None = 300.0
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
@@ -97,7 +99,7 @@ class Server:
     manager: ``with Server(...).start() as srv:``.
     """
 
-    def __init__(self, app: Any = None, **options: Any):
+    def __init__(self, app: Any = None, *, listener: socket.socket | None = None, **options: Any):
         unknown = set(options) - set(ServerConfig.names())
         if unknown:
             raise TypeError(f"unknown server option(s): {', '.join(sorted(unknown))}")
@@ -122,7 +124,8 @@ class Server:
         self.inline = (getattr(self.engine, "inline", False) and not config.handler_timeout
                        and not config.stats_interval)
         self.mux = Multiplexer()
-        self.listener = make_listener(config)
+        # A prefork worker serves the socket its parent bound and handed down.
+        self.listener = listener if listener is not None else make_listener(config)
         self._address = self.listener.getsockname()
         self.stats = ServerStats()
         self.connections: dict[int, Connection] = {}
@@ -148,6 +151,9 @@ class Server:
         return self.listener
 
     def serve_forever(self) -> None:
+        if getattr(self.engine, "supervises", False):
+            self._supervise()
+            return
         self.engine.start(self)
         self._set_accepting(True)
         if self.config.stats_interval:
@@ -163,6 +169,20 @@ class Server:
             self.engine.stop()
             self.mux.close()
             log.info("muxpool stopped (%d connections served)", self.stats.connections_total)
+            self._stopped.set()
+
+    def _supervise(self) -> None:
+        """Engines that run whole servers in other processes (prefork)."""
+        log.info("muxpool serving %s on %s (engine=%s, %s, framing=%s)", _app_name(self.app),
+                 _format_address(self.address), self.config.engine, self.engine.describe(),
+                 self.config.framing)
+        self._serving.set()
+        try:
+            self.engine.supervise(self)
+        finally:
+            self.listener.close()
+            self.mux.close()
+            log.info("muxpool stopped")
             self._stopped.set()
 
     def start(self) -> "Server":
@@ -200,6 +220,9 @@ class Server:
         if self._draining:
             return
         self._draining = True
+        if getattr(self.engine, "supervises", False):
+            self.engine.drain()
+            return
         self._set_accepting(False)
         self.listener.close()
         if self.config.unix_path:
@@ -214,6 +237,9 @@ class Server:
             self.mux.stop()
 
     def _hard_stop(self) -> None:
+        if getattr(self.engine, "supervises", False):
+            self.engine.kill_all()
+            return
         if self.connections:
             log.warning("closing %d connections that did not finish in time", len(self.connections))
         self._close_everything()

@@ -18,6 +18,7 @@ promptly whatever the clients do. Use as a context manager::
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 
@@ -236,3 +237,27 @@ class StallingEchoServer(TestServer):
         while (message := self.recv_request(sock)) is not None:
             self._hold()
             self.reply(sock, PREFIX + message)
+
+
+class NeverReadsServer(TestServer):
+    """Greets, then never reads or answers: a server that hung. Whatever the
+    client sends piles up in the socket buffers until they are full."""
+
+    def serve(self, sock, index):
+        self.stopping.wait()
+
+
+class ResetsAfterFirstRequestServer(TestServer):
+    """Greets, reads one request, then resets the connection (RST: SO_LINGER 0)."""
+
+    def __init__(self, size: int = 64):
+        super().__init__(size)
+        self.resets = 0
+
+    def serve(self, sock, index):
+        if self.recv_request(sock) is None:
+            return
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with self.lock:
+            self.resets += 1
+        sock.close()

@@ -22,13 +22,16 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from muxpool import Server, make_framer
 from muxpool.loadtest import LoadSpec, Report, percentiles, run_load
+from muxpool.loadtest.generator import Generator
 
-from bench_servers import GREETING, CountedEchoServer, StallingEchoServer, WrongReplyServer
+from bench_servers import (GREETING, CountedEchoServer, NeverReadsServer, ResetsAfterFirstRequestServer,
+                           StallingEchoServer, WrongReplyServer)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -269,3 +272,93 @@ def test_report_as_dict_round_trips_through_json():
     rebuilt = LoadSpec(**{**data["spec"], "reply_prefix": data["spec"]["reply_prefix"].encode("latin-1")})
     assert rebuilt == spec
     assert dataclasses.asdict(rebuilt) == dataclasses.asdict(spec)
+
+
+# --- bugs found: each test states the behaviour muxpool should have, xfail until fixed ---------------
+
+
+def generator_in_thread(srv, spec: LoadSpec, deadline: float):
+    """Run one :class:`Generator` (what each ``run_load`` process runs) on a thread,
+    so a generator that hangs costs ``deadline`` seconds, not run_load's 30 s+.
+    Returns (finished within the deadline, its LoadResult). Stops ``srv`` on the way
+    out, which unblocks a generator stuck writing to it."""
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(result=Generator(spec).run()),
+                              name="bench-generator", daemon=True)
+    thread.start()
+    try:
+        thread.join(deadline)
+        finished = not thread.is_alive()
+    finally:
+        srv.stop()
+        thread.join(10)
+    assert not thread.is_alive(), "the generator did not stop even after its server did"
+    return finished, box.get("result")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.xfail(strict=True, reason="muxpool bug: Generator._finish_send blocks in sendall() "
+                   "with no timeout when a send is partial, so a server that stops reading hangs the "
+                   "generator past its duration (run_load then raises 'died or hung' after 30+ s)")
+def test_open_loop_against_a_server_that_stops_reading_ends_on_time():
+    """Open loop exists to measure stalled servers; one that stops reading fills the
+    socket buffers (64 KiB requests at 2000/s), a send goes through only partly,
+    and the generator must still stop at the end of its duration (the stalled
+    requests are its timeouts), not wait for the server forever."""
+    srv = NeverReadsServer().start()
+    try:
+        spec = spec_for(srv.port, connections=1, duration=0.5, timeout=0.5, size=64 << 10, rate=2000.0)
+        finished, _ = generator_in_thread(srv, spec, deadline=spec.duration + spec.timeout + 2.0)
+    finally:
+        srv.stop()
+    assert finished, "the generator was still running 2 s after its duration and timeout"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.xfail(strict=True, reason="muxpool bug: a full send buffer (BlockingIOError from send) "
+                   "fails the connection as 'socket_error', and run()'s pipeline fill keeps sending on "
+                   "the closed socket, adding one more error per request (~75,000 errors for 2 connections)")
+def test_a_full_send_buffer_is_backpressure_not_an_error_per_request():
+    """Closed loop with a deep pipeline against a server that never reads: the
+    requests that do not fit must wait (and time out), not fail the connection,
+    and a connection never counts more than one error."""
+    srv = NeverReadsServer().start()
+    try:
+        spec = spec_for(srv.port, connections=2, duration=1.0, timeout=0.5, pipeline=100_000)
+        finished, result = generator_in_thread(srv, spec, deadline=spec.duration + spec.timeout + 2.0)
+    finally:
+        srv.stop()
+    assert finished
+    assert "socket_error" not in result.errors, dict(result.errors)
+    assert sum(result.errors.values()) <= spec.connections, dict(result.errors)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.xfail(strict=True, reason="muxpool bug: Generator._send_due keeps a stale list of "
+                   "connections, so after a send fails mid-batch it sends again on the closed socket "
+                   "and counts a 'socket_error' for each request still due")
+def test_open_loop_counts_a_reset_connection_once():
+    """The server resets the one connection after its first request; at a rate the
+    generator cannot keep up with (so requests leave in batches), that is one
+    "reset", not one error per request that was due."""
+    with ResetsAfterFirstRequestServer() as srv:
+        report = run_load(spec_for(srv.port, connections=1, duration=0.3, rate=1e6), processes=1)
+        assert srv.resets == 1
+    assert report.errors.get("reset", 0) + report.errors.get("closed", 0) == 1, report.errors
+    assert report.error_total == 1, report.errors
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.xfail(strict=True, reason="muxpool bug: requests still unanswered when the run ends are "
+                   "dropped, neither latencies nor errors, so open loop does not show a stall that "
+                   "lasts to the end of the run (p99 ~1 ms, no errors, with 40% of requests unanswered)")
+def test_open_loop_shows_a_stall_that_lasts_to_the_end_of_the_run():
+    """The generator's docstring: "a stalled server cannot hide its stall". Here the
+    server stops answering 1.5 s into a 2.5 s run at 200/s: ~200 requests (40%) are
+    outstanding for up to 1 s at the end. They must show, as latency (at least the
+    time they have waited) or as errors; today the report is p99 ~1 ms, no errors."""
+    with StallingEchoServer(stall_after=1.5, stall_for=3.0) as srv:
+        report = run_load(spec_for(srv.port, connections=4, duration=2.5, rate=200.0), processes=1)
+        assert srv.stalled_at is not None
+    assert report.requests < 0.8 * 200 * 2.5, report.requests  # the stall did cut the replies
+    assert report.latency_ms["max"] >= 500 or report.error_total > 0, (report.latency_ms, report.errors)

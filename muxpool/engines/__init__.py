@@ -28,6 +28,7 @@ ENGINES = {
     "threadpool": "muxpool.engines.threadpool:ThreadPoolEngine",
     "threaded": "muxpool.engines.threaded:ThreadedEngine",
     "gevent": "muxpool.engines.gevent:GeventEngine",
+    "prefork": "muxpool.engines.prefork:PreforkEngine",
 }
 
 DEFAULT_ENGINE = "threadpool"

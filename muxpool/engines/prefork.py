@@ -1,0 +1,249 @@
+"""``prefork``: N worker processes share the listening socket (gunicorn's arbiter).
+
+For CPU-bound handlers: each worker is a whole process with its own GIL, so
+N workers use N cores. The parent binds, forks ``processes`` workers (default:
+the number of cores), and from then on only supervises — boring and explicit:
+
+* each worker serves the inherited listening socket with the ``loop`` or
+  ``threadpool`` engine (``worker_engine``); the kernel hands each new
+  connection to one of them;
+* a worker that dies is reaped and replaced; one that keeps dying young is
+  replaced after a growing back-off, so a crash loop cannot spin;
+* SIGTERM/SIGINT (or ``shutdown()``): every worker drains, then the parent
+  exits; a second signal kills the workers at once;
+* SIGHUP (or ``reload()``): workers are replaced one by one — a new one is up
+  before an old one is asked to drain — and the listening socket never closes;
+* stats: each worker writes its counters into a shared ``RawArray`` (the
+  lesson's ``multiprocessing.Array``), which the parent sums.
+
+The supervisor runs on the server's multiplexer: each worker's exit arrives
+as a readable pidfd (Linux), so no SIGCHLD handler is needed and the parent
+may supervise from any thread; SIGHUP is hooked when it runs on the main
+thread. The supervisor starts no thread of its own, so forking stays safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import replace
+from multiprocessing.sharedctypes import RawArray
+
+from ..multiplexer import EVENT_READ
+
+log = logging.getLogger("muxpool.server")
+
+_FIELDS = 2  # per worker slot: connections served, messages handled
+_YOUNG = 1.0  # seconds: a worker dying younger than this counts toward back-off
+_MAX_BACKOFF = 5.0
+
+
+class _Worker:
+    __slots__ = ("pid", "slot", "started", "retiring", "pidfd")
+
+    def __init__(self, pid: int, slot: int):
+        self.pid = pid
+        self.slot = slot
+        self.started = time.monotonic()
+        self.retiring = False
+        self.pidfd = os.pidfd_open(pid)
+
+
+class PreforkEngine:
+    name = "prefork"
+    per_connection = False
+    can_block = True
+    supervises = True
+
+    def __init__(self, config):
+        if config.worker_engine not in ("loop", "threadpool", "threaded"):
+            raise ValueError("prefork workers run the loop, threadpool or threaded engine, "
+                             f"not {config.worker_engine!r}")
+        self.config = config
+        self.processes = config.processes or os.cpu_count() or 1
+        self.workers: dict[int, _Worker] = {}
+        self.shared = RawArray("q", self.processes * 2 * _FIELDS)  # room for a rolling restart
+        self._free_slots = list(range(self.processes * 2))
+        self._draining = False
+        self._failures = 0
+        self._server = None
+        self._retired_totals = [0] * _FIELDS  # counters of workers that have exited
+
+    def describe(self) -> str:
+        return f"{self.processes} worker processes running {self.config.worker_engine}"
+
+    # --- the parent --------------------------------------------------------------
+
+    def supervise(self, server) -> None:
+        self._server = server
+        mux = server.mux
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: mux.defer(self.reload))
+        try:
+            for _ in range(self.processes):
+                self._spawn()
+            if self.config.stats_interval:
+                mux.call_later(self.config.stats_interval, self._report)
+            mux.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.kill_all()
+            self._reap()
+
+    def _spawn(self) -> None:
+        slot = self._free_slots.pop(0)
+        for field in range(_FIELDS):
+            self.shared[slot * _FIELDS + field] = 0
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns into the parent's code
+            code = 1
+            try:
+                self._run_worker(slot)
+                code = 0
+            except BaseException:
+                log.exception("prefork worker %d failed", os.getpid())
+            finally:
+                os._exit(code)
+        worker = self.workers[pid] = _Worker(pid, slot)
+        self._server.mux.register(worker.pidfd, EVENT_READ, lambda _mask: self._reap())
+        log.info("prefork worker %d started", pid)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            self._server.mux.unregister(worker.pidfd)
+            os.close(worker.pidfd)
+            for field in range(_FIELDS):
+                self._retired_totals[field] += self.shared[worker.slot * _FIELDS + field]
+            self._free_slots.append(worker.slot)
+            self._on_exit(worker, status)
+        if self._draining and not self.workers:
+            self._server.mux.stop()
+
+    def _on_exit(self, worker: _Worker, status: int) -> None:
+        if self._draining or worker.retiring:
+            log.info("prefork worker %d exited", worker.pid)
+            return
+        how = (f"killed by {signal.Signals(-os.waitstatus_to_exitcode(status)).name}"
+               if os.WIFSIGNALED(status) else f"exited with {os.waitstatus_to_exitcode(status)}")
+        young = time.monotonic() - worker.started < _YOUNG
+        self._failures = self._failures + 1 if young else 0
+        delay = min(_MAX_BACKOFF, 0.1 * 2 ** (self._failures - 1)) if self._failures else 0.0
+        log.warning("prefork worker %d %s; replacing it%s", worker.pid, how,
+                    f" in {delay:.1f} s" if delay else "")
+        if delay:
+            self._server.mux.call_later(delay, self._replace_missing)
+        else:
+            self._spawn()
+
+    def _replace_missing(self) -> None:
+        while not self._draining and sum(not w.retiring for w in self.workers.values()) < self.processes:
+            self._spawn()
+
+    def reload(self) -> None:
+        """SIGHUP: replace the workers one at a time; the socket stays open."""
+        old = [w for w in self.workers.values() if not w.retiring]
+        log.info("reloading %d prefork workers one by one", len(old))
+        self._replace_next(old)
+
+    def _replace_next(self, old: list[_Worker]) -> None:
+        if not old or self._draining:
+            return
+        worker = old.pop(0)
+        self._spawn()  # the new one accepts before the old one stops
+        worker.retiring = True
+        self._signal(worker.pid, signal.SIGTERM)
+        self._server.mux.call_later(0.2, lambda: self._replace_next(old))
+
+    def drain(self) -> None:
+        """SIGTERM: every worker finishes its in-flight messages; then we stop."""
+        if self._draining:
+            return
+        self._draining = True
+        for pid in list(self.workers):
+            self._signal(pid, signal.SIGTERM)
+        self._server.mux.call_later(self.config.drain_timeout + 2.0, self.kill_all)
+        self._reap()
+
+    def kill_all(self) -> None:
+        """A second signal, or drain overran: stop every worker now."""
+        self._draining = True
+        for pid in list(self.workers):
+            self._signal(pid, signal.SIGKILL)
+        if self._server is not None and not self.workers:
+            self._server.mux.stop()
+
+    @staticmethod
+    def _signal(pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def totals(self) -> tuple[int, int]:
+        """Connections served and messages handled by every worker, past and present."""
+        values = [0] * _FIELDS
+        for worker in self.workers.values():
+            for field in range(_FIELDS):
+                values[field] += self.shared[worker.slot * _FIELDS + field]
+        connections, messages = (v + r for v, r in zip(values, self._retired_totals))
+        return connections, messages
+
+    def _report(self) -> None:
+        connections, messages = self.totals()
+        log.info("prefork: %d workers, %d connections served, %d messages handled",
+                 len(self.workers), connections, messages)
+        self._server.mux.call_later(self.config.stats_interval, self._report)
+
+    # --- a worker ----------------------------------------------------------------------
+
+    def _run_worker(self, slot: int) -> None:
+        from ..server import Server
+
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides
+        parent = self._server
+        parent.mux.close()  # the parent's epoll and wakeup fds, inherited: not ours
+        for other in self.workers.values():
+            os.close(other.pidfd)
+        config = replace(self.config, engine=self.config.worker_engine, stats_interval=None)
+        worker = Server(parent.app, listener=parent.listener, **vars(config))
+        signal.signal(signal.SIGTERM, lambda *_: worker.shutdown(wait=False))
+        shared, base = self.shared, slot * _FIELDS
+
+        def publish():
+            shared[base] = worker.stats.connections_total
+            shared[base + 1] = worker.stats.messages_total
+            worker.mux.call_later(0.5, publish)
+
+        worker.mux.call_later(0.5, publish)
+        worker.serve_forever()
+        shared[base] = worker.stats.connections_total
+        shared[base + 1] = worker.stats.messages_total
+
+    # --- unused by a supervising engine, present for the interface --------------------
+
+    def start(self, server) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def idle(self) -> bool:
+        return True
+
+    def queue_depth(self) -> int:
+        return 0
