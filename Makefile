@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test bench bench-pools clean
+.PHONY: setup serve test bench bench-pools bench-idle clean
 
 setup: $(STAMP)
 
@@ -20,8 +20,14 @@ serve: setup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+bench: setup
+	$(BIN)/python benchmarks/engines.py
+
 bench-pools: setup
 	$(BIN)/python benchmarks/pools.py
+
+bench-idle: setup
+	$(BIN)/python benchmarks/idle_connections.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -69,3 +69,25 @@ def recommend(rows: list[Row], workload: str) -> str:
         ref = max(refs, key=Row.median_rps)
         text += f"; the fastest reference server, {ref.server}, does {ref.median_rps():,.0f}"
     return text + "."
+
+
+def markdown_table(rows: list[Row], anchor: str | None = None) -> str:
+    """The comparison as a markdown table; ``anchor`` adds a ratio column against that server."""
+    base = next((r.median_rps() for r in rows if r.server == anchor and r.reports), None)
+    head = "| server | requests/s (median) | spread (min–max) | p99 ms | requests per server CPU-s | errors |"
+    rule = "|---|---:|---:|---:|---:|---:|"
+    if base:
+        head += f" vs {anchor} |"
+        rule += "---:|"
+    lines = [head, rule]
+    for row in rows:
+        if not row.reports:
+            lines.append(f"| {row.server} | failed: {row.failure[:80]} | | | | |" + (" |" if base else ""))
+            continue
+        cpu = row.median_per_cpu_second()
+        line = (f"| {row.server} | {row.median_rps():,.0f} | {min(row.rps):,.0f}–{max(row.rps):,.0f} | "
+                f"{row.median_p99():.2f} | {f'{cpu:,.0f}' if cpu else '–'} | {row.errors} |")
+        if base:
+            line += f" {row.median_rps() / base:.2f}x |"
+        lines.append(line)
+    return "\n".join(lines)
