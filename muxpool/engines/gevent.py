@@ -30,12 +30,14 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingDependency("the gevent engine", "gevent") from exc
 
+from .base import Engine
+
 log = logging.getLogger("muxpool.server")
 
 HUB_BLOCKED_AFTER = 0.1  # seconds
 
 
-class GeventEngine:
+class GeventEngine(Engine):
     name = "gevent"
     per_connection = True
     can_block = True
@@ -46,7 +48,7 @@ class GeventEngine:
                 "the gevent engine needs the standard library monkey-patched before anything "
                 "imports socket or threading: run `muxpool serve module:app --engine gevent`, "
                 "or put `from gevent import monkey; monkey.patch_all()` first in your main module")
-        self.config = config
+        super().__init__(config)
         self._watchdog = None
 
     def start(self, server) -> None:
@@ -66,18 +68,7 @@ class GeventEngine:
                         event.blocking_time, where)
 
     def spawn(self, fn, name: str) -> None:
-        gevent.spawn(fn).name = name
-
-    def make_lock(self):
-        import threading  # patched: a cooperative lock
-
-        return threading.Lock()
-
-    def idle(self) -> bool:
-        return True
-
-    def queue_depth(self) -> int:
-        return 0
+        gevent.spawn(fn).name = name  # make_lock's threading.Lock is patched: cooperative
 
     def describe(self) -> str:
         return "a greenlet per connection"

@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import time
 
+from .base import Engine
 
-class LoopEngine:
+
+class LoopEngine(Engine):
     name = "loop"
     per_connection = False  # messages run on the loop, connections stay on it
     can_block = False
     inline = True  # connections may call the handler directly (Connection.handle_inline)
 
     def __init__(self, config):
-        self.config = config
+        super().__init__(config)
         self._server = None
 
     def start(self, server) -> None:
         self._server = server
-
-    def stop(self) -> None:
-        pass
 
     def run(self, conn, fn, arg) -> None:
         started = time.perf_counter()
@@ -34,12 +33,6 @@ class LoopEngine:
             self._server.handler_done(conn, False, exc, time.perf_counter() - started)
         else:
             self._server.handler_done(conn, True, value, time.perf_counter() - started)
-
-    def idle(self) -> bool:
-        return True
-
-    def queue_depth(self) -> int:
-        return 0
 
     def describe(self) -> str:
         return "handlers on the loop thread"

@@ -33,6 +33,7 @@ from dataclasses import replace
 from multiprocessing.sharedctypes import RawArray
 
 from ..multiplexer import EVENT_READ
+from .base import Engine
 
 log = logging.getLogger("muxpool.server")
 
@@ -52,7 +53,7 @@ class _Worker:
         self.pidfd = os.pidfd_open(pid)
 
 
-class PreforkEngine:
+class PreforkEngine(Engine):
     name = "prefork"
     per_connection = False
     can_block = True
@@ -233,17 +234,3 @@ class PreforkEngine:
         worker.serve_forever()
         shared[base] = worker.stats.connections_total
         shared[base + 1] = worker.stats.messages_total
-
-    # --- unused by a supervising engine, present for the interface --------------------
-
-    def start(self, server) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-    def idle(self) -> bool:
-        return True
-
-    def queue_depth(self) -> int:
-        return 0

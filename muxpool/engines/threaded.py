@@ -12,32 +12,18 @@ from __future__ import annotations
 
 import threading
 
+from .base import Engine
 
-class ThreadedEngine:
+
+class ThreadedEngine(Engine):
+    """Connection threads end with their connections; the server drains them."""
+
     name = "threaded"
     per_connection = True
     can_block = True
 
-    def __init__(self, config):
-        self.config = config
-
-    def start(self, server) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass  # connection threads end with their connections; the server drains them
-
     def spawn(self, fn, name: str) -> None:
         threading.Thread(target=fn, name=name, daemon=True).start()
-
-    def make_lock(self):
-        return threading.Lock()
-
-    def idle(self) -> bool:
-        return True
-
-    def queue_depth(self) -> int:
-        return 0
 
     def describe(self) -> str:
         return f"a thread per connection, at most {self.config.max_connections}"

@@ -9,22 +9,22 @@ cost ``workers`` threads, not 5,000. Results come back to the loop through
 
 from __future__ import annotations
 
-import threading
 import time
 
 from ..pools import ThreadPool
+from .base import Engine
 
 DEFAULT_WORKERS = 32
 
 
-class ThreadPoolEngine:
+class ThreadPoolEngine(Engine):
     name = "threadpool"
     per_connection = False
     can_block = True
 
     def __init__(self, config, pool=None):
         self.config = config
-        self.workers = config.workers or DEFAULT_WORKERS
+        self.threads = config.workers or DEFAULT_WORKERS
         self._pool = pool
         self._owns_pool = pool is None
         self._server = None
@@ -35,7 +35,7 @@ class ThreadPoolEngine:
         if self._pool is None:
             # Unbounded queue on purpose: the loop must never block on it, and
             # each connection has at most one call queued (see Connection).
-            self._pool = ThreadPool(self.workers, name="muxpool-handler")
+            self._pool = ThreadPool(self.threads, name="muxpool-handler")
 
     def stop(self) -> None:
         if self._owns_pool and self._pool is not None:
@@ -67,9 +67,6 @@ class ThreadPoolEngine:
         """Run a whole connection (a socketserver handler) on one pool thread."""
         self._pool.run(fn)
 
-    def make_lock(self):
-        return threading.Lock()
-
     def idle(self) -> bool:
         return self._in_flight == 0
 
@@ -77,4 +74,4 @@ class ThreadPoolEngine:
         return self._pool.stats().queued if self._pool is not None else 0
 
     def describe(self) -> str:
-        return f"{self.workers} handler threads"
+        return f"{self.threads} handler threads"

@@ -1,0 +1,34 @@
+"""What an engine does when it has nothing special to do."""
+
+from __future__ import annotations
+
+import threading
+
+
+class Engine:
+    """Defaults for the engine interface (see :mod:`muxpool.engines`)."""
+
+    name = "engine"
+    per_connection = False
+    can_block = True
+
+    def __init__(self, config):
+        self.config = config
+
+    def start(self, server) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def make_lock(self):
+        return threading.Lock()
+
+    def idle(self) -> bool:
+        return True
+
+    def queue_depth(self) -> int:
+        return 0
+
+    def describe(self) -> str:
+        return self.name
