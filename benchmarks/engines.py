@@ -58,10 +58,50 @@ def main() -> int:
         charted = write_chart(rows, DOCS / f"bench-{stem}.png", title)
         anchor = "asyncio" if workload == "echo" else "muxpool:loop"
         sections.append(_section(workload, connections, workers, what, rows, anchor, stem, charted))
+    sections.append(generator_capacity(args))
     elapsed = time.monotonic() - started
     _write_doc(sections, args, elapsed)
     print(f"wrote {DOCS / 'benchmarks.md'} in {elapsed:.0f} s", file=sys.stderr)
     return 0
+
+
+def generator_capacity(args) -> str:
+    """How fast the generator itself goes, against a small C echo server (built here with cc)."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    from muxpool.loadtest import run_load
+    from muxpool.loadtest.compare import free_port, stop_server, wait_until_listening
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return "## The generator's own ceiling\n\nNo C compiler here: not measured.\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        binary = os.path.join(tmp, "c_echo")
+        subprocess.run([compiler, "-O2", "-o", binary, str(ROOT / "benchmarks" / "c_echo.c")], check=True)
+        port = free_port()
+        server = subprocess.Popen([binary, str(port)], preexec_fn=lambda: os.sched_setaffinity(0, {0}),
+                                  stderr=subprocess.PIPE)
+        try:
+            wait_until_listening(port, server)
+            lines = []
+            for processes, cpus, label in ((1, [1], "1 process, pinned to CPU 1"),
+                                           (2, [0, 1], "2 processes, CPUs 0 and 1 (shared with the server)")):
+                rates = [run_load(LoadSpec(port=port, duration=args.duration, warmup=args.warmup),
+                                  processes, cpus=cpus) for _ in range(args.repeat)]
+                rps = sorted(r.rps for r in rates)
+                lines.append(f"| {label} | {rps[len(rps) // 2]:,.0f} | {rps[0]:,.0f}–{rps[-1]:,.0f} | "
+                             f"{max(r.generator_cpu for r in rates):.0%} | {sum(r.error_total for r in rates)} |")
+        finally:
+            stop_server(server)
+    return "\n".join([
+        "## The generator's own ceiling", "",
+        "`muxpool bench` against `benchmarks/c_echo.c` (a single-threaded C epoll server on CPU 0, "
+        "far faster than any Python server), 50 connections, 64-byte messages:", "",
+        "| generator | requests/s (median) | spread | generator CPU | errors |", "|---|---:|---:|---:|---:|",
+        *lines, ""])
 
 
 def _section(workload, connections, workers, what, rows, anchor, stem, charted) -> str:

@@ -101,3 +101,13 @@ def test_readme_example_runs(index, tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                             timeout=100, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+def test_no_unused_imports_or_undefined_names():
+    """pyflakes' checks (ruff F): dead imports and typos in names fail the build."""
+    pytest.importorskip("ruff")
+    from ruff.__main__ import find_ruff_bin
+
+    result = subprocess.run([find_ruff_bin(), "check", "--select", "F,E9", "--no-cache", "muxpool",
+                             "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout

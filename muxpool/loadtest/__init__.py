@@ -15,7 +15,7 @@ import dataclasses
 import multiprocessing
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from .generator import Generator, LoadResult, LoadSpec

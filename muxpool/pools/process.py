@@ -23,7 +23,6 @@ process that runs threads (ours always does) can deadlock the child.
 from __future__ import annotations
 
 import collections
-import fcntl
 import itertools
 import logging
 import multiprocessing
@@ -33,56 +32,15 @@ import selectors
 import threading
 import time
 from concurrent.futures import CancelledError
-from typing import Any
 
 from ..errors import PoolError, QueueFull, RemoteTraceback, SerializationError, TaskTimeout, WorkerCrashed
 from . import _procworker
+from ._worker_handle import Task, WorkerHandle, default_start_method
 from .base import Pool, PoolStats, cancel_task, closed_error, deliver
 
 log = logging.getLogger("muxpool.pools.process")
 
-_HEADER = _procworker.HEADER
 _STARTUP_FAILURES_BEFORE_GIVING_UP = 3
-_PIPE_SIZE = 1 << 20
-
-
-class _Task:
-    __slots__ = ("id", "frame", "fut", "callback", "task_timeout", "started", "holds_slot",
-                 "running", "dropped")
-
-    def __init__(self, task_id, frame, fut, callback, task_timeout, holds_slot):
-        self.id = task_id
-        self.frame = frame  # kept until settled: a task a dead worker never began is resent
-        self.fut = fut
-        self.callback = callback
-        self.task_timeout = task_timeout
-        self.started = 0.0
-        self.holds_slot = holds_slot
-        self.running = False   # its future is RUNNING: it is, or was, a worker's current task
-        self.dropped = False   # cancelled by its caller after it was sent: ignore its result
-
-
-class _Worker:
-    __slots__ = ("process", "pid", "task_fd", "result_fd", "conns", "inbuf", "outbuf",
-                 "inflight", "sent", "ready", "doomed", "retiring")
-
-    def __init__(self, process, task_w, result_r, max_tasks):
-        self.process = process
-        self.pid = process.pid
-        self.conns = (task_w, result_r)  # keep the Connection objects: they own the fds
-        self.task_fd = task_w.fileno()
-        self.result_fd = result_r.fileno()
-        os.set_blocking(self.task_fd, False)
-        os.set_blocking(self.result_fd, False)
-        for fd in (self.task_fd, self.result_fd):
-            _grow_pipe(fd)
-        self.inbuf = bytearray()
-        self.outbuf = bytearray()
-        self.inflight: collections.deque[_Task] = collections.deque()
-        self.sent = 0
-        self.ready = False
-        self.doomed = False     # killed on purpose: its tasks are already settled
-        self.retiring = max_tasks == 0
 
 
 class ProcessPool(Pool):
@@ -105,7 +63,7 @@ class ProcessPool(Pool):
         if max_tasks_per_worker is not None and max_tasks_per_worker < 1:
             raise ValueError("max_tasks_per_worker must be >= 1 or None")
         if mp_context is None or isinstance(mp_context, str):
-            mp_context = multiprocessing.get_context(mp_context or _default_start_method())
+            mp_context = multiprocessing.get_context(mp_context or default_start_method())
         self.max_queue = max_queue
         self.task_timeout = task_timeout
         self.name = name or f"ProcessPool-{id(self):x}"
@@ -115,8 +73,8 @@ class ProcessPool(Pool):
         self._max_tasks = max_tasks_per_worker
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(max_queue) if max_queue else None
-        self._pending: collections.deque[_Task] = collections.deque()
-        self._workers: dict[int, _Worker] = {}  # by result fd
+        self._pending: collections.deque[Task] = collections.deque()
+        self._workers: dict[int, WorkerHandle] = {}  # by result fd
         self._ids = itertools.count(1)
         self._closed = False
         self._terminated = False
@@ -153,7 +111,7 @@ class ProcessPool(Pool):
         slots = self._slots
         if slots is not None and not slots.acquire(timeout=timeout):
             raise QueueFull(self.max_queue, timeout)
-        task = _Task(task_id, frame, fut, callback,
+        task = Task(task_id, frame, fut, callback,
                      self.task_timeout if task_timeout is None else task_timeout, slots is not None)
         with self._lock:
             if self._closed:
@@ -185,7 +143,7 @@ class ProcessPool(Pool):
             if not pending:
                 return
 
-    def _begin(self, task: _Task, now: float) -> bool:
+    def _begin(self, task: Task, now: float) -> bool:
         """``task`` becomes its worker's current one; False if its caller cancelled it.
 
         Only then is its future marked running: a task prefetched behind
@@ -203,27 +161,16 @@ class ProcessPool(Pool):
         self._counts["cancelled"] += 1
         return False
 
-    def _send_locked(self, worker: _Worker, task: _Task) -> None:
+    def _send_locked(self, worker: WorkerHandle, task: Task) -> None:
         worker.inflight.append(task)
         worker.sent += 1
         if self._max_tasks is not None and worker.sent >= self._max_tasks:
             worker.retiring = True
         self._write_locked(worker, task.frame)
 
-    def _write_locked(self, worker: _Worker, frame: bytes) -> None:
-        """Write without blocking; the supervisor flushes what the pipe won't take."""
-        if not worker.outbuf:
-            try:
-                written = os.write(worker.task_fd, frame)
-            except BlockingIOError:
-                written = 0
-            except OSError:
-                return  # the worker is gone; its exit settles its tasks
-            if written == len(frame):
-                return
-            frame = frame[written:]
-        worker.outbuf += frame
-        self._wake()
+    def _write_locked(self, worker: WorkerHandle, frame: bytes) -> None:
+        if worker.write(frame):
+            self._wake()  # the supervisor registers for writability and flushes
 
     def _wake(self) -> None:
         try:
@@ -281,7 +228,7 @@ class ProcessPool(Pool):
             if worker.outbuf:
                 self._watch_writes(worker, True)
 
-    def _watch_writes(self, worker: _Worker, on: bool) -> None:
+    def _watch_writes(self, worker: WorkerHandle, on: bool) -> None:
         try:
             if on:
                 self._selector.register(worker.task_fd, selectors.EVENT_WRITE, self._on_writable)
@@ -292,16 +239,7 @@ class ProcessPool(Pool):
 
     def _on_writable(self, key, mask, settled) -> None:
         worker = next((w for w in self._workers.values() if w.task_fd == key.fd), None)
-        if worker is None or not worker.outbuf:
-            return
-        try:
-            written = os.write(worker.task_fd, worker.outbuf)
-        except BlockingIOError:
-            return
-        except OSError:
-            written = len(worker.outbuf)  # the worker is gone
-        del worker.outbuf[:written]
-        if not worker.outbuf:
+        if worker is not None and worker.flush():
             self._watch_writes(worker, False)
 
     def _on_results(self, key, mask, settled) -> None:
@@ -309,34 +247,24 @@ class ProcessPool(Pool):
         if worker is not None:
             self._read_results(worker, settled)
 
-    def _read_results(self, worker: _Worker, settled: list) -> None:
-        try:
-            while chunk := os.read(worker.result_fd, _PIPE_SIZE):
-                worker.inbuf += chunk
-                if len(chunk) < _PIPE_SIZE:
-                    break
-            else:  # EOF: the exit sentinel follows; stop watching this fd
-                self._selector.unregister(worker.result_fd)
-        except (OSError, KeyError, ValueError):
-            pass  # nothing more to read now (BlockingIOError), or already unwatched
-        buf = worker.inbuf
-        pos = 0
-        now = 0.0
-        while len(buf) - pos >= _HEADER.size:
-            size, task_id = _HEADER.unpack_from(buf, pos)
-            end = pos + 4 + size
-            if len(buf) < end:
-                break
-            payload = bytes(buf[pos + _HEADER.size:end])
-            pos = end
+    def _read_results(self, worker: WorkerHandle, settled: list) -> None:
+        frames, eof = worker.read_frames()
+        if eof:  # the exit sentinel follows; stop watching this fd
+            self._unwatch(worker.result_fd)
+        now = time.monotonic()
+        for task_id, payload in frames:
             if task_id == _procworker.READY_ID:
                 worker.ready = True
                 self._startup_failures = 0
-                continue
-            now = now or time.monotonic()
-            self._settle_result(worker, task_id, payload, now, settled)
-        del buf[:pos]
+            else:
+                self._settle_result(worker, task_id, payload, now, settled)
         self._dispatch_locked()
+
+    def _unwatch(self, fd: int) -> None:
+        try:
+            self._selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
 
     def _settle_result(self, worker, task_id, payload, now, settled) -> None:
         inflight = worker.inflight
@@ -365,14 +293,9 @@ class ProcessPool(Pool):
         if worker is None:
             return
         self._read_results(worker, settled)  # what it answered before dying still counts
-        worker.process.join()
         for fd in (worker.result_fd, worker.process.sentinel, worker.task_fd):
-            try:
-                self._selector.unregister(fd)
-            except (KeyError, ValueError):
-                pass
-        for conn in worker.conns:
-            conn.close()
+            self._unwatch(fd)
+        worker.close()
         del self._workers[worker.result_fd]
         exitcode = worker.process.exitcode
         inflight = list(worker.inflight)
@@ -390,7 +313,7 @@ class ProcessPool(Pool):
             settled.append((crashed, False, WorkerCrashed(worker.pid, exitcode)))
         self._requeue_locked(inflight, settled)
 
-    def _requeue_locked(self, tasks: list[_Task], settled: list) -> None:
+    def _requeue_locked(self, tasks: list[Task], settled: list) -> None:
         """Tasks a dead worker never started go back to the front of the queue."""
         for task in reversed(tasks):
             if task.dropped:
@@ -437,29 +360,21 @@ class ProcessPool(Pool):
             live += 1
         self._dispatch_locked()
 
-    def _send_stop_locked(self, worker: _Worker) -> None:
+    def _send_stop_locked(self, worker: WorkerHandle) -> None:
         self._write_locked(worker, _procworker.encode_frame(0, b""))
 
     def _start_worker_locked(self) -> None:
-        task_r, task_w = self._ctx.Pipe(duplex=False)
-        result_r, result_w = self._ctx.Pipe(duplex=False)
-        process = self._ctx.Process(
-            target=_procworker.worker_main, name=f"{self.name}-worker",
-            args=(task_r, result_w, self._initializer, self._initargs, self._max_tasks),
-            daemon=True)
-        process.start()
-        task_r.close()
-        result_w.close()
-        worker = _Worker(process, task_w, result_r, self._max_tasks)
+        worker = WorkerHandle(self._ctx, f"{self.name}-worker", self._initializer, self._initargs,
+                              self._max_tasks)
         self._workers[worker.result_fd] = worker
         self._selector.register(worker.result_fd, selectors.EVENT_READ, self._on_results)
-        self._selector.register(process.sentinel, selectors.EVENT_READ, self._on_exit)
+        self._selector.register(worker.process.sentinel, selectors.EVENT_READ, self._on_exit)
 
     # --- stopping --------------------------------------------------------------
 
     def _shutdown(self, cancel: bool) -> None:
-        dropped: list[_Task] = []
-        killed: list[_Task] = []
+        dropped: list[Task] = []
+        killed: list[Task] = []
         with self._lock:
             self._closed = True
             if cancel and not self._terminated:
@@ -500,18 +415,3 @@ class ProcessPool(Pool):
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<ProcessPool {self.name!r} {state} max_workers={self.max_workers}>"
-
-
-def _grow_pipe(fd: int) -> None:
-    """Ask for a 1 MiB pipe (Linux): a large chunk or result then crosses in
-    one write instead of sixteen 64 KiB wake-ups."""
-    if hasattr(fcntl, "F_SETPIPE_SZ"):
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
-        except OSError:
-            pass  # above /proc/sys/fs/pipe-max-size for this user: keep the default
-
-
-def _default_start_method() -> str:
-    methods = multiprocessing.get_all_start_methods()
-    return "forkserver" if "forkserver" in methods else methods[0]
