@@ -109,8 +109,9 @@ class Server:
         self.request_handler = is_request_handler(self.app)
         if self.request_handler:
             if not self.engine.can_block:
+                where = config.engine if config.engine != "prefork" else "prefork engine's loop"
                 raise ValueError(
-                    f"the {config.engine} engine runs handlers on its event loop, which must never "
+                    f"the {where} engine runs handlers on its event loop, which must never "
                     f"block, and {self.app.__qualname__} is a socketserver handler that blocks on its "
                     "socket: use engine threadpool, threaded, prefork or gevent")
         else:

@@ -63,7 +63,8 @@ class PreforkEngine(Engine):
         if config.worker_engine not in ("loop", "threadpool", "threaded"):
             raise ValueError("prefork workers run the loop, threadpool or threaded engine, "
                              f"not {config.worker_engine!r}")
-        self.config = config
+        super().__init__(config)
+        self.can_block = config.worker_engine != "loop"  # what its workers can run
         self.processes = config.processes or os.cpu_count() or 1
         self.workers: dict[int, _Worker] = {}
         self.shared = RawArray("q", self.processes * 2 * _FIELDS)  # room for a rolling restart
