@@ -58,15 +58,17 @@ def muxpool_server(**options):
 
 @contextlib.contextmanager
 def process_group(args, **popen_options):
-    """Run ``args`` in a new session; on the way out kill whatever is left of its
-    process group (the bench CLI's generator and server children included) and reap it."""
+    """Run ``args`` in a new session; if it is still running on the way out, kill its
+    whole process group (the bench CLI's generator and server children included)
+    while the group id is surely still ours, then reap it."""
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, **popen_options)
     try:
         yield proc
     finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=10)
 
 
@@ -100,7 +102,7 @@ def test_counts_exactly_the_replies_a_server_gives_then_its_closes():
         assert srv.replies == connections * per_conn
     assert report.processes == 1
     assert report.requests == connections * per_conn
-    assert report.samples == connections * per_conn
+    assert report.samples == connections * per_conn + report.unanswered
     assert report.errors == {"closed": connections}
     assert report.error_total == connections
     assert_round_trips(report)
@@ -208,7 +210,8 @@ def test_framings_against_a_muxpool_server(framing, pipeline):
         report = run_load(spec, processes=1)
     assert report.errors == {}
     assert report.requests > 0
-    assert report.samples == report.requests
+    assert report.samples == report.requests + report.unanswered
+    assert report.unanswered <= spec.connections * spec.pipeline
 
 
 # --- 6. --compare end to end ------------------------------------------------------------------------
@@ -297,9 +300,6 @@ def generator_in_thread(srv, spec: LoadSpec, deadline: float):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="muxpool bug: Generator._finish_send blocks in sendall() "
-                   "with no timeout when a send is partial, so a server that stops reading hangs the "
-                   "generator past its duration (run_load then raises 'died or hung' after 30+ s)")
 def test_open_loop_against_a_server_that_stops_reading_ends_on_time():
     """Open loop exists to measure stalled servers; one that stops reading fills the
     socket buffers (64 KiB requests at 2000/s), a send goes through only partly,
@@ -315,9 +315,6 @@ def test_open_loop_against_a_server_that_stops_reading_ends_on_time():
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="muxpool bug: a full send buffer (BlockingIOError from send) "
-                   "fails the connection as 'socket_error', and run()'s pipeline fill keeps sending on "
-                   "the closed socket, adding one more error per request (~75,000 errors for 2 connections)")
 def test_a_full_send_buffer_is_backpressure_not_an_error_per_request():
     """Closed loop with a deep pipeline against a server that never reads: the
     requests that do not fit must wait (and time out), not fail the connection,
@@ -334,24 +331,23 @@ def test_a_full_send_buffer_is_backpressure_not_an_error_per_request():
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="muxpool bug: Generator._send_due keeps a stale list of "
-                   "connections, so after a send fails mid-batch it sends again on the closed socket "
-                   "and counts a 'socket_error' for each request still due")
 def test_open_loop_counts_a_reset_connection_once():
     """The server resets the one connection after its first request; at a rate the
     generator cannot keep up with (so requests leave in batches), that is one
-    "reset", not one error per request that was due."""
+    "reset", not one error per request that was due. Whether the RST is first
+    noticed by a send (the bug shows) or by a recv (it does not) is a race, which
+    the send side wins most of the time (50-80% here): so 20 short runs, each must count 1."""
+    runs = 20
     with ResetsAfterFirstRequestServer() as srv:
-        report = run_load(spec_for(srv.port, connections=1, duration=0.3, rate=1e6), processes=1)
-        assert srv.resets == 1
-    assert report.errors.get("reset", 0) + report.errors.get("closed", 0) == 1, report.errors
-    assert report.error_total == 1, report.errors
+        results = [Generator(spec_for(srv.port, connections=1, duration=0.1, rate=1e6)).run()
+                   for _ in range(runs)]
+        assert srv.resets == runs
+    errors = [dict(result.errors) for result in results]
+    wrong = [e for e in errors if sum(e.values()) != 1]
+    assert not wrong, f"{len(wrong)}/{runs} runs counted other than 1 error: {wrong}"
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="muxpool bug: requests still unanswered when the run ends are "
-                   "dropped, neither latencies nor errors, so open loop does not show a stall that "
-                   "lasts to the end of the run (p99 ~1 ms, no errors, with 40% of requests unanswered)")
 def test_open_loop_shows_a_stall_that_lasts_to_the_end_of_the_run():
     """The generator's docstring: "a stalled server cannot hide its stall". Here the
     server stops answering 1.5 s into a 2.5 s run at 200/s: ~200 requests (40%) are

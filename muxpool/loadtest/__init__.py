@@ -36,7 +36,8 @@ class Report:
     latency_ms: dict[str, float]
     errors: dict[str, int]
     generator_cpu: float  # share of the generator's cores it used, 0..1
-    samples: int = 0
+    samples: int = 0     # latencies: one per reply, plus one per request unanswered at the end
+    unanswered: int = 0  # in flight when the run ended (normal: connections x pipeline)
 
     @property
     def rps(self) -> float:
@@ -56,7 +57,8 @@ class Report:
         return {"spec": spec, "processes": self.processes, "requests": self.requests,
                 "elapsed_s": round(self.elapsed, 4), "requests_per_s": round(self.rps, 1),
                 "latency_ms": {k: round(v, 4) for k, v in self.latency_ms.items()},
-                "errors": dict(self.errors), "generator_cpu": round(self.generator_cpu, 3),
+                "errors": dict(self.errors), "unanswered_at_end": self.unanswered,
+                "generator_cpu": round(self.generator_cpu, 3),
                 "generator_saturated": self.saturated}
 
 
@@ -147,4 +149,5 @@ def _merge(spec: LoadSpec, parts: list[LoadResult]) -> Report:
     cpu = sum(p.cpu_seconds for p in parts) / (elapsed * len(parts)) if elapsed else 0.0
     return Report(spec=spec, processes=len(parts), requests=sum(p.requests for p in parts),
                   elapsed=elapsed, latency_ms=percentiles(latencies), errors=dict(errors),
-                  generator_cpu=cpu, samples=len(latencies))
+                  generator_cpu=cpu, samples=len(latencies),
+                  unanswered=sum(p.unanswered for p in parts))

@@ -65,13 +65,18 @@ class LoadResult:
     latencies: array.array = field(default_factory=lambda: array.array("d"))
     elapsed: float = 0.0
     cpu_seconds: float = 0.0
+    unanswered: int = 0  # still in flight at the end: in the latencies with their age so far
 
 
 class _Conn:
-    __slots__ = ("sock", "recv", "send", "want", "sent_at", "queue", "turn", "ring")
+    __slots__ = ("sock", "fd", "recv", "send", "want", "sent_at", "queue", "turn", "ring", "outbuf",
+                 "dead")
 
     def __init__(self, sock: socket.socket, ring: list[tuple[bytes, bytes]]):
         self.sock = sock
+        self.fd = sock.fileno()
+        self.outbuf = bytearray()  # requests the socket would not take yet (a server not reading)
+        self.dead = False
         self.recv = sock.recv
         self.send = sock.send
         self.ring = ring
@@ -138,12 +143,15 @@ class Generator:
             wanted -= len(chunk)
 
     def _fail(self, conn: _Conn, kind: str) -> None:
+        """Count one error for the connection and drop it (once, however it is noticed)."""
+        if conn.dead:
+            return
+        conn.dead = True
         if self.recording:
             self.result.errors[kind] += 1
-        fd = conn.sock.fileno()
-        self.conns.pop(fd, None)
+        self.conns.pop(conn.fd, None)
         try:
-            self.epoll.unregister(fd)
+            self.epoll.unregister(conn.fd)
         except (OSError, ValueError):
             pass
         conn.sock.close()
@@ -157,23 +165,37 @@ class Generator:
             conn.queue.append((reply, when))
         else:
             conn.want, conn.sent_at = reply, when
+        return self._write(conn, request)
+
+    def _write(self, conn: _Conn, request: bytes) -> bool:
+        """Send without blocking; what the socket will not take waits in ``outbuf``
+        (a server that stops reading is backpressure, timed out by ``_expire``)."""
+        if conn.outbuf:
+            conn.outbuf += request
+            return True
         try:
             sent = conn.send(request)
-            if sent != len(request):
-                self._finish_send(conn, request, sent)
+        except BlockingIOError:
+            sent = 0
         except OSError as exc:
             self._fail(conn, _error_kind(exc))
             return False
+        if sent != len(request):
+            conn.outbuf += request[sent:]
+            self.epoll.modify(conn.fd, select.EPOLLIN | select.EPOLLOUT)
         return True
 
-    @staticmethod
-    def _finish_send(conn: _Conn, request: bytes, sent: int) -> None:
-        """Rare: the socket buffer is full (a server that stopped reading); block for the rest."""
-        conn.sock.setblocking(True)
+    def _flush(self, conn: _Conn) -> None:
         try:
-            conn.sock.sendall(request[sent:])
-        finally:
-            conn.sock.setblocking(False)
+            sent = conn.send(conn.outbuf)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._fail(conn, _error_kind(exc))
+            return
+        del conn.outbuf[:sent]
+        if not conn.outbuf:
+            self.epoll.modify(conn.fd, select.EPOLLIN)
 
     def _receive(self, conn: _Conn, data: bytes, now: float) -> int:
         """Check ``data`` against the expected stream; returns replies completed."""
@@ -219,12 +241,26 @@ class Generator:
                 for _ in range(spec.pipeline):
                     self._send(conn, start)
         self._loop(start, measure_at, stop_at)
+        self._count_unanswered(time.perf_counter())
         self.result.elapsed = time.perf_counter() - measure_at
         self.result.cpu_seconds = time.process_time() - self.cpu_start
         for conn in list(self.conns.values()):
             conn.sock.close()
         self.epoll.close()
         return self.result
+
+    def _count_unanswered(self, now: float) -> None:
+        """Requests still waiting at the end count with the age they have reached:
+        a stall that lasts to the end of the run must show in the latencies."""
+        if not self.recording:
+            return
+        latencies = self.result.latencies
+        before = len(latencies)
+        for conn in self.conns.values():
+            if conn.want:
+                latencies.append(now - conn.sent_at)
+            latencies.extend(now - sent_at for _reply, sent_at in conn.queue)
+        self.result.unanswered = len(latencies) - before
 
     def _loop(self, start: float, measure_at: float, stop_at: float) -> None:
         spec = self.spec
@@ -257,10 +293,14 @@ class Generator:
             events = poll(timeout)
             now = perf()
             done_total = 0
-            for fd, _mask in events:
+            for fd, mask in events:
                 conn = conns.get(fd)
                 if conn is None:
                     continue
+                if mask & select.EPOLLOUT:
+                    self._flush(conn)
+                    if conn.dead or not mask & select.EPOLLIN:
+                        continue
                 try:
                     data = conn.recv(RECV_SIZE)
                 except (BlockingIOError, InterruptedError):
@@ -283,12 +323,19 @@ class Generator:
                     request, conn.want = conn.ring[conn.turn]
                     conn.turn = (conn.turn + 1) % RING
                     conn.sent_at = now
+                    if conn.outbuf:  # a backlog is waiting: keep the order
+                        conn.outbuf += request
+                        continue
                     try:
                         sent = conn.send(request)
-                        if sent != len(request):
-                            self._finish_send(conn, request, sent)
+                    except BlockingIOError:
+                        sent = 0
                     except OSError as exc:
                         self._fail(conn, _error_kind(exc))
+                        continue
+                    if sent != len(request):
+                        conn.outbuf += request[sent:]
+                        self.epoll.modify(fd, select.EPOLLIN | select.EPOLLOUT)
                     continue
                 done = self._receive(conn, data, now)
                 done_total += done
@@ -313,6 +360,9 @@ class Generator:
         while next_send <= now and conns:
             conn = conns[rr % len(conns)]
             rr += 1
+            if conn.dead:  # failed during this batch: the rest go to the others
+                conns = list(self.conns.values())
+                continue
             if len(conn.queue) < MAX_OPEN_LOOP_IN_FLIGHT:
                 self._send(conn, next_send)
             elif self.recording:
