@@ -80,6 +80,8 @@ class ProcessPool(Pool):
         self._terminated = False
         self._startup_failures = 0
         self._respawn_at = 0.0
+        self._uses_timeouts = task_timeout is not None
+        self._needs_upkeep = True  # worker exits, close, terminate: the supervisor looks again
         self._counts = {"completed": 0, "failed": 0, "cancelled": 0}
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -122,6 +124,7 @@ class ProcessPool(Pool):
             if len(self._pending) == 1:
                 self._dispatch_locked()
         if task.task_timeout is not None:
+            self._uses_timeouts = True
             self._wake()  # the supervisor may need an earlier deadline
 
     def _dispatch_locked(self) -> None:
@@ -191,8 +194,14 @@ class ProcessPool(Pool):
                 with self._lock:
                     for key, mask in events:
                         key.data(key, mask, settled)
-                    self._expire_locked(settled)
-                    self._maintain_locked(settled)
+                    if self._uses_timeouts:
+                        self._expire_locked(settled)
+                    # While open, results alone change nothing to look after: skip the
+                    # upkeep then, it is most of a tiny task's cost. Once closed, the
+                    # last result is what lets the workers be stopped.
+                    if self._needs_upkeep or self._closed or not events:
+                        self._needs_upkeep = False
+                        self._maintain_locked(settled)
                     finished = self._closed and not self._workers
                 for task, ok, value in settled:
                     deliver(task.fut, task.callback, ok, value)
@@ -208,6 +217,8 @@ class ProcessPool(Pool):
             os.close(self._wake_w)
 
     def _next_timeout(self) -> float | None:
+        if not self._uses_timeouts and not self._respawn_at:
+            return None
         with self._lock:
             deadlines = [w.inflight[0].started + w.inflight[0].task_timeout
                          for w in self._workers.values()
@@ -219,6 +230,7 @@ class ProcessPool(Pool):
         return max(0.0, min(deadlines) - time.monotonic())
 
     def _on_wakeup(self, key, mask, settled) -> None:
+        self._needs_upkeep = True
         try:
             while os.read(self._wake_r, 4096):
                 pass
@@ -289,6 +301,7 @@ class ProcessPool(Pool):
         settled.append((task, ok, value))
 
     def _on_exit(self, key, mask, settled) -> None:
+        self._needs_upkeep = True
         worker = next((w for w in self._workers.values() if w.process.sentinel == key.fd), None)
         if worker is None:
             return
@@ -353,7 +366,9 @@ class ProcessPool(Pool):
                     self._send_stop_locked(worker)
             return
         if time.monotonic() < self._respawn_at:
+            self._needs_upkeep = True  # come back when the back-off ends
             return
+        self._respawn_at = 0.0
         live = sum(1 for w in self._workers.values() if not w.retiring and not w.doomed)
         while live < self.max_workers and not (self._closed and not self._pending):
             self._start_worker_locked()
