@@ -41,6 +41,7 @@ from .base import Pool, PoolStats, cancel_task, closed_error, deliver
 log = logging.getLogger("muxpool.pools.process")
 
 _STARTUP_FAILURES_BEFORE_GIVING_UP = 3
+_HARVEST_EVERY = 0.0001  # seconds between a submitter's looks at finished workers
 
 
 class ProcessPool(Pool):
@@ -81,6 +82,8 @@ class ProcessPool(Pool):
         self._startup_failures = 0
         self._respawn_at = 0.0
         self._uses_timeouts = task_timeout is not None
+        self._handoff: list = []  # outcomes collected by _harvest_locked, delivered by the supervisor
+        self._last_harvest = 0.0
         self._needs_upkeep = True  # worker exits, close, terminate: the supervisor looks again
         self._counts = {"completed": 0, "failed": 0, "cancelled": 0}
         self._wake_r, self._wake_w = os.pipe()
@@ -123,9 +126,26 @@ class ProcessPool(Pool):
             self._pending.append(task)
             if len(self._pending) == 1:
                 self._dispatch_locked()
+            elif time.monotonic() - self._last_harvest > _HARVEST_EVERY:
+                self._harvest_locked()
         if task.task_timeout is not None:
             self._uses_timeouts = True
             self._wake()  # the supervisor may need an earlier deadline
+
+    def _harvest_locked(self) -> None:
+        """A submitting thread that holds the GIL can starve the supervisor for a
+        whole switch interval (5 ms), leaving finished workers idle. So while it
+        queues work, it collects finished results itself, now and then, and hands
+        the next tasks straight to those workers; the supervisor still delivers
+        the outcomes (callbacks keep running on its thread)."""
+        self._last_harvest = time.monotonic()
+        handoff = self._handoff
+        was_empty = not handoff
+        for worker in self._workers.values():
+            if worker.inflight and not worker.doomed:
+                self._read_results(worker, handoff, unwatch_at_eof=False)
+        if was_empty and handoff:
+            self._wake()
 
     def _dispatch_locked(self) -> None:
         """Hand pending tasks to idle workers."""
@@ -192,6 +212,9 @@ class ProcessPool(Pool):
                 events = self._selector.select(self._next_timeout())
                 settled: list = []
                 with self._lock:
+                    if self._handoff:  # outcomes a submitting thread collected
+                        settled.extend(self._handoff)
+                        self._handoff.clear()
                     for key, mask in events:
                         key.data(key, mask, settled)
                     if self._uses_timeouts:
@@ -259,9 +282,9 @@ class ProcessPool(Pool):
         if worker is not None:
             self._read_results(worker, settled)
 
-    def _read_results(self, worker: WorkerHandle, settled: list) -> None:
+    def _read_results(self, worker: WorkerHandle, settled: list, unwatch_at_eof: bool = True) -> None:
         frames, eof = worker.read_frames()
-        if eof:  # the exit sentinel follows; stop watching this fd
+        if eof and unwatch_at_eof:  # the exit sentinel follows; stop watching this fd
             self._unwatch(worker.result_fd)
         now = time.monotonic()
         for task_id, payload in frames:
