@@ -46,6 +46,7 @@ __all__ = [
     "serve",
     "ConnectionBroken",
     "ConnectionClosed",
+    "DaskPool",
     "GeventPool",
     "HandlerTimeout",
     "LocalProtocolError",
@@ -73,4 +74,7 @@ def __getattr__(name: str):
     if name == "GeventPool":
         from .pools.gevent import GeventPool
         return GeventPool
+    if name == "DaskPool":
+        from .pools.dask import DaskPool
+        return DaskPool
     raise AttributeError(f"module 'muxpool' has no attribute {name!r}")

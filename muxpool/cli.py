@@ -38,6 +38,9 @@ _HELP = {
     "backlog": "listen() backlog",
     "reuse_port": "set SO_REUSEPORT on the listening socket",
     "stats_interval": "log connections, messages/s, handler p50/p99 every N seconds",
+    "certfile": "serve TLS with this certificate chain (PEM)",
+    "keyfile": "the private key for --certfile (if not in the same file)",
+    "tls_handshake_timeout": "close a TLS client that has not finished its handshake in this many seconds",
 }
 
 
@@ -72,7 +75,8 @@ def add_serve(commands) -> None:
             continue
         kind = _flag_type(field.default)
         if field.default is None:
-            kind = {"workers": int, "processes": int, "unix_path": str}.get(field.name, float)
+            kind = {"workers": int, "processes": int, "unix_path": str, "certfile": str,
+                    "keyfile": str}.get(field.name, float)
         if field.name in ("idle_timeout", "write_timeout", "handler_timeout", "stats_interval"):
             kind = _optional_number(float)
         kwargs: dict[str, Any] = {"dest": field.name, "type": kind, "default": field.default,
@@ -122,6 +126,8 @@ def add_client(commands) -> None:
     parser.add_argument("--framing", choices=list(FRAMERS), default="raw")
     parser.add_argument("--unix", dest="unix_path", help="connect to a Unix socket path")
     parser.add_argument("--no-greeting", action="store_true", help="the server sends no greeting")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS")
+    parser.add_argument("--cafile", help="trust this CA (PEM) for --tls instead of the system's")
     parser.set_defaults(func=run_client)
 
 
@@ -130,7 +136,7 @@ def run_client(args: argparse.Namespace) -> int:
 
     host, port = parse_address(args.address)
     client = Client(host, port, framing=args.framing, unix_path=args.unix_path,
-                    greeting=not args.no_greeting)
+                    greeting=not args.no_greeting, tls=args.tls or bool(args.cafile), cafile=args.cafile)
     try:
         return interactive(client)
     except OSError as exc:

@@ -8,6 +8,7 @@ exactly as the lesson's client reads it.
 from __future__ import annotations
 
 import socket
+import ssl
 import sys
 from typing import Any, TextIO
 
@@ -26,7 +27,8 @@ class Client:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8088, *, framing: str = "raw",
                  unix_path: str | None = None, timeout: float | None = 10.0,
-                 greeting: bool = True, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE):
+                 greeting: bool = True, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 tls: bool = False, cafile: str | None = None, ssl_context: ssl.SSLContext | None = None):
         self.address: Any = unix_path or (host, port)
         self.framing = framing
         self.timeout = timeout
@@ -36,6 +38,10 @@ class Client:
         self._framer = make_framer(framing, max_message_size)
         self._sock: socket.socket | None = None
         self._ready: list[bytes] = []
+        if ssl_context is None and (tls or cafile):
+            ssl_context = ssl.create_default_context(cafile=cafile)
+        self.ssl_context = ssl_context
+        self.host = host
 
     def connect(self) -> "Client":
         if isinstance(self.address, str):
@@ -45,6 +51,8 @@ class Client:
         else:
             sock = socket.create_connection(self.address, timeout=self.timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
         self._sock = sock
         self._framer = make_framer(self.framing, self._max)
         if self.expect_greeting:

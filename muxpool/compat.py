@@ -32,6 +32,7 @@ class RequestHandlerConnection(StreamConnection):
 
     def prepare_socket(self) -> None:
         self.sock.setblocking(True)
+        self.start_tls()
         self.sock.settimeout(self.server.config.idle_timeout)
 
     def run(self) -> None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConnectionClosed, ProtocolError
 from .multiplexer import EVENT_READ, EVENT_WRITE
+from .tls import TLSSession
 
 if TYPE_CHECKING:
     from .server import Server
@@ -65,6 +66,9 @@ class Connection:
         self.idle_timer = None
         self.write_timer = None
         self.handler_timer = None
+        self.tls_timer = None
+        context = server.ssl_context
+        self.tls = TLSSession(context) if context is not None else None
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} {self.peer}>"
@@ -125,6 +129,10 @@ class Connection:
             return
         n = len(data)
         self.last_active = time.monotonic()
+        if self.tls is not None:
+            data = self.tls_receive(data)
+            if data is None:
+                return
         framer = self.framer
         try:
             messages = framer.feed(data)
@@ -146,6 +154,25 @@ class Connection:
             self.close_when_done()
         elif n == 0:
             self.maybe_finish()
+
+    def tls_receive(self, data: bytes) -> bytes | None:
+        """Decrypt; ``None`` when there is nothing for the framer yet. The
+        greeting waits for the handshake: nothing can be sent before it."""
+        tls = self.tls
+        was_handshaken = tls.handshaken
+        try:
+            plaintext, reply = tls.receive(data)
+        except ProtocolError as exc:
+            log.warning("closing %s: %s", self.peer, exc)
+            self.abort(exc)
+            return None
+        if reply:
+            self.write_raw(reply)
+        if tls.handshaken and not was_handshaken:
+            self.server.tls_ready(self)
+        if not data:
+            return b""  # EOF: the framer must see it
+        return plaintext or None
 
     def handle_inline(self, messages: list[bytes]) -> None:
         """The ``loop`` engine's fast path: call the handler right here, with
@@ -203,6 +230,13 @@ class Connection:
         self.maybe_finish()
 
     def write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self.tls is not None:
+            data = self.tls.send(data)
+        self.write_raw(data)
+
+    def write_raw(self, data: bytes) -> None:
         if self.closed:
             return
         if not self.outbuf:

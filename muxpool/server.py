@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, fields
@@ -35,6 +36,7 @@ from .handlers import EchoService, resolve_handler
 from .multiplexer import EVENT_READ, Multiplexer
 from .stats import ServerStats
 from .stream import StreamConnection
+from .tls import server_context
 
 log = logging.getLogger("muxpool.server")
 
@@ -66,6 +68,9 @@ class ServerConfig:
     backlog: int = 1024
     reuse_port: bool = False
     stats_interval: float | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    tls_handshake_timeout: float = 10.0
 
     @classmethod
     def names(cls) -> list[str]:
@@ -99,7 +104,8 @@ class Server:
     manager: ``with Server(...).start() as srv:``.
     """
 
-    def __init__(self, app: Any = None, *, listener: socket.socket | None = None, **options: Any):
+    def __init__(self, app: Any = None, *, listener: socket.socket | None = None,
+                 ssl_context: ssl.SSLContext | None = None, **options: Any):
         unknown = set(options) - set(ServerConfig.names())
         if unknown:
             raise TypeError(f"unknown server option(s): {', '.join(sorted(unknown))}")
@@ -124,6 +130,9 @@ class Server:
         # engine's hand-off: the loop engine, with no per-call timer or timing.
         self.inline = (getattr(self.engine, "inline", False) and not config.handler_timeout
                        and not config.stats_interval)
+        if ssl_context is None and config.certfile:
+            ssl_context = server_context(config.certfile, config.keyfile)
+        self.ssl_context = ssl_context
         self.mux = Multiplexer()
         # A prefork worker serves the socket its parent bound and handed down.
         self.listener = listener if listener is not None else make_listener(config)
@@ -304,7 +313,25 @@ class Server:
         conn.update_interest()
         if self.config.idle_timeout:
             conn.idle_timer = self.mux.call_later(self.config.idle_timeout, lambda: self._check_idle(conn))
+        if conn.tls is None:
+            conn.dispatch(_call_connect, None)
+        else:  # the greeting waits for the handshake, which must end in time
+            limit = self.config.tls_handshake_timeout
+            conn.tls_timer = self.mux.call_later(limit, lambda: self._handshake_overdue(conn))
+
+    def tls_ready(self, conn: Connection) -> None:
+        """A connection's TLS handshake finished: now it is a client like any other."""
+        if conn.tls_timer is not None:
+            conn.tls_timer.cancel()
+            conn.tls_timer = None
         conn.dispatch(_call_connect, None)
+
+    def _handshake_overdue(self, conn: Connection) -> None:
+        conn.tls_timer = None
+        if not conn.closed and not conn.tls.handshaken:
+            log.warning("closing %s: no TLS handshake within %s s (tls_handshake_timeout)",
+                        conn.peer, self.config.tls_handshake_timeout)
+            conn.abort(None)
 
     def forget_from_any_thread(self, conn) -> None:
         if self.mux.in_loop_thread():
@@ -315,7 +342,7 @@ class Server:
     def forget(self, conn: Connection) -> None:
         """A connection's socket closed: free its slot, resume accepting."""
         self.connections.pop(id(conn), None)
-        for timer in (conn.idle_timer, conn.write_timer, conn.handler_timer):
+        for timer in (conn.idle_timer, conn.write_timer, conn.handler_timer, conn.tls_timer):
             if timer is not None:
                 timer.cancel()
         if not self._accepting and not self._draining and len(self.connections) < self.config.max_connections:

@@ -37,7 +37,7 @@ READ_SIZE = 65536
 class StreamConnection:
     """What a handler sees as ``conn`` on the thread- and greenlet-per-connection engines."""
 
-    idle_timer = write_timer = handler_timer = None  # the loop's timers do not apply here
+    idle_timer = write_timer = handler_timer = tls_timer = None  # the loop's timers do not apply
     outbuf = b""  # replies go straight to the kernel: no buffer in user space
 
     def __init__(self, server: "Server", sock: socket.socket, peer: Any, conn_id: int):
@@ -67,12 +67,23 @@ class StreamConnection:
 
     # --- for the server (any thread) ----------------------------------------------
 
+    def start_tls(self) -> None:
+        """Wrap the socket and finish the handshake within tls_handshake_timeout."""
+        context = self.server.ssl_context
+        if context is None:
+            return
+        self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+        self.sock.settimeout(self.server.config.tls_handshake_timeout)
+        self.sock.do_handshake()
+
     def close_when_done(self, drop_backlog: bool = False) -> None:
         if self.closing or self.closed:
             return
         self.closing = True
         try:
-            self.sock.shutdown(socket.SHUT_RD)  # wakes a blocked recv with EOF
+            # The plain socket's shutdown: ssl.SSLSocket.shutdown would also drop
+            # the TLS layer, and the reply in progress would leave unencrypted.
+            socket.socket.shutdown(self.sock, socket.SHUT_RD)  # wakes a blocked recv with EOF
         except OSError:
             pass
 
@@ -100,6 +111,7 @@ class StreamConnection:
 
     def prepare_socket(self) -> None:
         self.sock.setblocking(True)
+        self.start_tls()
         high_water = self.server.config.write_high_water
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, high_water)

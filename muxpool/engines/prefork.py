@@ -222,7 +222,8 @@ class PreforkEngine(Engine):
         for other in self.workers.values():
             os.close(other.pidfd)
         config = replace(self.config, engine=self.config.worker_engine, stats_interval=None)
-        worker = Server(parent.app, listener=parent.listener, **vars(config))
+        worker = Server(parent.app, listener=parent.listener, ssl_context=parent.ssl_context,
+                        **vars(config))
         signal.signal(signal.SIGTERM, lambda *_: worker.shutdown(wait=False))
         shared, base = self.shared, slot * _FIELDS
 

@@ -1,18 +1,21 @@
-"""Pools: one interface over threads, processes and greenlets.
+"""Pools: one interface over threads, processes, greenlets and Dask.
 
-``GeventPool`` is imported on first use, so ``import muxpool.pools`` never
-imports gevent.
+``GeventPool`` and ``DaskPool`` are imported on first use, so ``import
+muxpool.pools`` never imports gevent or dask.
 """
 
 from .base import AsyncFuture, Pool, PoolStats
 from .process import ProcessPool
 from .thread import ThreadPool
 
-__all__ = ["AsyncFuture", "GeventPool", "Pool", "PoolStats", "ProcessPool", "ThreadPool"]
+__all__ = ["AsyncFuture", "DaskPool", "GeventPool", "Pool", "PoolStats", "ProcessPool", "ThreadPool"]
 
 
 def __getattr__(name: str):
     if name == "GeventPool":
         from .gevent import GeventPool
         return GeventPool
+    if name == "DaskPool":
+        from .dask import DaskPool
+        return DaskPool
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
