@@ -45,6 +45,19 @@ def sleep_then_return(seconds, value=None):
     return value
 
 
+def spin(n):
+    """CPU-bound pure-Python work: ``n`` loop iterations, holding the GIL."""
+    total = 0
+    for i in range(n):
+        total += i * i % 7
+    return total
+
+
+def spin_where(n):
+    """``spin`` that also says which process ran it."""
+    return os.getpid(), spin(n)
+
+
 # --- failures ----------------------------------------------------------------
 
 

@@ -3,16 +3,59 @@
 Stdlib and muxpool's public handler forms only. Apps that carry test state
 (events, counters, records) are classes the test instantiates, so nothing
 here is module-level mutable state: each test gets fresh objects.
+
+The state such an app shares with the test is process-shared where it can be
+(:func:`shared_event`, :func:`shared_value`, a file for records): under the
+``prefork`` engine the handlers run in forked worker processes, each with its
+own copy of the app, so a ``threading.Event`` set there is never seen by the
+test. Create the app *before* the server starts, so the workers inherit it.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
+import multiprocessing
+import os
 import random
+import sys
 import threading
 import time
 
 GREETING = b"Hello client-side"
 PREFIX = b"response: "
+
+
+# --- state shared with the test, across processes ---------------------------------
+
+
+def _gevent_patched() -> bool:
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and monkey.is_module_patched("threading")
+
+
+def shared_event():
+    """An Event the test can wait on while a forked worker sets it.
+
+    A ``multiprocessing.Event`` (semaphores in shared memory, inherited across
+    fork); a ``threading.Event`` in a gevent-patched process, where blocking on
+    a semaphore would freeze the hub (and no engine there forks).
+    """
+    return threading.Event() if _gevent_patched() else multiprocessing.Event()
+
+
+class _LocalValue:
+    def __init__(self, value):
+        self.value = value
+        self._lock = threading.Lock()
+
+    def get_lock(self):
+        return self._lock
+
+
+def shared_value(typecode: str, value):
+    """A ``multiprocessing.Value`` (``.value``, ``.get_lock()``); local under gevent."""
+    return _LocalValue(value) if _gevent_patched() else multiprocessing.Value(typecode, value)
 
 
 # --- function handlers -------------------------------------------------------
@@ -68,23 +111,61 @@ class SizeGreeter(Greeter):
 class SlowEcho(Greeter):
     """A shared instance: counts messages as they arrive, then sleeps ``delay``.
 
-    ``all_arrived`` is set once ``expected`` messages have reached a handler.
+    ``all_arrived`` is set once ``expected`` messages have reached a handler,
+    counted over every worker process.
     """
 
     def __init__(self, delay: float, expected: int):
         self.delay = delay
         self.expected = expected
-        self.arrived = 0
-        self.all_arrived = threading.Event()
-        self._lock = threading.Lock()
+        self._arrived = shared_value("i", 0)
+        self.all_arrived = shared_event()
+
+    @property
+    def arrived(self) -> int:
+        return self._arrived.value
 
     def on_message(self, conn, message):
-        with self._lock:
-            self.arrived += 1
-            if self.arrived >= self.expected:
+        with self._arrived.get_lock():
+            self._arrived.value += 1
+            if self._arrived.value >= self.expected:
                 self.all_arrived.set()
         time.sleep(self.delay)
         return PREFIX + message
+
+
+class Sleepy(Greeter):
+    """Sleep ``delay`` seconds per message (work in flight), then echo.
+
+    ``muxpool serve server_apps:Sleepy`` makes one instance per connection
+    with the default delay, 50 ms; ``slow_message`` makes it sleep 5 s instead.
+    When the environment variable ``SLEEPY_RECORD`` names a file, each message
+    is appended to it (one line) as its handler starts, so a test can tell
+    which requests the server took in, from any process.
+    """
+
+    slow_message = b"sleep 5"
+
+    def __init__(self, delay: float = 0.05):
+        self.delay = delay
+        self.record = os.environ.get("SLEEPY_RECORD")
+
+    def on_message(self, conn, message):
+        if self.record:
+            fd = os.open(self.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, bytes(message) + b"\n")
+            finally:
+                os.close(fd)
+        time.sleep(5.0 if message == self.slow_message else self.delay)
+        return PREFIX + message
+
+
+class PidGreeter(Greeter):
+    """Greet with ``pid <n>``, the serving process, so a client knows its prefork worker."""
+
+    def on_connect(self, conn):
+        return b"pid %d" % os.getpid()
 
 
 class ShutdownOn(Greeter):
@@ -110,12 +191,15 @@ class ShutdownOn(Greeter):
 
 
 class BlockOn(Greeter):
-    """A shared instance: ``b"slow"`` blocks for up to ``delay`` s (until ``release``)."""
+    """A shared instance: ``b"slow"`` blocks for up to ``delay`` s (until ``release``).
+
+    ``started`` and ``release`` work across worker processes.
+    """
 
     def __init__(self, delay: float):
         self.delay = delay
-        self.started = threading.Event()
-        self.release = threading.Event()
+        self.started = shared_event()
+        self.release = shared_event()
 
     def on_message(self, conn, message):
         if message == b"slow":
@@ -146,15 +230,36 @@ class TwoReplies(Greeter):
         return b"second: " + message
 
 
-def recording_class(records: list, lock: threading.Lock):
-    """A handler class whose every instance appends its disconnects to ``records``.
+def recording_class(path):
+    """A handler class whose every instance records its disconnects in the file ``path``.
 
-    Each record is ``(instance, peer, error)``.
+    One JSON line per call, appended with a single ``write`` so worker processes
+    may share the file: ``{"instance": "<pid>:<n>", "peer": [host, port],
+    "error": null or repr}``; ``instance`` is unique per instance, in any process.
+    Read them back with :func:`read_records`.
     """
+    serial = itertools.count(1)  # each forked worker continues its own copy; the pid tells them apart
 
     class Recording(Greeter):
+        def __init__(self):
+            self.token = f"{os.getpid()}:{next(serial)}"
+
         def on_disconnect(self, conn, error):
-            with lock:
-                records.append((self, conn.peer, error))
+            line = json.dumps({"instance": self.token, "peer": conn.peer,
+                               "error": None if error is None else repr(error)}) + "\n"
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
 
     return Recording
+
+
+def read_records(path) -> list[dict]:
+    """The records a :func:`recording_class` handler has written so far."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.endswith("\n")]
+    except FileNotFoundError:
+        return []

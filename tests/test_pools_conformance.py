@@ -16,6 +16,15 @@ The kit also hides what differs between kinds so the tests read the same:
   gevent hub.
 
 Tasks given to pools live in ``pool_tasks`` so worker processes can import them.
+
+Dask: a ``LocalCluster`` takes a while to start, so the module shares one per
+thread count (``dask_clients``): each test gets its own ``DaskPool`` on a
+shared client, and ``kit(1)`` a one-thread cluster so "one worker" means one
+(``kit(n)`` for n > 2 gets two). Dask runs the whole suite: its blockers are
+file barriers, as for processes, and ``stats()``' busy/queued split and the
+failed/cancelled split at ``terminate()`` follow the rule documented in
+``muxpool.pools.dask`` (the oldest in-flight tasks, one per thread, count as
+running).
 """
 
 from __future__ import annotations
@@ -36,9 +45,10 @@ from muxpool.errors import PoolClosed, QueueFull
 
 pytestmark = pytest.mark.timeout(60)
 
-KINDS = ["thread", "process", "gevent"]
+KINDS = ["thread", "process", "gevent", "dask"]
 
-POOL_CLASS = {"thread": "ThreadPool", "process": "ProcessPool", "gevent": "GeventPool"}
+POOL_CLASS = {"thread": "ThreadPool", "process": "ProcessPool", "gevent": "GeventPool",
+              "dask": "DaskPool"}
 
 #: How long a blocker task waits for its release before giving up on its own.
 BLOCK_LIMIT = 30.0
@@ -128,8 +138,9 @@ class GreenletHandle:
 class PoolKit:
     """Makes pools of one kind and cleans them up; callable like the pool class."""
 
-    def __init__(self, kind, tmp_path):
+    def __init__(self, kind, tmp_path, dask_clients=None):
         self.kind = kind
+        self._dask_clients = dask_clients
         self.tmp_path = tmp_path
         self.pools = []
         self.blockers = []
@@ -140,12 +151,17 @@ class PoolKit:
 
             self._gevent = gevent
         # 8 submitters x this many tasks in the exactly-once test.
-        self.per_submitter = {"thread": 10_000, "process": 500, "gevent": 10_000}[kind]
-        # terminate() must return within this (spec: 100 ms; processes get slack).
-        self.terminate_bound = {"thread": 0.1, "process": 0.5, "gevent": 0.1}[kind]
+        self.per_submitter = {"thread": 10_000, "process": 500, "gevent": 10_000, "dask": 200}[kind]
+        # terminate() must return within this (spec: 100 ms; processes and Dask get slack).
+        self.terminate_bound = {"thread": 0.1, "process": 0.5, "gevent": 0.1, "dask": 0.5}[kind]
 
     def __call__(self, max_workers=2, max_queue=None, **kwargs):
-        pool = self.pool_class(max_workers, max_queue, **kwargs)
+        if self.kind == "dask":
+            # A pool of its own on a shared cluster with max_workers threads (at most 2).
+            client = self._dask_clients(min(max_workers, 2))
+            pool = self.pool_class(max_queue=max_queue, client=client, **kwargs)
+        else:
+            pool = self.pool_class(max_workers, max_queue, **kwargs)
         self.pools.append(pool)
         return pool
 
@@ -186,7 +202,7 @@ class PoolKit:
         return ThreadHandle(fn, args)
 
     def blocker(self):
-        if self.kind == "process":
+        if self.kind in ("process", "dask"):
             b = FileBlocker(self, self.tmp_path, len(self.blockers))
         elif self.kind == "gevent":
             b = EventBlocker(self._gevent.event.Event)
@@ -212,11 +228,41 @@ class PoolKit:
         assert not problems, problems
 
 
+@pytest.fixture(scope="module")
+def dask_clients():
+    """``clients(n)``: a Dask client on a shared LocalCluster of ``n`` one-thread
+    worker processes, started on first use; all are closed when the module ends."""
+    distributed = pytest.importorskip("distributed")
+    from muxpool.pools.dask import LOOPBACK_HTTP
+
+    started = {}
+
+    def client_for(n):
+        if n not in started:
+            cluster = distributed.LocalCluster(
+                n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                dashboard_address=None, scheduler_kwargs=LOOPBACK_HTTP)
+            try:
+                started[n] = (cluster, distributed.Client(cluster, set_as_default=False))
+            except BaseException:
+                cluster.close()
+                raise
+        return started[n][1]
+
+    try:
+        yield client_for
+    finally:
+        for cluster, client in started.values():
+            client.close()
+            cluster.close()
+
+
 @pytest.fixture(params=KINDS)
 def pool_factory(request, tmp_path):
     if request.param == "gevent":
         pytest.importorskip("gevent")
-    kit = PoolKit(request.param, tmp_path)
+    clients = request.getfixturevalue("dask_clients") if request.param == "dask" else None
+    kit = PoolKit(request.param, tmp_path, clients)
     try:
         yield kit
     finally:

@@ -7,20 +7,32 @@ user of :class:`muxpool.Server` sees (bytes on a loopback socket, log
 records, ``address``, ``connections``, ``shutdown``), never engine internals.
 
 ``make_server`` starts servers on port 0 and always shuts them down at
-teardown; ``connect`` makes :class:`muxpool.Client` objects speaking the
+teardown (a prefork server's worker processes are checked gone);
+``connect`` makes :class:`muxpool.Client` objects speaking the
 server's framing and always closes them. With ``raw`` framing a message is
 whatever one ``recv`` returns, so raw tests go in lockstep (one request, wait
 for its reply) and never pipeline. Nothing here sleeps to synchronise: tests
 wait on events, on replies, or poll a condition with a deadline.
+
+``prefork`` serves in forked worker processes, so what a test observes must
+cross processes: replies and closes on the client's socket, log records
+through :func:`server_log` (a file every process appends to), handler-app
+signals through ``server_apps.shared_event``, and the connections a server
+holds through :func:`held_connections` (the workers' sockets, read from
+``/proc``). A test that needs state living only inside the serving process
+says so with :func:`in_process_only`, which skips it on prefork.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import logging
 import os
 import resource
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -35,7 +47,7 @@ pytestmark = pytest.mark.timeout(60)
 # The gevent engine needs a monkey-patched process: test_engines.py runs this
 # same suite in a patched subprocess with MUXPOOL_GEVENT_SUITE=1.
 GEVENT_SUITE = os.environ.get("MUXPOOL_GEVENT_SUITE") == "1"
-ENGINES = ["gevent"] if GEVENT_SUITE else ["loop", "threadpool", "threaded"]
+ENGINES = ["gevent"] if GEVENT_SUITE else ["loop", "threadpool", "threaded", "prefork"]
 FRAMINGS = ["raw", "line", "length"]
 
 GREETING = server_apps.GREETING
@@ -44,6 +56,220 @@ DEADLINE = 10.0  # seconds any single wait may take before the test fails
 
 
 # --- fixtures and helpers ------------------------------------------------------------
+
+
+def serves_in_process(engine: str) -> bool:
+    """Does ``engine`` serve connections in this (the test's) process?
+
+    ``prefork`` does not: its connections, handler apps and log calls live in
+    forked worker processes; ``srv.connections`` stays empty in the parent.
+    """
+    return engine != "prefork"
+
+
+def in_process_only(engine: str, what: str) -> None:
+    """Skip on prefork a test whose subject exists only inside the serving process."""
+    if not serves_in_process(engine):
+        pytest.skip(f"prefork serves in forked worker processes: {what}")
+
+
+def serving_processes(srv: Server) -> int:
+    """How many processes serve ``srv``'s connections, each a whole server with its options."""
+    return 1 if serves_in_process(srv.config.engine) else srv.engine.processes
+
+
+def engine_options(engine: str) -> dict:
+    """Options a server needs on ``engine`` beyond the test's own."""
+    if engine == "prefork":
+        # Two workers, so connections really spread over processes; threadpool inside
+        # each, so blocking handlers work.
+        return {"processes": 2, "worker_engine": "threadpool"}
+    return {}
+
+
+def start_server(srv: Server) -> Server:
+    """``srv.start()``; for prefork, also wait until every worker has been forked.
+
+    ``start()`` returns once the listener is bound, but the prefork supervisor
+    forks its workers after that, on the server thread. A worker forked after
+    the test has opened a client socket inherits that socket, and then the
+    client's ``close()`` no longer closes the connection (no FIN while the
+    worker holds a copy): the server would never see the client leave.
+    """
+    srv.start()
+    if not serves_in_process(srv.config.engine):
+        wait_for(lambda: len(srv.engine.workers.copy()) >= srv.engine.processes,
+                 what="the prefork workers to be forked")
+    return srv
+
+
+def stop_servers(servers) -> None:
+    """Shut every server down; a prefork server must leave no worker process behind.
+
+    A prefork parent that does not stop within the timeout is told to kill its
+    workers; any worker still there after that is killed (and reaped) here, so
+    nothing outlives the test, and then the test fails.
+    """
+    leftovers = []
+    for srv in servers:
+        if serves_in_process(srv.config.engine):
+            srv.shutdown(timeout=10)
+            continue
+        pids = set(srv.engine.workers.copy())  # a copy: the supervisor thread may change it
+        srv.shutdown(timeout=10)
+        if not srv._stopped.is_set():
+            srv.stop_now()  # the supervisor SIGKILLs its workers
+            srv._stopped.wait(5)
+        pids |= set(srv.engine.workers.copy())
+        leftovers += [f"{srv.address}: worker {pid}" for pid in _kill_survivors(pids)]
+    assert not leftovers, f"prefork workers outlived their server's shutdown: {leftovers}"
+
+
+def _kill_survivors(pids, timeout: float = 5.0) -> list[int]:
+    """Wait for ``pids`` to be gone (a zombie is not gone); SIGKILL and reap the rest."""
+    deadline = time.monotonic() + timeout
+    alive = set(pids)
+    while alive:
+        alive = {pid for pid in alive if _process_exists(pid)}
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    return sorted(alive)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def held_connections(srv: Server) -> int:
+    """How many client connections ``srv`` holds open right now.
+
+    ``len(srv.connections)`` where the server serves in this process; for
+    prefork, the TCP sockets on the server's port that its worker processes
+    still hold (from ``/proc``: a connection the worker has dropped has left
+    its descriptor table; the shared listening socket is not counted).
+    """
+    if serves_in_process(srv.config.engine):
+        return len(srv.connections)
+    # /proc/net/tcp is not read atomically (a socket may show twice or not at all
+    # while the table changes), so read until two readings agree.
+    previous = None
+    for _ in range(50):
+        current = _worker_connections(srv.engine.workers.copy(), srv.address[1])
+        if current == previous:
+            break
+        previous = current
+    return len(current)
+
+
+def _worker_connections(pids, port: int) -> frozenset:
+    """Inodes of the non-listening TCP sockets on ``port`` that processes ``pids`` hold."""
+    inodes = set()
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            names = os.listdir(fd_dir)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            try:
+                target = os.readlink(f"{fd_dir}/{name}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    held = set()
+    local_port = f":{port:04X} "  # the table's addresses are hex; skip rows without the port
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = [row for row in f.read().splitlines()[1:] if local_port in row]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            cols = row.split()
+            local, state, inode = cols[1], cols[3], cols[9]
+            if inode in inodes and state != "0A" and local.endswith(local_port.rstrip()):
+                held.add(inode)  # 0A is LISTEN
+    return frozenset(held)
+
+
+class _JsonLinesHandler(logging.Handler):
+    """Appends each record as one JSON line with one ``write``: safe from forked workers."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = str(path)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        line = json.dumps({"name": record.name, "levelno": record.levelno, "message": record.getMessage(),
+                           "exc_types": [c.__name__ for c in type(exc).__mro__] if exc else [],
+                           "pid": os.getpid()}) + "\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+
+class ServerLog:
+    """The ``muxpool.server`` records of this process and of any process forked from it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def records(self) -> list[dict]:
+        """Each record as ``{"name", "levelno", "message", "exc_types", "pid"}``;
+        ``exc_types`` lists the exception's class and its bases (so a name in it
+        means ``isinstance``)."""
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.endswith("\n")]
+        except FileNotFoundError:
+            return []
+
+
+@contextlib.contextmanager
+def capturing_server_log(folder):
+    """Yield ``capture(level) -> ServerLog``; the ``server_log`` fixture of both files."""
+    logger = logging.getLogger("muxpool.server")
+    handler = _JsonLinesHandler(folder / "muxpool-server.log.jsonl")
+    previous = logger.level
+    logger.addHandler(handler)
+
+    def capture(level: int) -> ServerLog:
+        handler.setLevel(level)
+        logger.setLevel(level)
+        return ServerLog(handler.path)
+
+    try:
+        yield capture
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
+@pytest.fixture
+def server_log(tmp_path):
+    """``server_log(level)``: capture ``muxpool.server`` at ``level`` from every process.
+
+    Like ``caplog``, but a prefork worker, forked after this runs, inherits the
+    handler and appends to the same file, so its records reach the test too.
+    Call it before starting the server.
+    """
+    with capturing_server_log(tmp_path) as capture:
+        yield capture
 
 
 @pytest.fixture(params=ENGINES)
@@ -62,13 +288,12 @@ def make_server(engine, framing):
     servers: list[Server] = []
 
     def make(app=None, **options):
-        srv = Server(app, port=0, engine=engine, framing=framing, **options)
+        srv = Server(app, port=0, engine=engine, framing=framing, **engine_options(engine), **options)
         servers.append(srv)
-        return srv.start()
+        return start_server(srv)
 
     yield make
-    for srv in servers:
-        srv.shutdown(timeout=10)
+    stop_servers(servers)
 
 
 @pytest.fixture
@@ -407,14 +632,14 @@ def test_client_vanishing_mid_message_does_not_disturb_others(make_server, conne
     vanisher.sock.sendall(wire[: len(wire) // 2])
     vanisher.close()
     assert other.request(b"after") == b"response: after"
-    wait_for(lambda: len(srv.connections) == 1, what="the vanished connection to be dropped")
+    wait_for(lambda: held_connections(srv) == 1, what="the vanished connection to be dropped")
     assert other.request(b"still fine") == b"response: still fine"
     fresh = connect(srv)
     assert fresh.request(b"new") == b"response: new"
 
 
-def test_handler_error_closes_only_that_connection_and_is_logged(make_server, connect, peers, caplog):
-    caplog.set_level(logging.ERROR, logger="muxpool.server")
+def test_handler_error_closes_only_that_connection_and_is_logged(make_server, connect, peers, server_log):
+    log = server_log(logging.ERROR)
     srv = make_server(server_apps.ExplodeOn)
     bystander = connect(srv)
     victim = peers(srv)
@@ -427,11 +652,12 @@ def test_handler_error_closes_only_that_connection_and_is_logged(make_server, co
     assert bystander.request(b"unaffected") == b"response: unaffected"
 
     def logged():
-        return [r for r in caplog.records
-                if r.name == "muxpool.server" and r.levelno >= logging.ERROR and str(port) in r.getMessage()]
+        return [r for r in log.records()
+                if r["name"] == "muxpool.server" and r["levelno"] >= logging.ERROR
+                and str(port) in r["message"]]
 
     records = wait_for(logged, what="an ERROR record naming the failing peer")
-    assert any(r.exc_info and isinstance(r.exc_info[1], RuntimeError) for r in records)
+    assert any("RuntimeError" in r["exc_types"] for r in records)
     newcomer = connect(srv)
     assert newcomer.request(b"hello") == b"response: hello"
     assert bystander.request(b"still here") == b"response: still here"
@@ -482,6 +708,8 @@ def test_shutdown_finishes_pipelined_messages_already_received(make_server, peer
 
 @pytest.mark.parametrize("wait", [False, True], ids=["wait=False", "wait=True"])
 def test_shutdown_called_from_inside_a_handler(make_server, connect, engine, wait, request):
+    in_process_only(engine, "a handler's conn.server is its worker's own Server, so shutdown() there "
+                    "stops that one worker (which the supervisor replaces), not the server")
     app = server_apps.ShutdownOn(wait=wait)
     srv = make_server(app, drain_timeout=0.5)
     address = srv.address  # the listener is closed after shutdown
@@ -505,8 +733,8 @@ def test_2000_simultaneous_connections(many_fds, make_server, crowd):
     clients = crowd(srv, requests=1)
     for _ in range(8):
         clients.open(250)  # in batches, so the listen backlog never overflows
-    assert len(srv.connections) == 2000
+    assert held_connections(srv) == 2000
     clients.run_requests()
     assert clients.replies == 2000
     clients.close()
-    wait_for(lambda: not srv.connections, what="the server to drop 2,000 closed connections")
+    wait_for(lambda: held_connections(srv) == 0, what="the server to drop 2,000 closed connections")

@@ -3,7 +3,9 @@
 Parametrized over ``ENGINES`` from ``test_server_conformance`` (one list: a new
 engine joins both files at once). Line framing unless a test says otherwise,
 so messages may be pipelined. Servers are always shut down at teardown;
-waits are events, replies or polls with deadlines, never bare sleeps.
+waits are events, replies or polls with deadlines, never bare sleeps. What a
+test observes crosses processes (prefork serves in forked workers): see the
+conformance module's docstring.
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ from test_server_conformance import (
     GREETING,
     PREFIX,
     Peer,
+    engine_options,
+    capturing_server_log,
+    held_connections,
+    in_process_only,
+    serves_in_process,
+    serving_processes,
+    start_server,
+    stop_servers,
     wait_for,
 )
 
@@ -46,13 +56,19 @@ def make_server(engine):
 
     def make(app=None, framing="line", **options):
         options.setdefault("port", 0)
-        srv = Server(app, engine=engine, framing=framing, **options)
+        srv = Server(app, engine=engine, framing=framing, **engine_options(engine), **options)
         servers.append(srv)
-        return srv.start()
+        return start_server(srv)
 
     yield make
-    for srv in servers:
-        srv.shutdown(timeout=10)
+    stop_servers(servers)
+
+
+@pytest.fixture
+def server_log(tmp_path):
+    """``server_log(level)``: ``muxpool.server`` records from every process (see the conformance module)."""
+    with capturing_server_log(tmp_path) as capture:
+        yield capture
 
 
 @pytest.fixture
@@ -118,6 +134,8 @@ def test_idle_timeout_closes_a_silent_client_but_not_an_active_one(make_server, 
 
 def test_max_connections_queues_the_rest_and_serves_them_later(make_server, closing):
     srv = make_server(max_connections=5)
+    # Each prefork worker is a whole server with these options: the limit holds per worker.
+    limit = 5 * serving_processes(srv)
     waiting = {}
     for i in range(20):
         sock = closing(socket.create_connection(srv.address, timeout=DEADLINE))
@@ -140,19 +158,19 @@ def test_max_connections_queues_the_rest_and_serves_them_later(make_server, clos
             greeted.append(sock)
 
     deadline = time.monotonic() + DEADLINE
-    while len(greeted) < 5 and time.monotonic() < deadline:
+    while len(greeted) < limit and time.monotonic() < deadline:
         collect_greetings(0.5)
-    assert len(greeted) == 5
-    collect_greetings(0.3)  # a bounded look for a sixth greeting, which must not come
-    assert len(greeted) == 5, "more than max_connections clients were served at once"
-    assert len(srv.connections) == 5
+    assert len(greeted) == limit
+    collect_greetings(0.3)  # a bounded look for one greeting more, which must not come
+    assert len(greeted) == limit, "more than max_connections clients were served at once"
+    assert held_connections(srv) == limit
 
     served = 0
     deadline = time.monotonic() + DEADLINE
     while served < 20:
         assert time.monotonic() < deadline, f"only {served} of 20 clients were ever served"
         while greeted:
-            assert len(srv.connections) <= 5
+            assert held_connections(srv) <= limit
             sock = greeted.pop()
             sock.sendall(b"client %d\n" % waiting[sock])
             reply = b""
@@ -169,14 +187,18 @@ def test_max_connections_queues_the_rest_and_serves_them_later(make_server, clos
     assert newcomer.request(b"server is up") == b"response: server is up"
 
 
-def test_slow_reader_is_bounded_then_closed_after_write_timeout(make_server, closing, caplog):
-    caplog.set_level(logging.WARNING, logger="muxpool.server")
+def test_slow_reader_is_bounded_then_closed_after_write_timeout(make_server, closing, server_log, engine):
+    log = server_log(logging.WARNING)
     high_water = 64 * 1024
     srv = make_server(write_high_water=high_water, write_timeout=0.5)
     other = line_client(srv.address, closing)
     hog = closing(socket.create_connection(srv.address, timeout=DEADLINE))
     port = hog.getsockname()[1]
-    wait_for(lambda: connection_for(srv, port), what="the server to accept the slow reader")
+    # The server's output buffer can be sampled only where the server runs in this
+    # process; a prefork worker's is out of reach, so there the bound goes unchecked.
+    sample_buffer = serves_in_process(engine)
+    if sample_buffer:
+        wait_for(lambda: connection_for(srv, port), what="the server to accept the slow reader")
     hog.setblocking(False)
     message = b"x" * 4000 + b"\n"
     chunk = message * 16
@@ -186,26 +208,27 @@ def test_slow_reader_is_bounded_then_closed_after_write_timeout(make_server, clo
     started = time.monotonic()
     deadline = started + 20
     while time.monotonic() < deadline:
-        conn = connection_for(srv, port)
-        if conn is None and sent:
-            closed_at = time.monotonic()
-            break
-        if conn is not None:
+        if sample_buffer and (conn := connection_for(srv, port)) is not None:
             biggest = max(biggest, len(conn.outbuf))
         try:
             sent += hog.send(chunk)
         except BlockingIOError:
             select_writable(hog, 0.02)  # blocked: wait a little for room, then poll again
         except (BrokenPipeError, ConnectionResetError):
-            pass  # closed by the server: the next poll sees it gone
+            # Closed by the server: it closes with our unread requests in its receive
+            # buffer, so the kernel resets the connection and our next send fails.
+            closed_at = time.monotonic()
+            break
     assert closed_at is not None, f"the slow reader was never closed ({sent} bytes sent)"
+    if sample_buffer:
+        wait_for(lambda: connection_for(srv, port) is None, what="the server to drop the slow reader")
     # The client pushed megabytes; the server held at most about one read's worth of
     # replies beyond the high-water mark (reading pauses between reads, not mid-read).
     assert sent > 8 * high_water
     assert biggest < 8 * high_water, f"output buffer grew to {biggest} bytes"
     assert other.request(b"unaffected") == b"response: unaffected"
-    wait_for(lambda: any("write_timeout" in r.getMessage() and str(port) in r.getMessage()
-                         for r in caplog.records), what="a write_timeout log record")
+    wait_for(lambda: any("write_timeout" in r["message"] and str(port) in r["message"]
+                         for r in log.records()), what="a write_timeout log record")
 
 
 def select_writable(sock, timeout: float) -> bool:
@@ -215,8 +238,8 @@ def select_writable(sock, timeout: float) -> bool:
 
 
 @pytest.mark.parametrize("engine", BLOCKING_ENGINES, indirect=True)
-def test_handler_timeout_closes_the_connection(make_server, closing, caplog, request):
-    caplog.set_level(logging.ERROR, logger="muxpool.server")
+def test_handler_timeout_closes_the_connection(make_server, closing, server_log, request):
+    log = server_log(logging.ERROR)
     app = server_apps.BlockOn(delay=2.0)
     request.addfinalizer(app.release.set)  # let the pool thread go before shutdown
     srv = make_server(app, handler_timeout=0.2)
@@ -230,8 +253,8 @@ def test_handler_timeout_closes_the_connection(make_server, closing, caplog, req
     assert victim.receive() is None  # closed by the server
     assert time.monotonic() - started < 1.0
     assert other.request(b"fine") == b"response: fine"
-    wait_for(lambda: any(r.levelno >= logging.ERROR and "handler_timeout" in r.getMessage()
-                         and str(port) in r.getMessage() for r in caplog.records),
+    wait_for(lambda: any(r["levelno"] >= logging.ERROR and "handler_timeout" in r["message"]
+                         and str(port) in r["message"] for r in log.records()),
              what="an ERROR record about handler_timeout")
     app.release.set()
     assert other.request(b"still fine") == b"response: still fine"
@@ -307,7 +330,9 @@ def test_class_handler_has_state_per_connection(make_server, closing):
     assert b.request(b".") == b"2"
 
 
-def test_instance_handler_is_shared_by_connections(make_server, closing):
+def test_instance_handler_is_shared_by_connections(make_server, closing, engine):
+    in_process_only(engine, "each worker has its own copy of the handler instance, so connections "
+                    "share it only when the kernel hands them to the same worker")
     srv = make_server(server_apps.Counter())
     a = line_client(srv.address, closing)
     b = line_client(srv.address, closing)
@@ -326,10 +351,9 @@ def test_conn_send_inside_a_handler_comes_before_the_reply(make_server, closing)
     assert got == want
 
 
-def test_on_disconnect_called_once_per_connection(make_server, closing):
-    records: list = []
-    lock = threading.Lock()
-    srv = make_server(server_apps.recording_class(records, lock))
+def test_on_disconnect_called_once_per_connection(make_server, closing, tmp_path):
+    path = tmp_path / "disconnects.jsonl"  # the handlers may run in worker processes
+    srv = make_server(server_apps.recording_class(path))
     ports = []
     for i in range(3):
         peer = closing(Peer(srv.address, "line"))
@@ -338,28 +362,38 @@ def test_on_disconnect_called_once_per_connection(make_server, closing):
         assert peer.receive() == b"response: hi %d" % i
         ports.append(peer.local_port)
         peer.close()  # a clean close by the client
-    wait_for(lambda: len(records) >= 3, what="on_disconnect for 3 closed clients")
+    wait_for(lambda: len(server_apps.read_records(path)) >= 3, what="on_disconnect for 3 closed clients")
     left_open = closing(Peer(srv.address, "line"))
     assert left_open.receive() == GREETING
     ports.append(left_open.local_port)
     srv.shutdown(timeout=10)  # closes the last one; every handler call is over when it returns
     assert left_open.receive() is None
-    with lock:
-        final = list(records)
+    final = server_apps.read_records(path)
     assert len(final) == 4, final
-    assert len({id(instance) for instance, _, _ in final}) == 4  # one instance per connection
-    assert [error for _, _, error in final] == [None] * 4
-    assert sorted(peer[1] for _, peer, _ in final) == sorted(ports)
+    assert len({r["instance"] for r in final}) == 4  # one instance per connection
+    assert [r["error"] for r in final] == [None] * 4
+    assert sorted(r["peer"][1] for r in final) == sorted(ports)
 
 
 # --- stats ---------------------------------------------------------------------------------------
 
 
-def test_stats_interval_logs_messages_per_second(make_server, closing, caplog):
+def test_stats_interval_logs_messages_per_second(make_server, closing, caplog, engine, request):
+    if engine == "prefork":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "muxpool bug: with prefork, stats_interval logs only 'prefork: N workers, C connections "
+            "served, M messages handled' (PreforkEngine._report), no messages/s, handler p50/p99 or "
+            "queue depth, which the README's options table and --stats-interval's help promise")))
+    # The prefork supervisor logs in this process, so caplog sees its stats line too.
     caplog.set_level(logging.INFO, logger="muxpool.server")
     srv = make_server(stats_interval=0.2)
     client = line_client(srv.address, closing)
     for i in range(10):
         assert client.request(b"%d" % i) == b"response: %d" % i
-    wait_for(lambda: any("messages/s" in r.getMessage() for r in caplog.records
-                         if r.name == "muxpool.server"), what="a stats line")
+
+    def stats_lines():  # every engine's periodic line mentions messages; no other record does
+        return [message for r in caplog.records
+                if r.name == "muxpool.server" and "messages" in (message := r.getMessage())]
+
+    lines = wait_for(stats_lines, what="a stats line")
+    assert any("messages/s" in line for line in lines), lines
