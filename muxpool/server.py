@@ -136,6 +136,7 @@ class Server:
         self.mux = Multiplexer()
         # A prefork worker serves the socket its parent bound and handed down.
         self.listener = listener if listener is not None else make_listener(config)
+        self._owns_listener = listener is None  # a prefork worker must not unlink its parent's path
         self._address = self.listener.getsockname()
         self.stats = ServerStats()
         self.connections: dict[int, Connection] = {}
@@ -186,11 +187,12 @@ class Server:
         log.info("muxpool serving %s on %s (engine=%s, %s, framing=%s)", _app_name(self.app),
                  _format_address(self.address), self.config.engine, self.engine.describe(),
                  self.config.framing)
-        self._serving.set()
         try:
-            self.engine.supervise(self)
+            self.engine.supervise(self, ready=self._serving.set)
         finally:
             self.listener.close()
+            if self.config.unix_path and self._owns_listener:
+                _unlink_quietly(self.config.unix_path)
             self.mux.close()
             log.info("muxpool stopped")
             self._stopped.set()
@@ -235,7 +237,7 @@ class Server:
             return
         self._set_accepting(False)
         self.listener.close()
-        if self.config.unix_path:
+        if self.config.unix_path and self._owns_listener:
             _unlink_quietly(self.config.unix_path)
         for conn in list(self.connections.values()):
             conn.close_when_done()
@@ -412,8 +414,12 @@ class Server:
             conn.write_timer = self.mux.call_later(limit - stalled, lambda: self._check_write(conn))
 
     def _report_stats(self) -> None:
-        log.info("%s", self.stats.line(len(self.connections), self.engine.queue_depth()))
+        self.report_stats(len(self.connections), self.engine.queue_depth())
         self.mux.call_later(self.config.stats_interval, self._report_stats)
+
+    def report_stats(self, connections: int, queued: int) -> None:
+        """Log the ``--stats-interval`` line (a prefork worker publishes it instead)."""
+        log.info("%s", self.stats.line(connections, queued))
 
     def new_framer(self):
         return make_framer(self.config.framing, self.config.max_message_size)

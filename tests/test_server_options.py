@@ -379,11 +379,6 @@ def test_on_disconnect_called_once_per_connection(make_server, closing, tmp_path
 
 
 def test_stats_interval_logs_messages_per_second(make_server, closing, caplog, engine, request):
-    if engine == "prefork":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "muxpool bug: with prefork, stats_interval logs only 'prefork: N workers, C connections "
-            "served, M messages handled' (PreforkEngine._report), no messages/s, handler p50/p99 or "
-            "queue depth, which the README's options table and --stats-interval's help promise")))
     # The prefork supervisor logs in this process, so caplog sees its stats line too.
     caplog.set_level(logging.INFO, logger="muxpool.server")
     srv = make_server(stats_interval=0.2)

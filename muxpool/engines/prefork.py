@@ -33,11 +33,14 @@ from dataclasses import replace
 from multiprocessing.sharedctypes import RawArray
 
 from ..multiplexer import EVENT_READ
+from ..stats import format_line
 from .base import Engine
 
 log = logging.getLogger("muxpool.server")
 
-_FIELDS = 2  # per worker slot: connections served, messages handled
+# Per worker slot: connections served, messages handled, open connections, handler
+# p50 and p99 in microseconds over the last stats interval, queued messages.
+_FIELDS = 6
 _YOUNG = 1.0  # seconds: a worker dying younger than this counts toward back-off
 _MAX_BACKOFF = 5.0
 
@@ -79,7 +82,8 @@ class PreforkEngine(Engine):
 
     # --- the parent --------------------------------------------------------------
 
-    def supervise(self, server) -> None:
+    def supervise(self, server, ready=lambda: None) -> None:
+        """Fork the workers, call ``ready()``, then supervise until drained."""
         self._server = server
         mux = server.mux
         previous = {}
@@ -88,6 +92,7 @@ class PreforkEngine(Engine):
         try:
             for _ in range(self.processes):
                 self._spawn()
+            ready()  # only now: a socket the caller opens after start() is not copied into a worker
             if self.config.stats_interval:
                 mux.call_later(self.config.stats_interval, self._report)
             mux.run()
@@ -116,16 +121,15 @@ class PreforkEngine(Engine):
         log.info("prefork worker %d started", pid)
 
     def _reap(self) -> None:
-        while True:
+        # Our own workers only, by pid: other children of this process are not ours to reap.
+        for worker in list(self.workers.values()):
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(worker.pid, os.WNOHANG)
             except ChildProcessError:
-                break
+                pid, status = worker.pid, 0
             if pid == 0:
-                break
-            worker = self.workers.pop(pid, None)
-            if worker is None:
                 continue
+            del self.workers[worker.pid]
             self._server.mux.unregister(worker.pidfd)
             os.close(worker.pidfd)
             for field in range(_FIELDS):
@@ -195,19 +199,31 @@ class PreforkEngine(Engine):
         except ProcessLookupError:
             pass
 
+    def _slot(self, worker: _Worker) -> list[int]:
+        return list(self.shared[worker.slot * _FIELDS:(worker.slot + 1) * _FIELDS])
+
     def totals(self) -> tuple[int, int]:
         """Connections served and messages handled by every worker, past and present."""
-        values = [0] * _FIELDS
-        for worker in self.workers.values():
-            for field in range(_FIELDS):
-                values[field] += self.shared[worker.slot * _FIELDS + field]
-        connections, messages = (v + r for v, r in zip(values, self._retired_totals))
+        connections, messages = self._retired_totals[0], self._retired_totals[1]
+        for worker in list(self.workers.values()):
+            slot = self._slot(worker)
+            connections += slot[0]
+            messages += slot[1]
         return connections, messages
 
     def _report(self) -> None:
-        connections, messages = self.totals()
-        log.info("prefork: %d workers, %d connections served, %d messages handled",
-                 len(self.workers), connections, messages)
+        """The same line as one server's, summed over the workers (the slowest
+        worker's p50/p99: one slow worker must not hide behind a fast one)."""
+        slots = [self._slot(w) for w in list(self.workers.values())]
+        served, messages = self.totals()
+        now = time.monotonic()
+        last_messages, last_at = getattr(self, "_last_report", (messages, now - self.config.stats_interval))
+        self._last_report = (messages, now)
+        rate = (messages - last_messages) / max(1e-9, now - last_at)
+        log.info("prefork: %d workers, %d connections served, %d messages handled: %s",
+                 len(slots), served, messages, format_line(
+            sum(s[2] for s in slots), rate, max((s[3] for s in slots), default=0) / 1000,
+            max((s[4] for s in slots), default=0) / 1000, sum(s[5] for s in slots)))
         self._server.mux.call_later(self.config.stats_interval, self._report)
 
     # --- a worker ----------------------------------------------------------------------
@@ -221,18 +237,24 @@ class PreforkEngine(Engine):
         parent.mux.close()  # the parent's epoll and wakeup fds, inherited: not ours
         for other in self.workers.values():
             os.close(other.pidfd)
-        config = replace(self.config, engine=self.config.worker_engine, stats_interval=None)
+        config = replace(self.config, engine=self.config.worker_engine)
         worker = Server(parent.app, listener=parent.listener, ssl_context=parent.ssl_context,
                         **vars(config))
         signal.signal(signal.SIGTERM, lambda *_: worker.shutdown(wait=False))
         shared, base = self.shared, slot * _FIELDS
 
-        def publish():
+        def publish_totals():
             shared[base] = worker.stats.connections_total
             shared[base + 1] = worker.stats.messages_total
-            worker.mux.call_later(0.5, publish)
+            worker.mux.call_later(0.5, publish_totals)
 
-        worker.mux.call_later(0.5, publish)
+        def publish_interval(connections: int, queued: int) -> None:  # instead of logging
+            _rate, p50, p99 = worker.stats.snapshot()
+            shared[base + 2], shared[base + 3] = connections, int(p50 * 1000)
+            shared[base + 4], shared[base + 5] = int(p99 * 1000), queued
+
+        worker.report_stats = publish_interval
+        worker.mux.call_later(0.5, publish_totals)
         worker.serve_forever()
         shared[base] = worker.stats.connections_total
         shared[base + 1] = worker.stats.messages_total

@@ -7,8 +7,8 @@ and settles our ``concurrent.futures.Future`` or the ``run`` callback.
 
 Dask's ``add_done_callback`` (run on Dask's callback thread) only hands the
 finished Dask future to the pool's one housekeeper thread, which fetches the
-results of everything finished meanwhile with a single ``gather`` (a
-round trip per batch, not per task: measured here, 1.5x the throughput of a
+results of everything finished meanwhile with a single ``gather`` (a round
+trip per batch, not per task: measured here, about 1.5x the throughput of a
 ``result()`` per callback). The same thread holds the ``task_timeout`` heap,
 sends cancellations to the scheduler and, at the end, closes the client and
 the cluster the pool owns, so callers never wait on the cluster. Settling
@@ -19,7 +19,13 @@ goes through one lock and a per-task flag: a completion, a timeout, a
 What cannot be done: Dask cannot interrupt a task that already runs in a
 worker thread. ``task_timeout``, ``cancel()`` and ``terminate()`` release the
 Dask future and discard the result; the call itself runs on until it
-returns and occupies its worker thread meanwhile. A worker process that dies
+returns and occupies its worker thread meanwhile (on a cluster the pool
+started, ``terminate()`` then closes it, and Dask's nanny kills a worker
+still busy after its grace period of about 4 s: ``join()`` waits for that).
+Nor does the client learn when a task starts, so ``task_timeout`` counts
+from submission, and ``stats()`` takes the oldest in-flight tasks, one per
+worker thread, to be the running ones (``terminate()`` counts those as
+failed, the rest as cancelled). A worker process that dies
 is replaced by its nanny; Dask reschedules the tasks it held on other workers
 and fails a task with ``distributed.KilledWorker`` only once workers died
 running it more than ``distributed.scheduler.allowed-failures`` times (3 by
