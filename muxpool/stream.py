@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
+import struct
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +51,7 @@ class StreamConnection:
         self.closed = False
         self._send_lock = server.engine.make_lock()
         self._calls = 0  # handler calls started; a handler_timeout timer checks it
+        self._kernel_timeouts = False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.peer}>"
@@ -99,24 +102,32 @@ class StreamConnection:
     # --- the connection's own thread or greenlet ------------------------------------
 
     def _write(self, data: bytes) -> None:
-        config = self.server.config
         with self._send_lock:
-            self.sock.settimeout(config.write_timeout)
+            if not self._kernel_timeouts:
+                self.sock.settimeout(self.server.config.write_timeout)
             try:
                 self.sock.sendall(data)
-            except socket.timeout:
+            except (socket.timeout, BlockingIOError):  # BlockingIOError: SO_SNDTIMEO expired
                 log.warning("closing %s: reply blocked for %s s (write_timeout)", self.peer,
-                            config.write_timeout)
+                            self.server.config.write_timeout)
                 raise
 
     def prepare_socket(self) -> None:
         self.sock.setblocking(True)
         self.start_tls()
-        high_water = self.server.config.write_high_water
+        config = self.server.config
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, high_water)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.write_high_water)
         except OSError:
             pass
+        # A Python-level socket timeout polls before every recv and send: a
+        # syscall per message. Real threads can let the kernel time the blocking
+        # call instead (SO_RCVTIMEO / SO_SNDTIMEO); greenlets cannot.
+        self._kernel_timeouts = self.server.engine.kernel_timeouts
+        if self._kernel_timeouts:
+            for option, seconds in ((socket.SO_RCVTIMEO, config.idle_timeout),
+                                    (socket.SO_SNDTIMEO, config.write_timeout)):
+                self.sock.setsockopt(socket.SOL_SOCKET, option, _timeval(seconds))
 
     def serve(self) -> None:
         """Run the connection to its end; always closes the socket and reports it."""
@@ -146,11 +157,15 @@ class StreamConnection:
         greeting = self._timed(session.on_connect, self)
         if greeting is not None:
             self._write(encode(greeting))
+        recv = self.sock.recv
+        on_message, write = session.on_message, self._write
+        timed = self._timed if config.handler_timeout else None
         while not self.closing:
-            self.sock.settimeout(config.idle_timeout)
+            if not self._kernel_timeouts:
+                self.sock.settimeout(config.idle_timeout)
             try:
-                data = self.sock.recv(READ_SIZE)
-            except socket.timeout:
+                data = recv(READ_SIZE)
+            except (socket.timeout, BlockingIOError, ssl.SSLWantReadError):  # the latter two: SO_RCVTIMEO
                 log.info("closing %s: idle for %s s (idle_timeout)", self.peer, config.idle_timeout)
                 return
             try:
@@ -160,9 +175,9 @@ class StreamConnection:
                     log.warning("closing %s: %s", self.peer, exc)
                 return
             for message in messages:
-                reply = self._timed(session.on_message, self, message)
+                reply = on_message(self, message) if timed is None else timed(on_message, self, message)
                 if reply is not None:
-                    self._write(encode(reply))
+                    write(encode(reply))
             if framer.pending_error is not None:
                 log.warning("closing %s: %s", self.peer, framer.pending_error)
                 return
@@ -209,3 +224,10 @@ class StreamConnection:
             except Exception:
                 log.exception("on_disconnect failed for %s", self.peer)
         self.server.forget_from_any_thread(self)
+
+
+def _timeval(seconds: float | None) -> bytes:
+    """A ``struct timeval`` for SO_RCVTIMEO/SO_SNDTIMEO; zero means no timeout."""
+    seconds = seconds or 0.0
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))

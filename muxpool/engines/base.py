@@ -11,6 +11,7 @@ class Engine:
     name = "engine"
     per_connection = False
     can_block = True
+    kernel_timeouts = False  # stream connections: may the kernel time blocking calls?
 
     def __init__(self, config):
         self.config = config

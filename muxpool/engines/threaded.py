@@ -21,6 +21,7 @@ class ThreadedEngine(Engine):
     name = "threaded"
     per_connection = True
     can_block = True
+    kernel_timeouts = True  # real threads: SO_RCVTIMEO/SO_SNDTIMEO, no poll per recv
 
     def spawn(self, fn, name: str) -> None:
         threading.Thread(target=fn, name=name, daemon=True).start()
