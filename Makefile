@@ -24,10 +24,10 @@ bench: setup
 	$(BIN)/python benchmarks/engines.py
 
 bench-pools: setup
-	$(BIN)/python benchmarks/pools.py
+	$(BIN)/python benchmarks/pools.py --markdown docs/pools-benchmark.md
 
 bench-idle: setup
-	$(BIN)/python benchmarks/idle_connections.py
+	$(BIN)/python benchmarks/idle_connections.py --markdown docs/idle-connections.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
