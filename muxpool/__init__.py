@@ -71,10 +71,9 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "GeventPool":
-        from .pools.gevent import GeventPool
-        return GeventPool
-    if name == "DaskPool":
-        from .pools.dask import DaskPool
-        return DaskPool
+    # GeventPool and DaskPool load their optional dependency on first use.
+    if name in ("GeventPool", "DaskPool"):
+        from . import pools
+
+        return getattr(pools, name)
     raise AttributeError(f"module 'muxpool' has no attribute {name!r}")
