@@ -88,6 +88,13 @@ def add_serve(commands) -> None:
         if field.name == "framing":
             kwargs["choices"] = list(FRAMERS)
         parser.add_argument(flag, **kwargs)
+    parser.add_argument("--pool", choices=["process", "dask"],
+                        help="threadpool engine: run each message's handler in this pool instead "
+                        "(the handler must be picklable; connects/disconnects stay local)")
+    parser.add_argument("--pool-workers", type=int, help="processes for --pool process / "
+                        "local Dask workers for --pool dask (default: cores / 2)")
+    parser.add_argument("--dask-address", help="with --pool dask: an existing scheduler, "
+                        "e.g. tcp://10.0.0.5:8786 (default: a LocalCluster on 127.0.0.1)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.set_defaults(func=run_serve)
 
@@ -103,8 +110,28 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     app = load_app(args.app) if args.app else None
     options = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
-    serve(app, **options)
+    pool = _offload_pool(args)
+    try:
+        serve(app, pool=pool, **options)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join(30)
     return 0
+
+
+def _offload_pool(args: argparse.Namespace):
+    if args.pool == "process":
+        from .pools import ProcessPool
+
+        return ProcessPool(args.pool_workers)
+    if args.pool == "dask":
+        from .pools import DaskPool
+
+        if args.dask_address:
+            return DaskPool(args.dask_address)
+        return DaskPool(n_workers=args.pool_workers or 2)
+    return None
 
 
 def parse_address(text: str | None, default_port: int = 8088) -> tuple[str, int]:

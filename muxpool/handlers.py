@@ -46,6 +46,19 @@ def _session_of(obj: Any) -> Session:
                    getattr(obj, "on_disconnect", _no_disconnect))
 
 
+class FunctionHandler:
+    """The function form as an object: picklable when the function is, so a
+    pool in another process can run it (the threadpool engine's ``pool=``)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def on_message(self, conn, message: bytes) -> Reply:
+        return self.fn(message, conn)
+
+
 def resolve_handler(app: Any) -> Callable[[], Session]:
     """Return a zero-argument factory of per-connection :class:`Session` objects.
 
@@ -59,9 +72,7 @@ def resolve_handler(app: Any) -> Callable[[], Session]:
         shared = _session_of(app)
         return lambda: shared
     if callable(app):
-        def on_message(conn, message, _fn=app):
-            return _fn(message, conn)
-        shared = Session(_no_connect, on_message, _no_disconnect)
+        shared = Session(_no_connect, FunctionHandler(app).on_message, _no_disconnect)
         return lambda: shared
     raise TypeError(f"{app!r} is not a handler: give a function handle(message, conn) "
                     "or a class with on_message(conn, message)")

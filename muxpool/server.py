@@ -105,13 +105,20 @@ class Server:
     """
 
     def __init__(self, app: Any = None, *, listener: socket.socket | None = None,
-                 ssl_context: ssl.SSLContext | None = None, **options: Any):
+                 ssl_context: ssl.SSLContext | None = None, pool: Any = None, **options: Any):
         unknown = set(options) - set(ServerConfig.names())
         if unknown:
             raise TypeError(f"unknown server option(s): {', '.join(sorted(unknown))}")
         self.config = config = ServerConfig(**options)
         self.app = app if app is not None else EchoService()
-        self.engine = load_engine(config.engine)(config)
+        engine_class = load_engine(config.engine)
+        if pool is not None:
+            if config.engine != "threadpool":
+                raise ValueError("pool= offloads handlers from the threadpool engine; "
+                                 f"the {config.engine} engine runs them itself")
+            self.engine = engine_class(config, pool=pool)
+        else:
+            self.engine = engine_class(config)
         self.request_handler = is_request_handler(self.app)
         if self.request_handler:
             if not self.engine.can_block:
