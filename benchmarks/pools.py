@@ -45,6 +45,11 @@ try:
 except ImportError:
     pebble = None
 
+try:
+    from muxpool.pools.dask import DaskPool
+except ImportError:  # muxpool[dask] not installed: the Dask rows are skipped
+    DaskPool = None
+
 THREAD_WORKERS = 4
 PROCESS_WORKERS = 2
 WARM_PAUSE = 0.005  # seconds: long enough that every worker gets a warm-up task
@@ -152,6 +157,7 @@ KINDS = {
     "mp-threads": PoolKind(multiprocessing.pool.ThreadPool, apply_each, close_join),
     "mp-processes": PoolKind(CTX.Pool, apply_each, close_join),
     "pebble-processes": PoolKind(lambda w: pebble.ProcessPool(w, context=CTX), schedule_each, close_join),
+    "muxpool-dask": PoolKind(lambda w: DaskPool(n_workers=w), submit_each, close_join),
 }
 
 
@@ -316,8 +322,22 @@ def cpu_bound(s: Scale, iterations: int) -> Section:
         f"calibrated at start), {w} workers", "time", "speed-up vs serial",
         [Case("serial", "serial, no pool", None, 1, spin, args, serial),
          Case("mux-cpu-threads", "muxpool ThreadPool.submit", "muxpool-threads", w, spin, args),
-         Case("mux-cpu-procs", "muxpool ProcessPool.submit", "muxpool-processes", w, spin, args)],
+         Case("mux-cpu-procs", "muxpool ProcessPool.submit", "muxpool-processes", w, spin, args)]
+        + ([Case("mux-cpu-dask", f"muxpool DaskPool.submit (LocalCluster of {w} workers)",
+                 "muxpool-dask", w, spin, args)] if DaskPool else []),
         anchor="serial")
+
+
+def per_task_overhead(s: Scale) -> Section:
+    """What one tiny task costs on each kind of pool (the reciprocal of the rate)."""
+    w, args = PROCESS_WORKERS, list(range(max(200, s.per_task // 10)))
+    cases = [Case("ovh-threads", "muxpool ThreadPool.submit", "muxpool-threads", w, noop, args),
+             Case("ovh-procs", "muxpool ProcessPool.submit", "muxpool-processes", w, noop, args)]
+    if DaskPool:
+        cases.append(Case("ovh-dask", "muxpool DaskPool.submit", "muxpool-dask", w, noop, args))
+    return Section(f"5. Per-task overhead: {len(args):,} x noop(i), {w} workers "
+                   "(1 / rate = the cost of one task)", "rate", "ratio vs ProcessPool",
+                   cases, anchor="ovh-procs")
 
 
 # --- output ----------------------------------------------------------------------------------
@@ -329,6 +349,7 @@ TARGETS = [  # (what, row key, comparison, threshold); a row's ratio is against 
     ("ProcessPool.map >= 1.0x multiprocessing.Pool.map (same chunksize)", "mux-proc-map", ">=", 1.0),
     ("I/O-bound ThreadPool within 1.1x of ideal", "mux-io", "<=", 1.1),
     ("CPU-bound ProcessPool >= 1.8x serial", "mux-cpu-procs", ">=", 1.8),
+    ("CPU-bound DaskPool (LocalCluster of 2) >= 1.5x serial", "mux-cpu-dask", ">=", 1.5),
 ]
 
 
@@ -373,6 +394,9 @@ def targets(ratio: dict[str, float], quick: bool) -> list[str]:
     if quick:
         lines += ["(quick run: tasks are 10x fewer or shorter, so these are only indicative)", ""]
     for what, key, op, threshold in TARGETS:
+        if key not in ratio:
+            lines.append(f"- {what}: not measured (its pool is not installed)")
+            continue
         value = ratio[key]
         ok = value >= threshold if op == ">=" else value <= threshold
         lines.append(f"- {what}: measured {value:.2f}x -> {'PASS' if ok else 'MISS'}")
@@ -403,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     emit(header(opts), document)
     iterations = calibrate(scale.cpu_seconds)
     sections = [tiny_threads(scale), tiny_processes(scale), process_maps(scale),
-                io_bound(scale), cpu_bound(scale, iterations)]
+                io_bound(scale), cpu_bound(scale, iterations), per_task_overhead(scale)]
     ratio: dict[str, float] = {}
     for section in sections:
         print(section.title, file=sys.stderr, flush=True)
