@@ -128,7 +128,6 @@ class Connection:
             self.abort(exc)
             return
         n = len(data)
-        self.last_active = time.monotonic()
         if self.tls is not None:
             data = self.tls_receive(data)
             if data is None:
@@ -143,6 +142,10 @@ class Connection:
         if n == 0:
             self.eof = True
             self.update_interest()
+        if messages:
+            # Idle means "no complete message", not "no byte": a client that
+            # trickles one byte a second (slowloris) still goes idle.
+            self.last_active = time.monotonic()
         if server.inline and not self.busy:
             server.stats.messages_total += len(messages)
             self.handle_inline(messages)
@@ -181,7 +184,7 @@ class Connection:
         for message in messages:
             try:
                 reply = on_message(self, message)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
                 log.error("handler failed for %s", self.peer, exc_info=exc)
                 self.close_when_done(drop_backlog=True)
                 return

@@ -142,7 +142,7 @@ class StreamConnection:
             error = None if self.closing else exc
             if not self.closing:
                 log.debug("connection %s ended: %s", self.peer, exc)
-        except Exception as exc:  # a handler's: logged with the peer, the server goes on
+        except (Exception, SystemExit) as exc:  # a handler's (sys.exit() too): logged, the server goes on
             error = exc
             log.error("handler failed for %s", self.peer, exc_info=exc)
         finally:
@@ -160,13 +160,17 @@ class StreamConnection:
         recv = self.sock.recv
         on_message, write = session.on_message, self._write
         timed = self._timed if config.handler_timeout else None
+        idle = config.idle_timeout
+        last_message = time.monotonic()
+        shortened = False  # the read timeout is below idle_timeout: a message is half in
         while not self.closing:
             if not self._kernel_timeouts:
-                self.sock.settimeout(config.idle_timeout)
+                self.sock.settimeout(idle)
             try:
                 data = recv(READ_SIZE)
             except (socket.timeout, BlockingIOError, ssl.SSLWantReadError):  # the latter two: SO_RCVTIMEO
-                log.info("closing %s: idle for %s s (idle_timeout)", self.peer, config.idle_timeout)
+                log.info("closing %s: no complete message for %s s (idle_timeout)", self.peer,
+                         config.idle_timeout)
                 return
             try:
                 messages = framer.feed(data)
@@ -178,11 +182,28 @@ class StreamConnection:
                 reply = on_message(self, message) if timed is None else timed(on_message, self, message)
                 if reply is not None:
                     write(encode(reply))
+            if config.idle_timeout and data:
+                # Idle means "no complete message", not "no byte": a client that
+                # trickles a byte at a time (slowloris) gets only what is left.
+                if messages:
+                    last_message = time.monotonic()
+                    if shortened:
+                        idle, shortened = config.idle_timeout, False
+                        self._set_read_timeout(idle)
+                else:
+                    idle = max(0.001, config.idle_timeout - (time.monotonic() - last_message))
+                    shortened = True
+                    self._set_read_timeout(idle)
             if framer.pending_error is not None:
                 log.warning("closing %s: %s", self.peer, framer.pending_error)
                 return
             if not data:
                 return
+
+    def _set_read_timeout(self, seconds: float) -> None:
+        if self._kernel_timeouts:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+        # else: run() calls settimeout(idle) before every recv
 
     def _timed(self, fn, *args):
         limit = self.server.config.handler_timeout

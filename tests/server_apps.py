@@ -263,3 +263,12 @@ def read_records(path) -> list[dict]:
             return [json.loads(line) for line in f if line.endswith("\n")]
     except FileNotFoundError:
         return []
+
+
+def exits_on_exit(message, conn):
+    """A function handler that calls sys.exit() for b"exit" and answers b"ok" otherwise."""
+    if bytes(message) == b"exit":
+        import sys
+
+        sys.exit(3)
+    return b"ok"

@@ -738,3 +738,47 @@ def test_2000_simultaneous_connections(many_fds, make_server, crowd):
     assert clients.replies == 2000
     clients.close()
     wait_for(lambda: held_connections(srv) == 0, what="the server to drop 2,000 closed connections")
+
+
+# --- hostile clients and faults -------------------------------------------------------------------
+
+
+def test_a_handler_calling_sys_exit_ends_its_connection_not_the_server(make_server, connect):
+    srv = make_server(server_apps.exits_on_exit)
+    good = connect(srv, greeting=False)
+    assert good.request(b"before") == b"ok"
+    bad = connect(srv, greeting=False)
+    bad.send(b"exit")
+    with pytest.raises((ConnectionBroken, ConnectionResetError)):
+        bad.receive()
+    assert good.request(b"after") == b"ok"
+    assert connect(srv, greeting=False).request(b"new") == b"ok"
+
+
+def test_slowloris_is_closed_by_idle_timeout(make_server, connect, framing):
+    """idle_timeout counts from the last complete message, so a client trickling one
+    byte at a time never completing one is closed; a client sending whole messages is not."""
+    if framing == "raw":
+        pytest.skip("raw framing: every byte that arrives is a whole message")
+    srv = make_server(idle_timeout=0.6)
+    active = connect(srv)
+    slow = socket.create_connection(srv.address[:2], timeout=DEADLINE)
+    try:
+        if framing == "length":
+            slow.sendall((100).to_bytes(4, "big"))  # a 100-byte message, then a byte at a time
+        slow.settimeout(0.05)
+        started = time.monotonic()
+        closed_after = None
+        while time.monotonic() - started < DEADLINE and closed_after is None:
+            try:
+                slow.send(b"x")  # never a whole frame
+                if slow.recv(4096) == b"":
+                    closed_after = time.monotonic() - started
+            except socket.timeout:
+                pass
+            except OSError:
+                closed_after = time.monotonic() - started
+            assert active.request(b"alive") == PREFIX + b"alive"
+        assert closed_after is not None and closed_after < 3.0, closed_after
+    finally:
+        slow.close()

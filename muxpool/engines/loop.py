@@ -29,7 +29,7 @@ class LoopEngine(Engine):
         started = time.perf_counter()
         try:
             value = fn(conn, arg)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
             self._server.handler_done(conn, False, exc, time.perf_counter() - started)
         else:
             self._server.handler_done(conn, True, value, time.perf_counter() - started)

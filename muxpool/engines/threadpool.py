@@ -74,7 +74,7 @@ class ThreadPoolEngine(Engine):
         started = time.perf_counter()
         try:
             value, ok = fn(conn, arg), True
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
             value, ok = exc, False
         finally:
             marker.active = False
