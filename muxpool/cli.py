@@ -29,7 +29,7 @@ _HELP = {
     "processes": "worker processes for the prefork engine (default: the number of cores)",
     "worker_engine": "engine inside each prefork worker: loop, threadpool or threaded",
     "max_connections": "connections served at once; the rest wait in the backlog",
-    "idle_timeout": "close a connection silent this many seconds (0: never)",
+    "idle_timeout": "close a connection that completes no message for this many seconds (0: never)",
     "max_message_size": "largest message in bytes; larger closes the connection",
     "write_high_water": "unsent reply bytes above which a connection's reading pauses",
     "write_timeout": "close a connection whose replies make no progress this long",
