@@ -101,13 +101,16 @@ class Connection:
         if events == self.events or self.closed:
             return
         mux = self.server.mux
+        # Reading only (nearly always): the loop calls read() with no dispatch step.
+        callback = self.on_ready if events & EVENT_WRITE else self.read
         if not events:
             mux.unregister(self.sock)
         elif not self.events:
-            mux.register(self.sock, events, self.on_ready)
+            mux.register(self.sock, events, callback)
         else:
-            mux.modify(self.sock, events, self.on_ready)
+            mux.modify(self.sock, events, callback)
         self.events = events
+
 
     def on_ready(self, mask: int) -> None:
         if mask & EVENT_READ:
@@ -115,7 +118,7 @@ class Connection:
         if mask & EVENT_WRITE and not self.closed:
             self.flush()
 
-    def read(self) -> None:
+    def read(self, mask: int = 0) -> None:
         server = self.server
         try:
             # 64 KiB: below glibc's mmap threshold. A 256 KiB recv (asyncio's
@@ -170,7 +173,7 @@ class Connection:
             self.abort(exc)
             return None
         if reply:
-            self.write_raw(reply)
+            self.write(reply, raw=True)
         if tls.handshaken and not was_handshaken:
             self.server.tls_ready(self)
         if not data:
@@ -232,16 +235,13 @@ class Connection:
             self.resume_if_drained()
         self.maybe_finish()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, raw: bool = False) -> None:
+        """Send ``data`` (encrypted first under TLS, unless ``raw``); what the
+        socket will not take waits in ``outbuf``."""
         if self.closed:
             return
-        if self.tls is not None:
+        if self.tls is not None and not raw:
             data = self.tls.send(data)
-        self.write_raw(data)
-
-    def write_raw(self, data: bytes) -> None:
-        if self.closed:
-            return
         if not self.outbuf:
             try:
                 sent = self.sock.send(data)
