@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test bench bench-pools bench-idle clean
+.PHONY: setup serve test bench bench-pools bench-idle soak clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ bench: setup
 
 bench-pools: setup
 	$(BIN)/python benchmarks/pools.py --markdown docs/pools-benchmark.md
+
+soak: setup
+	$(BIN)/python benchmarks/soak.py
 
 bench-idle: setup
 	$(BIN)/python benchmarks/idle_connections.py --markdown docs/idle-connections.md

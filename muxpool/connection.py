@@ -8,9 +8,10 @@ Order: at most one handler call per connection runs at a time; messages that
 arrive meanwhile wait in ``backlog`` and run in arrival order, so replies
 leave in request order whatever engine runs the handler.
 
-Backpressure: reading pauses while the backlog is long or while more than
-``write_high_water`` bytes of replies wait for a slow reader, and resumes
-below a quarter of that, so a client that never reads cannot grow memory.
+Backpressure: reading pauses while the backlog is long (in messages or in
+bytes) or while more than ``write_high_water`` bytes of replies wait for a
+slow reader — queued messages then wait too — and resumes below a quarter of
+that, so a client that never reads cannot grow memory.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Connection:
         self.encode = server.encoder.encode  # replies are not bound by the inbound limit
         self.outbuf = bytearray()
         self.backlog: collections.deque = collections.deque()
+        self.backlog_bytes = 0
         self.busy = False
         self.reading = True   # we want input
         self.eof = False      # the peer sent EOF, or we stopped reading for good
@@ -206,7 +208,10 @@ class Connection:
         """Run ``fn(conn, arg)`` through the engine, after any earlier call."""
         if self.busy:
             self.backlog.append((fn, arg))
-            if len(self.backlog) >= MAX_BACKLOG and self.reading:
+            if isinstance(arg, bytes):
+                self.backlog_bytes += len(arg)
+            if self.reading and (len(self.backlog) >= MAX_BACKLOG
+                                 or self.backlog_bytes > self.server.config.write_high_water):
                 self.reading = False
                 self.update_interest()
             return
@@ -227,13 +232,25 @@ class Connection:
             log.error("handler failed for %s", self.peer, exc_info=value)
             self.close_when_done(drop_backlog=True)
         if self.backlog:
-            fn, arg = self.backlog.popleft()
-            self.busy = True
-            self.server.run_handler(self, fn, arg)
+            self.run_next()
             return
         if not self.reading and not self.closing and not self.eof:
             self.resume_if_drained()
         self.maybe_finish()
+
+    def run_next(self) -> None:
+        """Start the next queued call — unless replies are waiting for a slow
+        reader: then the queue waits too (flush() resumes it), so
+        write_high_water bounds what this connection buffers."""
+        if self.busy or not self.backlog:
+            return
+        if len(self.outbuf) > self.server.config.write_high_water and not self.closed:
+            return
+        fn, arg = self.backlog.popleft()
+        if isinstance(arg, bytes):
+            self.backlog_bytes -= len(arg)
+        self.busy = True
+        self.server.run_handler(self, fn, arg)
 
     def write(self, data: bytes, raw: bool = False) -> None:
         """Send ``data`` (encrypted first under TLS, unless ``raw``); what the
@@ -270,6 +287,8 @@ class Connection:
             return
         del self.outbuf[:sent]
         self.write_progress = time.monotonic()
+        if self.backlog and len(self.outbuf) <= self.server.config.write_high_water // 4:
+            self.run_next()
         if not self.outbuf:
             self.update_interest()
             self.maybe_finish()
@@ -278,7 +297,8 @@ class Connection:
 
     def resume_if_drained(self) -> None:
         if (len(self.outbuf) <= self.server.config.write_high_water // 4
-                and len(self.backlog) < MAX_BACKLOG // 2):
+                and len(self.backlog) < MAX_BACKLOG // 2
+                and self.backlog_bytes <= self.server.config.write_high_water // 4):
             self.reading = True
             self.update_interest()
 
@@ -291,6 +311,7 @@ class Connection:
         self.reading = False
         if drop_backlog:
             self.backlog.clear()
+            self.backlog_bytes = 0
         self.update_interest()
         self.maybe_finish()
 
@@ -306,6 +327,7 @@ class Connection:
             return
         self.closed = True
         self.backlog.clear()
+        self.backlog_bytes = 0
         self.outbuf.clear()
         if self.events:
             self.server.mux.unregister(self.sock)
