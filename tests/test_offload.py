@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
 import offload_apps
+from cli_server import cli_server, stop_gracefully
 from muxpool import Client, ConnectionBroken, EchoService, ProcessPool, Server
 from muxpool.loadtest import LoadSpec, run_load
 
@@ -67,30 +63,10 @@ def test_a_dask_cluster_serves_the_handlers_end_to_end_under_the_bench_generator
     assert report.errors == {}
 
 
-def test_cli_serve_with_a_process_pool(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+def test_cli_serve_with_a_process_pool():
     env = dict(os.environ, PYTHONPATH=os.path.dirname(offload_apps.__file__))
-    server = subprocess.Popen([sys.executable, "-m", "muxpool.cli", "serve", "offload_apps:worker_pid",
-                               "--port", str(port), "--framing", "line", "--pool", "process",
-                               "--pool-workers", "1"], env=env, stderr=subprocess.PIPE,
-                              start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "server did not start"
-                time.sleep(0.05)
+    with cli_server("offload_apps:worker_pid", "--framing", "line", "--pool", "process",
+                    "--pool-workers", "1", env=env) as (server, port):
         with Client("127.0.0.1", port, framing="line", greeting=False) as client:
             assert int(client.request(b"x")) != server.pid
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(30) == 0
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        server.stderr.close()
+        assert stop_gracefully(server) == 0

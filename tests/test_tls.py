@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -13,6 +11,7 @@ import time
 
 import pytest
 
+from cli_server import cli_server, stop_gracefully
 from muxpool import Client, Server
 
 trustme = pytest.importorskip("trustme")
@@ -94,32 +93,12 @@ def test_cli_serves_tls_and_the_client_connects_with_cafile(ca, tmp_path):
         import gevent  # noqa: F401
     except ImportError:
         engine = "threaded"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "muxpool.cli", "serve", "--engine", engine,
-                               "--port", str(port), "--certfile", str(certfile)],
-                              stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "server did not start"
-                time.sleep(0.05)
+    with cli_server("--engine", engine, "--certfile", str(certfile)) as (server, port):
         out = subprocess.run([sys.executable, "-m", "muxpool.cli", "client", f"127.0.0.1:{port}",
                               "--cafile", str(cafile)], input="over tls\nq\n", capture_output=True,
                              text=True, timeout=30)
         assert "Hello client-side" in out.stdout and "response: over tls" in out.stdout, out
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(15) == 0
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        server.stderr.close()
+        assert stop_gracefully(server, 15) == 0
 
 
 def test_tls_failures_are_logged_with_the_peer(server_ssl, caplog):
