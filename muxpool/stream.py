@@ -159,10 +159,20 @@ class StreamConnection:
             self._write(encode(greeting))
         recv = self.sock.recv
         on_message, write = session.on_message, self._write
+        if self._kernel_timeouts:  # the common path needs no per-write timeout call
+            sendall, lock = self.sock.sendall, self._send_lock
+
+            def write(data: bytes) -> None:
+                with lock:
+                    try:
+                        sendall(data)
+                    except BlockingIOError:  # SO_SNDTIMEO expired
+                        log.warning("closing %s: reply blocked for %s s (write_timeout)", self.peer,
+                                    config.write_timeout)
+                        raise
         timed = self._timed if config.handler_timeout else None
-        idle = config.idle_timeout
-        last_message = time.monotonic()
-        shortened = False  # the read timeout is below idle_timeout: a message is half in
+        full_idle = idle = config.idle_timeout
+        partial_since = 0.0  # when bytes of a message not yet complete started arriving
         while not self.closing:
             if not self._kernel_timeouts:
                 self.sock.settimeout(idle)
@@ -182,18 +192,18 @@ class StreamConnection:
                 reply = on_message(self, message) if timed is None else timed(on_message, self, message)
                 if reply is not None:
                     write(encode(reply))
-            if config.idle_timeout and data:
+            if full_idle and framer.pending:
                 # Idle means "no complete message", not "no byte": a client that
-                # trickles a byte at a time (slowloris) gets only what is left.
-                if messages:
-                    last_message = time.monotonic()
-                    if shortened:
-                        idle, shortened = config.idle_timeout, False
-                        self._set_read_timeout(idle)
-                else:
-                    idle = max(0.001, config.idle_timeout - (time.monotonic() - last_message))
-                    shortened = True
-                    self._set_read_timeout(idle)
+                # trickles a message a byte at a time (slowloris) gets only the
+                # time that was left when its message began.
+                now = time.monotonic()
+                if not partial_since or messages:
+                    partial_since = now
+                idle = max(0.001, full_idle - (now - partial_since))
+                self._set_read_timeout(idle)
+            elif partial_since:
+                partial_since, idle = 0.0, full_idle
+                self._set_read_timeout(idle)
             if framer.pending_error is not None:
                 log.warning("closing %s: %s", self.peer, framer.pending_error)
                 return
