@@ -31,6 +31,7 @@ import compat_handlers
 from compat_handlers import (FailingHandler, LineEchoHandler, MyStreamHandler, MyTCPHandler,
                              RecordingHandler)
 from muxpool import Server
+from test_server_conformance import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -149,15 +150,6 @@ def readable(socks, timeout: float):
     return [c for c in socks if c.sock in ready]
 
 
-def wait_for(condition, timeout: float = DEADLINE, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def read_records(path: pathlib.Path) -> list[dict]:

@@ -35,6 +35,7 @@ from test_server_conformance import (
     held_connections,
     start_server,
     stop_servers,
+    wait_for,
 )
 
 pytestmark = pytest.mark.timeout(90)
@@ -46,16 +47,7 @@ RAW_PREFIX = b"response: "
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def poll(condition, timeout: float = DEADLINE, what: str = "condition", interval: float = 0.01):
-    """Poll ``condition()`` until it is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+poll = wait_for
 
 
 def fd_count(pid: int) -> int:

@@ -362,8 +362,9 @@ def peers(framing):
         peer.close()
 
 
-def wait_for(condition, timeout: float = DEADLINE, what: str = "condition"):
-    """Poll ``condition()`` until it is true; fail after ``timeout`` seconds."""
+def wait_for(condition, timeout: float = DEADLINE, what: str = "condition", interval: float = 0.01):
+    """Poll ``condition()`` until it is true (returning its value); fail after ``timeout`` s.
+    The test modules share this one deadline-bound poll."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -371,7 +372,7 @@ def wait_for(condition, timeout: float = DEADLINE, what: str = "condition"):
             return value
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
+        time.sleep(interval)
 
 
 def assert_closed_by_server(client: Client) -> None:
