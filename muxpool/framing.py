@@ -75,7 +75,7 @@ class Framer:
     stream. It is not thread-safe; the code that owns the connection owns it.
     """
 
-    __slots__ = ("max_message_size", "_buf", "_state", "_error")
+    __slots__ = ("max_message_size", "pending_error", "_buf", "_state", "_error")
 
     name = ""
     # Whether _feed copes with a memoryview; otherwise it receives bytes.
@@ -91,6 +91,10 @@ class Framer:
         self._buf = bytearray()
         self._state = _OPEN
         self._error: RemoteProtocolError | None = None
+        # The violation the next feed() will raise, if the last call returned
+        # the messages that came before one: lets a caller act on it now. A
+        # plain attribute, not a property: servers read it after every read.
+        self.pending_error: RemoteProtocolError | None = None
 
     def __repr__(self) -> str:
         return (
@@ -102,12 +106,6 @@ class Framer:
     def pending(self) -> int:
         """Bytes received but not yet part of a complete message."""
         return len(self._buf)
-
-    @property
-    def pending_error(self) -> RemoteProtocolError | None:
-        """The violation the next :meth:`feed` will raise, if the last call
-        returned messages that came before one; lets a caller act on it now."""
-        return self._error if self._state is _ERROR_PENDING else None
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Take the bytes that arrived; return the messages they complete, as ``bytes``.
@@ -156,6 +154,7 @@ class Framer:
             self._error = exc
             if messages:
                 self._state = _ERROR_PENDING
+                self.pending_error = exc
                 return messages
             self._state = _DEAD
             raise
@@ -175,6 +174,7 @@ class Framer:
     def _feed_when_closed(self, data: object) -> list[bytes]:
         if self._state is _ERROR_PENDING:
             self._state = _DEAD
+            self.pending_error = None
             raise self._error  # type: ignore[misc]
         if self._state is _EOF:
             if isinstance(data, (bytes, bytearray, memoryview)) and not data:

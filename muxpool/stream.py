@@ -19,6 +19,7 @@ Drain: ``close_when_done`` shuts the socket's read side, so the blocked
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import ssl
@@ -34,6 +35,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("muxpool.server")
 
 READ_SIZE = 65536
+# recv(n) allocates n bytes before it knows how many arrive. Up to ~480 bytes
+# that comes from CPython's small-object allocator (no malloc arena to share
+# between threads), so connection threads read small while messages are small
+# and switch to READ_SIZE after a read that comes back full.
+SMALL_READ = 512 - 33  # 33: a bytes object's header, on 64-bit CPython
+# A blocked call timed out: socket.timeout from a Python-level timeout;
+# BlockingIOError (and SSLWantReadError through TLS) when the kernel's
+# SO_RCVTIMEO/SO_SNDTIMEO expired.
+_READ_TIMEOUTS = (socket.timeout, BlockingIOError, ssl.SSLWantReadError)
+_WRITE_TIMEOUTS = (socket.timeout, BlockingIOError)
 
 
 class StreamConnection:
@@ -107,10 +118,13 @@ class StreamConnection:
                 self.sock.settimeout(self.server.config.write_timeout)
             try:
                 self.sock.sendall(data)
-            except (socket.timeout, BlockingIOError):  # BlockingIOError: SO_SNDTIMEO expired
-                log.warning("closing %s: reply blocked for %s s (write_timeout)", self.peer,
-                            self.server.config.write_timeout)
+            except _WRITE_TIMEOUTS:
+                self._log_write_timeout()
                 raise
+
+    def _log_write_timeout(self) -> None:
+        log.warning("closing %s: reply blocked for %s s (write_timeout)", self.peer,
+                    self.server.config.write_timeout)
 
     def prepare_socket(self) -> None:
         self.sock.setblocking(True)
@@ -149,66 +163,94 @@ class StreamConnection:
             self.finish(error)
 
     def run(self) -> None:
-        server = self.server
+        # The per-message path is written out flat, with everything bound to
+        # locals: on a thread per connection it runs under the GIL once per
+        # request, and each attribute lookup or call here costs requests/s.
+        server, sock = self.server, self.sock
         self.session = session = server.new_session()
         framer = server.new_framer()
-        encode = server.encoder.encode
-        config = server.config
+        feed, encode, config = framer.feed, server.encoder.encode, server.config
+        handle = session.on_message
+        if config.handler_timeout:
+            handle = functools.partial(self._timed, handle)
         greeting = self._timed(session.on_connect, self)
         if greeting is not None:
             self._write(encode(greeting))
-        recv = self.sock.recv
-        on_message, write = session.on_message, self._write
-        if self._kernel_timeouts:  # the common path needs no per-write timeout call
-            sendall, lock = self.sock.sendall, self._send_lock
-
-            def write(data: bytes) -> None:
-                with lock:
-                    try:
-                        sendall(data)
-                    except BlockingIOError:  # SO_SNDTIMEO expired
-                        log.warning("closing %s: reply blocked for %s s (write_timeout)", self.peer,
-                                    config.write_timeout)
-                        raise
-        timed = self._timed if config.handler_timeout else None
+        recv, sendall = sock.recv, sock.sendall
+        acquire, release = self._send_lock.acquire, self._send_lock.release
+        # Greenlets time each blocking call in Python: set it before each one.
+        settimeout = None if self._kernel_timeouts else sock.settimeout
         full_idle = idle = config.idle_timeout
+        write_timeout = config.write_timeout
         partial_since = 0.0  # when bytes of a message not yet complete started arriving
+        # Greenlets and TLS cannot take the non-blocking top-up read below.
+        small = SMALL_READ if self._kernel_timeouts and self.server.ssl_context is None else READ_SIZE
+        read_size = small
         while not self.closing:
-            if not self._kernel_timeouts:
-                self.sock.settimeout(idle)
+            if settimeout is not None:
+                settimeout(idle)
             try:
-                data = recv(READ_SIZE)
-            except (socket.timeout, BlockingIOError, ssl.SSLWantReadError):  # the latter two: SO_RCVTIMEO
+                data = recv(read_size)
+            except _READ_TIMEOUTS:
                 log.info("closing %s: no complete message for %s s (idle_timeout)", self.peer,
-                         config.idle_timeout)
+                         full_idle)
                 return
+            received = len(data)
+            if received < SMALL_READ:
+                read_size = small
+            elif received == read_size == SMALL_READ:
+                # Take the rest of what arrived in the same chunk, as one large
+                # read would have (raw framing treats a chunk as a message).
+                data += self._ready_bytes()
+                read_size = READ_SIZE
             try:
-                messages = framer.feed(data)
+                messages = feed(data)
             except ProtocolError as exc:
                 if not self.closing or data:
                     log.warning("closing %s: %s", self.peer, exc)
                 return
             for message in messages:
-                reply = on_message(self, message) if timed is None else timed(on_message, self, message)
+                reply = handle(self, message)
                 if reply is not None:
-                    write(encode(reply))
-            if full_idle and framer.pending:
-                # Idle means "no complete message", not "no byte": a client that
-                # trickles a message a byte at a time (slowloris) gets only the
-                # time that was left when its message began.
-                now = time.monotonic()
-                if not partial_since or messages:
-                    partial_since = now
-                idle = max(0.001, full_idle - (now - partial_since))
-                self._set_read_timeout(idle)
-            elif partial_since:
-                partial_since, idle = 0.0, full_idle
-                self._set_read_timeout(idle)
+                    out = encode(reply)
+                    acquire()
+                    try:
+                        if settimeout is not None:
+                            settimeout(write_timeout)
+                        sendall(out)
+                    except _WRITE_TIMEOUTS:
+                        self._log_write_timeout()
+                        raise
+                    finally:
+                        release()
+            if full_idle and (partial_since or framer.pending):
+                partial_since, idle = self._idle_left(framer, messages, partial_since)
             if framer.pending_error is not None:
                 log.warning("closing %s: %s", self.peer, framer.pending_error)
                 return
             if not data:
                 return
+
+    def _ready_bytes(self) -> bytes:
+        try:
+            return self.sock.recv(READ_SIZE, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return b""
+
+    def _idle_left(self, framer, messages, partial_since: float) -> tuple[float, float | None]:
+        """Idle means "no complete message", not "no byte": a client that trickles
+        a message a byte at a time (slowloris) gets only the time that was left
+        when its message began. Returns the new (partial_since, read timeout)."""
+        full_idle = self.server.config.idle_timeout
+        if not framer.pending:
+            self._set_read_timeout(full_idle)
+            return 0.0, full_idle
+        now = time.monotonic()
+        if not partial_since or messages:
+            partial_since = now
+        idle = max(0.001, full_idle - (now - partial_since))
+        self._set_read_timeout(idle)
+        return partial_since, idle
 
     def _set_read_timeout(self, seconds: float) -> None:
         if self._kernel_timeouts:

@@ -541,6 +541,16 @@ def test_greeting_and_replies_are_exact(make_server, connect, peers, framing):
     assert got == expected
 
 
+def test_one_message_gets_one_reply_at_every_size(make_server, connect):
+    """Sizes around the threaded engine's small reads (479 bytes, after a small
+    message) and well past them: with raw framing a chunk the server read in
+    two parts would become two messages, and two replies."""
+    srv = make_server(server_apps.SizeGreeter)
+    client = connect(srv)
+    for size in (1, 480, 10, 1000, 478, 479, 1, 4096, 5, 16000, 479, 958, 10):
+        assert client.request(b"m" * size) == b"size %d" % size
+
+
 def test_200_concurrent_clients_20_requests_each(make_server, crowd):
     srv = make_server()
     clients = crowd(srv, requests=20)
