@@ -150,6 +150,7 @@ class Server:
         self._ids = itertools.count(1)
         self._accepting = False
         self._draining = False
+        self._stopped_hard = False  # _hard_stop ran: calls still running are abandoned
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self._serving = threading.Event()
@@ -184,7 +185,8 @@ class Server:
             self.mux.run()
         finally:
             self._close_everything()
-            self.engine.stop()
+            # After a hard stop, handler calls still running are abandoned, not waited for.
+            self.engine.stop(wait=not self._stopped_hard)
             self.mux.close()
             log.info("muxpool stopped (%d connections served)", self.stats.connections_total)
             self._stopped.set()
@@ -261,6 +263,7 @@ class Server:
             return
         if self.connections:
             log.warning("closing %d connections that did not finish in time", len(self.connections))
+        self._stopped_hard = True
         self._close_everything()
         self.mux.stop()
 
@@ -441,22 +444,38 @@ def serve(app: Any = None, address: tuple[str, int] | None = None, **options: An
         options["host"], options["port"] = address
     server = Server(app, **options)
     signals = {signal.SIGTERM: None, signal.SIGINT: None}
+    signalled = False  # counted here: _draining is set on the loop thread, which may be busy
     if threading.current_thread() is threading.main_thread():
         def on_signal(signum, frame):
-            if server._draining:
+            nonlocal signalled
+            if server._draining or signalled:
                 log.warning("second signal: stopping now")
                 server.stop_now()
+                if server.config.engine == "loop" and server.mux.in_loop_thread():
+                    # The loop engine runs handlers on this very thread: one that
+                    # blocks would keep the loop from ever running stop_now.
+                    raise _StopNow
             else:
+                signalled = True
                 log.info("signal %s: draining", signal.Signals(signum).name)
                 server.shutdown(wait=False)
         for signum in signals:
             signals[signum] = signal.signal(signum, on_signal)
     try:
         server.serve_forever()
+    except _StopNow:
+        pass  # serve_forever closed every connection on its way out
     finally:
         for signum, previous in signals.items():
             if previous is not None:
                 signal.signal(signum, previous)
+
+
+class _StopNow(BaseException):
+    """A second signal, raised out of whatever the loop thread is running, a
+    handler included (neither an ``Exception`` nor a ``SystemExit``, which the
+    engines catch around handler calls), so ``serve_forever`` unwinds and
+    closes everything."""
 
 
 def _app_name(app: Any) -> str:

@@ -19,8 +19,9 @@ class Engine:
     def start(self, server) -> None:
         pass
 
-    def stop(self) -> None:
-        pass
+    def stop(self, wait: bool = True) -> None:
+        """The server has closed every connection; ``wait``: for handler calls
+        still running (up to drain_timeout), else abandon them."""
 
     def make_lock(self):
         return threading.Lock()

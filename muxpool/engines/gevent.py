@@ -57,7 +57,7 @@ class GeventEngine(Engine):
         gevent.events.subscribers.append(self._on_event)
         self._watchdog = gevent.get_hub().start_periodic_monitoring_thread()
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
         if self._on_event in gevent.events.subscribers:
             gevent.events.subscribers.remove(self._on_event)
 

@@ -44,10 +44,11 @@ class ThreadPoolEngine(Engine):
         # each connection has at most one call queued (see Connection).
         self._pool = ThreadPool(self.threads, name="muxpool-handler")
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
         if self._pool is not None:
             self._pool.close()
-            self._pool.join(self.config.drain_timeout)
+            if wait:
+                self._pool.join(self.config.drain_timeout)
 
     def run(self, conn, fn, arg) -> None:
         self._in_flight += 1
