@@ -193,6 +193,9 @@ def add_bench(commands) -> None:
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds before a reply counts as lost")
     parser.add_argument("--unix", dest="unix_path", help="a Unix socket path instead of HOST:PORT")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--per-connection", action="store_true",
+                        help="also report each connection: local port, requests sent and answered, "
+                        "how it ended (open, eof, reset, an error) and what was in flight then")
     group = parser.add_argument_group("comparing engines (--compare)")
     group.add_argument("--compare", action="store_true",
                        help="start the app under each engine and reference server, load each the same")
@@ -267,7 +270,8 @@ def _load_spec(args: argparse.Namespace):
     spec = LoadSpec(host=host, port=port, connections=args.connections, duration=args.duration,
                     warmup=args.warmup, size=args.size, framing=args.framing, greeting_bytes=greeting,
                     pipeline=args.pipeline, rate=args.rate, reply_prefix=args.reply_prefix.encode(),
-                    verify=not args.no_verify, timeout=args.timeout, unix_path=args.unix_path)
+                    verify=not args.no_verify, timeout=args.timeout, unix_path=args.unix_path,
+                    per_connection=args.per_connection)
     return spec
 
 

@@ -5,6 +5,13 @@ processes, so the generator is not the bottleneck, runs a
 :class:`~muxpool.loadtest.generator.Generator` in each, and merges what they
 measured into one :class:`Report`, with the generator's own CPU use so a
 saturated generator shows.
+
+With ``LoadSpec(per_connection=True)`` (``muxpool bench --per-connection``)
+the report also lists every connection: its local port, requests sent,
+replies answered (verified), how it ended (``open`` at the end of the run,
+``eof`` or ``reset`` by the server, or an error kind such as ``timeout``) and
+the requests still in flight then — so "the server answered everything it
+took in before it closed" can be checked connection by connection.
 """
 
 from __future__ import annotations
@@ -38,6 +45,10 @@ class Report:
     generator_cpu: float  # share of the generator's cores it used, 0..1
     samples: int = 0     # latencies: one per reply, plus one per request unanswered at the end
     unanswered: int = 0  # in flight when the run ended (normal: connections x pipeline)
+    # With spec.per_connection: one dict per connection (every process's), each
+    # {"port", "sent", "answered", "in_flight", "end", "unsent_bytes", "detail"};
+    # counts cover the connection's whole life, warm-up included.
+    connections: list[dict] | None = None
 
     @property
     def rps(self) -> float:
@@ -51,15 +62,24 @@ class Report:
     def saturated(self) -> bool:
         return self.generator_cpu >= SATURATED
 
+    def connection_ends(self) -> dict[str, int]:
+        """How many connections ended each way (``{"eof": 48, "reset": 2}``); {} without records."""
+        return dict(collections.Counter(c["end"] for c in self.connections or ()))
+
     def as_dict(self) -> dict:
         spec = dataclasses.asdict(self.spec)
         spec["reply_prefix"] = self.spec.reply_prefix.decode("latin-1")
-        return {"spec": spec, "processes": self.processes, "requests": self.requests,
+        if not spec["per_connection"]:
+            del spec["per_connection"]  # the default output stays as it was
+        data = {"spec": spec, "processes": self.processes, "requests": self.requests,
                 "elapsed_s": round(self.elapsed, 4), "requests_per_s": round(self.rps, 1),
                 "latency_ms": {k: round(v, 4) for k, v in self.latency_ms.items()},
                 "errors": dict(self.errors), "unanswered_at_end": self.unanswered,
                 "generator_cpu": round(self.generator_cpu, 3),
                 "generator_saturated": self.saturated}
+        if self.connections is not None:
+            data["connections"] = [dict(c) for c in self.connections]
+        return data
 
 
 def percentiles(latencies: array.array) -> dict[str, float]:
@@ -147,7 +167,10 @@ def _merge(spec: LoadSpec, parts: list[LoadResult]) -> Report:
         errors.update(part.errors)
     elapsed = max(p.elapsed for p in parts)
     cpu = sum(p.cpu_seconds for p in parts) / (elapsed * len(parts)) if elapsed else 0.0
+    connections = None
+    if spec.per_connection:
+        connections = [record for part in parts for record in part.connections or ()]
     return Report(spec=spec, processes=len(parts), requests=sum(p.requests for p in parts),
                   elapsed=elapsed, latency_ms=percentiles(latencies), errors=dict(errors),
                   generator_cpu=cpu, samples=len(latencies),
-                  unanswered=sum(p.unanswered for p in parts))
+                  unanswered=sum(p.unanswered for p in parts), connections=connections)

@@ -17,6 +17,15 @@ from the *intended* send time, so a stalled server cannot hide its stall
 The hot loop talks to ``select.epoll`` directly and keeps per-request work to
 a recv, a comparison and a send: this generator has to outrun the servers it
 measures.
+
+Per connection (``LoadSpec.per_connection``): its local port, the requests it
+sent, the replies answered (verified), how it ended, and what was still in
+flight then — so a test can check, connection by connection, that a server
+which closed it (a drain, say) answered everything it took in. The hot loop
+pays nothing extra for it: the count of requests sent *is* the counter that
+picks the next request from the ring, and ``answered = sent - in flight`` is
+derived when the connection ends. A run ends early once every connection is
+gone (the server closed them all): there is nothing left to measure.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ class LoadSpec:
     verify: bool = True
     timeout: float = 5.0
     unix_path: str | None = None
+    per_connection: bool = False     # report each connection's counts and end (Report.connections)
 
 
 @dataclass
@@ -66,11 +76,18 @@ class LoadResult:
     elapsed: float = 0.0
     cpu_seconds: float = 0.0
     unanswered: int = 0  # still in flight at the end: in the latencies with their age so far
+    connections: list | None = None  # with LoadSpec.per_connection: one dict per connection
+
+
+# How a connection ended, in the per-connection records: still open when the run
+# ended, closed by the server (EOF), reset by it, or an error kind of the report.
+END_OPEN, END_EOF, END_RESET = "open", "eof", "reset"
+_END_OF_ERROR = {"closed": END_EOF, "reset": END_RESET}
 
 
 class _Conn:
-    __slots__ = ("sock", "fd", "recv", "send", "want", "sent_at", "queue", "turn", "ring", "outbuf",
-                 "dead")
+    __slots__ = ("dead", "fd", "outbuf", "port", "queue", "recv", "ring", "send", "sent", "sent_at",
+                 "sock", "want")
 
     def __init__(self, sock: socket.socket, ring: list[tuple[bytes, bytes]]):
         self.sock = sock
@@ -80,7 +97,11 @@ class _Conn:
         self.recv = sock.recv
         self.send = sock.send
         self.ring = ring
-        self.turn = 0
+        # Requests sent so far (warm-up included); the next one is ring[sent % RING].
+        # Bumped as each request goes out, before send() is tried: a send that
+        # raises is taken back in _fail(unsent=1).
+        self.sent = 0
+        self.port: int | None = None  # the local port, set when per-connection records are kept
         self.want = b""      # what is still missing of the reply awaited now
         self.sent_at = 0.0   # when that request left (or was meant to)
         self.queue: collections.deque = collections.deque()  # (reply, sent_at) behind it
@@ -108,6 +129,8 @@ class Generator:
         self.result = LoadResult()
         self.recording = spec.warmup <= 0
         self.progress = None  # optionally a shared multiprocessing.Value counting requests
+        if spec.per_connection:
+            self.result.connections = []
 
     # --- connections ------------------------------------------------------------
 
@@ -122,11 +145,15 @@ class Generator:
                 sock = socket.create_connection((spec.host, spec.port), timeout=spec.timeout)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._read_greeting(sock)
-        except OSError:
+        except OSError as exc:
             self.result.errors["connect"] += 1
+            if spec.per_connection:
+                self.result.connections.append(_record(None, 0, 0, "connect", 0, repr(exc)))
             return
         sock.setblocking(False)
         conn = _Conn(sock, _ring(spec, self.framer, index))
+        if spec.per_connection:
+            conn.port = _local_port(sock)
         self.conns[sock.fileno()] = conn
         self.epoll.register(sock.fileno(), select.EPOLLIN)
 
@@ -142,13 +169,18 @@ class Generator:
                 raise ConnectionResetError("closed before its greeting")
             wanted -= len(chunk)
 
-    def _fail(self, conn: _Conn, kind: str) -> None:
-        """Count one error for the connection and drop it (once, however it is noticed)."""
+    def _fail(self, conn: _Conn, kind: str, unsent: int = 0, detail: str = "") -> None:
+        """Count one error for the connection and drop it (once, however it is noticed).
+
+        ``unsent``: the request being sent when the error struck never left."""
         if conn.dead:
             return
         conn.dead = True
+        conn.sent -= unsent
         if self.recording:
             self.result.errors[kind] += 1
+        if self.result.connections is not None:
+            self._record(conn, _END_OF_ERROR.get(kind, kind), detail, unsent)
         self.conns.pop(conn.fd, None)
         try:
             self.epoll.unregister(conn.fd)
@@ -159,8 +191,8 @@ class Generator:
     # --- requests ----------------------------------------------------------------
 
     def _send(self, conn: _Conn, when: float) -> bool:
-        request, reply = conn.ring[conn.turn]
-        conn.turn = (conn.turn + 1) % RING
+        request, reply = conn.ring[conn.sent % RING]
+        conn.sent += 1
         if conn.want:
             conn.queue.append((reply, when))
         else:
@@ -178,7 +210,7 @@ class Generator:
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            self._fail(conn, _error_kind(exc))
+            self._fail(conn, _error_kind(exc), unsent=1, detail=repr(exc))
             return False
         if sent != len(request):
             conn.outbuf += request[sent:]
@@ -191,7 +223,7 @@ class Generator:
         except BlockingIOError:
             return
         except OSError as exc:
-            self._fail(conn, _error_kind(exc))
+            self._fail(conn, _error_kind(exc), detail=repr(exc))
             return
         del conn.outbuf[:sent]
         if not conn.outbuf:
@@ -242,12 +274,22 @@ class Generator:
                     self._send(conn, start)
         self._loop(start, measure_at, stop_at)
         self._count_unanswered(time.perf_counter())
-        self.result.elapsed = time.perf_counter() - measure_at
+        # Ended early (every connection closed) during the warm-up: nothing was measured.
+        self.result.elapsed = max(0.0, time.perf_counter() - measure_at)
         self.result.cpu_seconds = time.process_time() - self.cpu_start
         for conn in list(self.conns.values()):
+            if self.result.connections is not None:
+                self._record(conn, END_OPEN)
             conn.sock.close()
         self.epoll.close()
         return self.result
+
+    def _record(self, conn: _Conn, end: str, detail: str = "", unsent: int = 0) -> None:
+        """One connection's figures, as it ends (or as the run does): replies
+        answered = requests sent - requests still awaited."""
+        in_flight = (1 if conn.want else 0) + len(conn.queue) - unsent
+        self.result.connections.append(
+            _record(conn.port, conn.sent, conn.sent - in_flight, end, len(conn.outbuf), detail))
 
     def _count_unanswered(self, now: float) -> None:
         """Requests still waiting at the end count with the age they have reached:
@@ -276,7 +318,7 @@ class Generator:
         lat_append = self.result.latencies.append
         while True:
             now = perf()
-            if now >= stop_at:
+            if now >= stop_at or not conns:  # not conns: the server closed them all
                 return
             if not self.recording and now >= measure_at:
                 self.recording = True
@@ -306,7 +348,7 @@ class Generator:
                 except (BlockingIOError, InterruptedError):
                     continue
                 except OSError as exc:
-                    self._fail(conn, _error_kind(exc))
+                    self._fail(conn, _error_kind(exc), detail=repr(exc))
                     continue
                 if not data:
                     self._fail(conn, "closed")
@@ -320,8 +362,8 @@ class Generator:
                     if not closed_loop:
                         conn.want = b""
                         continue
-                    request, conn.want = conn.ring[conn.turn]
-                    conn.turn = (conn.turn + 1) % RING
+                    request, conn.want = conn.ring[conn.sent % RING]
+                    conn.sent += 1  # the request count is the ring's cursor: no extra cost
                     conn.sent_at = now
                     # _write() inlined: this is the generator's hottest line, and a
                     # method call here costs ~10% of its rate. Change both together.
@@ -333,7 +375,7 @@ class Generator:
                     except BlockingIOError:
                         sent = 0
                     except OSError as exc:
-                        self._fail(conn, _error_kind(exc))
+                        self._fail(conn, _error_kind(exc), unsent=1, detail=repr(exc))
                         continue
                     if sent != len(request):
                         conn.outbuf += request[sent:]
@@ -378,6 +420,20 @@ class Generator:
         for conn in list(self.conns.values()):
             if conn.want and now - conn.sent_at > limit:
                 self._fail(conn, "timeout")
+
+
+def _record(port: int | None, sent: int, answered: int, end: str, unsent_bytes: int,
+            detail: str) -> dict:
+    """A per-connection record (``Report.connections``): ``in_flight`` is what the
+    connection still awaited when it ended; ``unsent_bytes`` what of it never
+    left the generator (a server that stopped reading)."""
+    return {"port": port, "sent": sent, "answered": answered, "in_flight": sent - answered,
+            "end": end, "unsent_bytes": unsent_bytes, "detail": detail}
+
+
+def _local_port(sock: socket.socket) -> int | None:
+    name = sock.getsockname()
+    return name[1] if isinstance(name, tuple) else None
 
 
 def _error_kind(exc: BaseException) -> str:

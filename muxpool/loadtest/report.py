@@ -48,6 +48,18 @@ def render(report: Report) -> None:
     if report.generator_cpu >= SATURATED:
         note += " — [bold red]saturated: the server may be faster than these figures[/]"
     console.print(note)
+    if report.connections is not None:
+        console.print(connections_line(report))
+
+
+def connections_line(report: Report) -> str:
+    """``--per-connection`` without ``--json``: the records summed up (the JSON lists each)."""
+    records = report.connections or []
+    ends = ", ".join(f"{end} {n}" for end, n in sorted(report.connection_ends().items())) or "none"
+    sent = sum(r["sent"] for r in records)
+    answered = sum(r["answered"] for r in records)
+    return (f"connections: {len(records)} ({ends}); requests sent {sent:,}, answered {answered:,}, "
+            f"in flight when they ended {sent - answered:,} (--json lists each connection)")
 
 
 def render_comparison(rows, title: str) -> None:
