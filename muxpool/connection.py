@@ -137,9 +137,13 @@ class Connection:
             data = self.tls_receive(data)
             if data is None:
                 return
+            if self.tls.peer_closed:
+                n = 0  # nothing more will come: EOF, after this plaintext
         framer = self.framer
         try:
             messages = framer.feed(data)
+            if n == 0 and data and framer.pending_error is None:
+                messages += framer.feed(b"")
         except ProtocolError as exc:
             log.warning("closing %s: %s", self.peer, exc)
             self.close_when_done()
@@ -178,8 +182,8 @@ class Connection:
             self.write(reply, raw=True)
         if tls.handshaken and not was_handshaken:
             self.server.tls_ready(self)
-        if not data:
-            return b""  # EOF: the framer must see it
+        if not data or tls.peer_closed:
+            return plaintext  # EOF: the framer must see it
         return plaintext or None
 
     def handle_inline(self, messages: list[bytes]) -> None:
@@ -319,7 +323,17 @@ class Connection:
         if self.closed or self.busy or self.backlog or self.outbuf:
             return
         if self.closing or self.eof:
+            if self.tls is not None:
+                self.send_close_notify()
             self.abort(None)
+
+    def send_close_notify(self) -> None:
+        """Best effort: a client waiting for the end of the TLS session
+        (``SSLSocket.unwrap()``) gets it; a few dozen bytes, never worth waiting for."""
+        try:
+            self.sock.send(self.tls.close())
+        except OSError:
+            pass
 
     def abort(self, error: BaseException | None) -> None:
         """Close the socket now; pending output is dropped. ``error`` is why."""
