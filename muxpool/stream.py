@@ -19,8 +19,10 @@ Drain: ``close_when_done`` shuts the socket's read side, so the blocked
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import select
 import socket
 import ssl
 import struct
@@ -44,7 +46,7 @@ SMALL_READ = 512 - 33  # 33: a bytes object's header, on 64-bit CPython
 # BlockingIOError (and SSLWantReadError through TLS) when the kernel's
 # SO_RCVTIMEO/SO_SNDTIMEO expired.
 _READ_TIMEOUTS = (socket.timeout, BlockingIOError, ssl.SSLWantReadError)
-_WRITE_TIMEOUTS = (socket.timeout, BlockingIOError)
+_WRITE_TIMEOUTS = (socket.timeout, BlockingIOError, ssl.SSLWantWriteError)
 
 
 class StreamConnection:
@@ -117,10 +119,25 @@ class StreamConnection:
             if not self._kernel_timeouts:
                 self.sock.settimeout(self.server.config.write_timeout)
             try:
-                self.sock.sendall(data)
+                sent = self.sock.send(data)
+                if sent != len(data):
+                    self._send_rest(data, sent)
             except _WRITE_TIMEOUTS:
                 self._log_write_timeout()
                 raise
+
+    def _send_rest(self, data: bytes, sent: int) -> None:
+        """A send took part of a reply (send lock held). On a thread, the kernel
+        returns a partial count only when SO_SNDTIMEO ran out with the buffer
+        full (sendall would then start a whole new timeout, doubling
+        write_timeout) — or, rarely, when a signal cut a blocked send short,
+        which this counts as a timeout too. A greenlet's send is partial
+        whenever the buffer fills, and times each wait itself."""
+        view = memoryview(data)[sent:]
+        while view:
+            if self._kernel_timeouts and not _writable(self.sock):
+                raise BlockingIOError(errno.EAGAIN, "write_timeout ran out part-way through a reply")
+            view = view[self.sock.send(view):]
 
     def _log_write_timeout(self) -> None:
         log.warning("closing %s: reply blocked for %s s (write_timeout)", self.peer,
@@ -176,7 +193,7 @@ class StreamConnection:
         greeting = self._timed(session.on_connect, self)
         if greeting is not None:
             self._write(encode(greeting))
-        recv, sendall = sock.recv, sock.sendall
+        recv, send = sock.recv, sock.send
         acquire, release = self._send_lock.acquire, self._send_lock.release
         # Greenlets time each blocking call in Python: set it before each one.
         settimeout = None if self._kernel_timeouts else sock.settimeout
@@ -217,7 +234,9 @@ class StreamConnection:
                     try:
                         if settimeout is not None:
                             settimeout(write_timeout)
-                        sendall(out)
+                        sent = send(out)
+                        if sent != len(out):
+                            self._send_rest(out, sent)
                     except _WRITE_TIMEOUTS:
                         self._log_write_timeout()
                         raise
@@ -230,6 +249,15 @@ class StreamConnection:
                 return
             if not data:
                 return
+
+    def _send_close_notify(self) -> None:
+        """End the TLS session as the loop engines do; without blocking: a peer
+        that never answers with its own close_notify must not hold the thread."""
+        try:
+            self.sock.setblocking(False)
+            self.sock.unwrap()
+        except (OSError, ValueError):  # ssl.SSLError is an OSError
+            pass
 
     def _ready_bytes(self) -> bytes:
         try:
@@ -286,6 +314,8 @@ class StreamConnection:
 
     def finish(self, error: BaseException | None) -> None:
         self.closed = True
+        if error is None and isinstance(self.sock, ssl.SSLSocket):
+            self._send_close_notify()
         try:
             self.sock.close()
         except OSError:
@@ -297,6 +327,12 @@ class StreamConnection:
             except Exception:
                 log.exception("on_disconnect failed for %s", self.peer)
         self.server.forget_from_any_thread(self)
+
+
+def _writable(sock: socket.socket) -> bool:
+    poller = select.poll()  # not select(): descriptors past 1024 are common here
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(0))
 
 
 def _timeval(seconds: float | None) -> bytes:
