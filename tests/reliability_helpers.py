@@ -1,0 +1,208 @@
+"""`muxpool serve` in a subprocess for the reliability tests, and what /proc says about it.
+
+:func:`cli_server` starts the CLI on a free loopback port for any engine (gevent
+included: the CLI patches its own process), waits until it accepts connections
+(and, for prefork, its workers are forked), and always stops it: SIGTERM, then
+SIGKILL to its whole session, so a prefork worker cannot outlive a failed test. A
+:class:`ServedProcess` finds a prefork server's workers from
+``/proc/<pid>/task/*/children`` and sums over the parent and its workers the
+file descriptors, the resident memory and the client connections held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from test_server_conformance import _worker_connections, wait_for
+
+RAW_GREETING = b"Hello client-side"  # the CLI's echo service, raw framing
+RAW_PREFIX = b"response: "
+PREFORK_PROCESSES = 2
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (every thread's children), from /proc."""
+    kids: set[int] = set()
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return []
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids.update(int(k) for k in f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return sorted(kids)
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+@dataclass
+class ServedProcess:
+    """A running ``muxpool serve``: its process, port, log, and (prefork) worker processes."""
+
+    proc: subprocess.Popen
+    port: int
+    engine: str
+    log_path: Path
+    workers: list[int]  # the processes holding client connections (the parent itself if not prefork)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    @property
+    def pids(self) -> list[int]:
+        """The parent and, for prefork, every worker: what fds and RSS are summed over."""
+        return sorted({self.proc.pid, *self.workers})
+
+    def fds(self) -> int:
+        return sum(fd_count(pid) for pid in self.pids)
+
+    def rss_kib(self) -> int:
+        return sum(rss_kib(pid) for pid in self.pids)
+
+    def held(self, pids: list[int] | None = None) -> int:
+        """Client connections on the port that the serving processes hold (LISTEN excluded).
+
+        /proc/net/tcp is not read atomically, so read until two readings agree.
+        """
+        previous = None
+        for _ in range(50):
+            current = _worker_connections(pids or self.workers, self.port)
+            if current == previous:
+                break
+            previous = current
+        return len(current)
+
+    def held_per_worker(self) -> list[int]:
+        return [self.held([pid]) for pid in self.workers]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def check_running(self) -> None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the {self.engine} server exited with {self.proc.returncode}: "
+                                 f"{self.log()[-3000:]}")
+
+
+@contextlib.contextmanager
+def cli_server(engine: str, log_path: Path, *options: str,
+               processes: int = PREFORK_PROCESSES) -> Iterator[ServedProcess]:
+    """``python -m muxpool.cli serve --engine ENGINE OPTIONS`` on a free port; always stopped.
+
+    prefork gets ``--processes`` workers (threadpool inside each, the default).
+    Ready once a client can connect and, for prefork, every worker is forked.
+    A port another process took meanwhile makes the server exit; then it is
+    started again on another port (three tries).
+    """
+    for attempt in range(3):
+        cmd = [sys.executable, "-m", "muxpool.cli", "serve", "--engine", engine, "--log-level", "INFO",
+               *options]
+        if engine == "prefork":
+            cmd += ["--processes", str(processes)]
+        served = _start(cmd, engine, log_path)
+        try:
+            if _wait_until_listening(served) == "exited":
+                if "Address already in use" in served.log() and attempt < 2:
+                    continue
+                served.check_running()
+            if engine == "prefork":
+                served.workers = _wait_for_workers(served.proc.pid, processes)
+            yield served
+            return
+        finally:
+            stop(served.proc)
+
+
+def _start(cmd: list[str], engine: str, log_path: Path) -> ServedProcess:
+    port = free_port()
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=log_file,
+                                start_new_session=True)
+    return ServedProcess(proc, port, engine, log_path, [proc.pid])
+
+
+def _wait_until_listening(served: ServedProcess) -> str:
+    def ready():
+        if served.proc.poll() is not None:
+            return "exited"
+        try:
+            socket.create_connection(served.address, timeout=1).close()
+        except OSError:
+            return False
+        return "listening"
+
+    return wait_for(ready, timeout=30, interval=0.05, what=f"`muxpool serve --engine {served.engine}`")
+
+
+def _wait_for_workers(pid: int, processes: int) -> list[int]:
+    return wait_for(lambda: len(kids := children(pid)) == processes and kids, what="the prefork workers")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (the server drains), then SIGKILL whatever is left in its session."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # workers too; the session is the server's own
+    proc.wait()
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    got = b""
+    while len(got) < n:
+        data = sock.recv(n - len(got))
+        if not data:
+            raise ConnectionError(f"EOF after {len(got)} of {n} bytes")
+        got += data
+    return got
+
+
+def wait_for_close(sock: socket.socket) -> float:
+    """Read (and discard) until the server closes ``sock``; return the seconds waited.
+
+    EOF or a reset both count; the socket's own timeout failing first is an error.
+    """
+    started = time.monotonic()
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - started
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]
