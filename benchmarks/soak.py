@@ -30,11 +30,27 @@ TARGET_GROWTH_PERCENT = 10.0
 
 
 def rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` and every process below it (prefork's workers)."""
     with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+        own = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), None)
+    if own is None:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    return own + sum(rss_kib(child) for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(child) for child in f.read().split()]
+        except FileNotFoundError:
+            pass
+    return found
 
 
 def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 20.0) -> None:
@@ -53,7 +69,8 @@ def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 20.0) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1_000_000)
-    parser.add_argument("--engine", default="loop", help="loop, threadpool, threaded, prefork (default loop)")
+    parser.add_argument("--engine", default="loop",
+                        help="loop, threadpool, threaded, prefork (RSS summed over its workers), gevent")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--size", type=int, default=64, help="message bytes")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before the first sample")
