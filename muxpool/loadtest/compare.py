@@ -3,8 +3,8 @@
 Each server starts in its own process on a free loopback port, is primed with
 one short session that disconnects (CPython 3.11's asyncio runs about 3x
 slower until its process has seen a first EOF, so an unprimed comparison would
-flatter us), then measured ``repeat`` times; the median and the spread
-(min–max) are reported. Where the machine has two cores or more, a
+flatter us), then measured once; ``repeat`` rounds of that over every server
+give the median and the spread (min–max). Where the machine has two cores or more, a
 single-process server is pinned to one core and the generator to the others,
 so they do not fight for one core; a multi-process server is not pinned.
 """
@@ -178,29 +178,37 @@ def stop_server(proc: subprocess.Popen) -> None:
 def compare(servers: list[str], spec: LoadSpec, *, workload: str = "echo", app: str | None = None,
             repeat: int = 3, processes: int | None = None, workers: int | None = None,
             on_row: Callable[[Row], None] | None = None) -> list[Row]:
-    rows = []
-    for server in servers:
-        server_cpus, generator_cpus, pinned = _cpu_plan(server)
-        row = Row(server, pinned=pinned)
-        port = free_port()
-        run_spec = _with_port(spec, port)
-        proc = start_server(server, port, spec.framing, workload, app, workers, server_cpus)
-        try:
-            wait_until_listening(port, proc)
-            prime(run_spec)
-            generators = processes or (len(generator_cpus) if generator_cpus else None)
-            for _ in range(repeat):
-                report, cpu = _measure(run_spec, generators, generator_cpus, proc.pid)
-                row.reports.append(report)
-                row.server_cpu.append(cpu)
-        except Exception as exc:  # one broken server must not sink the whole comparison
-            row.failure = str(exc)
-        finally:
-            stop_server(proc)
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
+    """Measure every server ``repeat`` times, in rounds: each round starts each
+    server in turn, primes it, measures it once and stops it. On a shared
+    machine a slow spell then falls on every server alike, not on whichever
+    one happened to be measured during it. ``on_row`` gets each row when done."""
+    rows = [Row(server, pinned=_cpu_plan(server)[2]) for server in servers]
+    for round_index in range(repeat):
+        for row in rows:
+            if not row.failure:
+                _measure_in_own_process(row, spec, workload, app, processes, workers)
+            if round_index == repeat - 1 and on_row is not None:
+                on_row(row)
     return rows
+
+
+def _measure_in_own_process(row: Row, spec: LoadSpec, workload: str, app: str | None,
+                            processes: int | None, workers: int | None) -> None:
+    server_cpus, generator_cpus, _ = _cpu_plan(row.server)
+    port = free_port()
+    run_spec = _with_port(spec, port)
+    proc = start_server(row.server, port, spec.framing, workload, app, workers, server_cpus)
+    try:
+        wait_until_listening(port, proc)
+        prime(run_spec)
+        generators = processes or (len(generator_cpus) if generator_cpus else None)
+        report, cpu = _measure(run_spec, generators, generator_cpus, proc.pid)
+        row.reports.append(report)
+        row.server_cpu.append(cpu)
+    except Exception as exc:  # one broken server must not sink the whole comparison
+        row.failure = str(exc)
+    finally:
+        stop_server(proc)
 
 
 def _measure(spec: LoadSpec, processes, cpus, server_pid: int) -> tuple[Report, float]:
