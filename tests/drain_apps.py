@@ -18,9 +18,10 @@ share the file without interleaving. The line is keyed by the client's port
 from __future__ import annotations
 
 import collections
-import json
 import os
 import time
+
+from server_apps import append_record
 
 DELAY = 0.002  # seconds of "work" per message
 RECENT = 64    # (started, returned) times kept per connection: far more than a drain handles
@@ -45,21 +46,7 @@ class CountingSlowEcho:
 
     def on_disconnect(self, conn, error):
         peer = conn.peer
-        line = json.dumps({"pid": os.getpid(), "peer": list(peer), "port": peer[1],
-                           "started": self.started, "returned": self.returned,
-                           "recent": list(self.recent), "dropped_times": self.returned > RECENT,
-                           "error": None if error is None else repr(error)}) + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
-
-
-def read_records(path) -> list[dict]:
-    """Every complete line written so far (a line is written whole, or not yet)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.endswith("\n")]
-    except FileNotFoundError:
-        return []
+        append_record(self.path, {"pid": os.getpid(), "peer": list(peer), "port": peer[1],
+                                  "started": self.started, "returned": self.returned,
+                                  "recent": list(self.recent), "dropped_times": self.returned > RECENT,
+                                  "error": None if error is None else repr(error)})

@@ -245,15 +245,21 @@ def recording_class(path):
             self.token = f"{os.getpid()}:{next(serial)}"
 
         def on_disconnect(self, conn, error):
-            line = json.dumps({"instance": self.token, "peer": conn.peer,
-                               "error": None if error is None else repr(error)}) + "\n"
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, line.encode())
-            finally:
-                os.close(fd)
+            append_record(path, {"instance": self.token, "peer": conn.peer,
+                                 "error": None if error is None else repr(error)})
 
     return Recording
+
+
+def append_record(path, record: dict) -> None:
+    """One JSON line, in a single ``write`` on an ``O_APPEND`` descriptor: processes
+    may share the file without interleaving."""
+    line = json.dumps(record) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 def read_records(path) -> list[dict]:

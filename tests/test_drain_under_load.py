@@ -48,7 +48,7 @@ import threading
 import time
 
 import pytest
-from drain_apps import read_records
+from server_apps import read_records
 
 from muxpool.loadtest import LoadSpec, run_load
 

@@ -101,34 +101,32 @@ def tls_files(tmp_path_factory):
 # --- 1. churn: file descriptors do not leak ----------------------------------------------------
 
 
+def greeted_echo(sock, payload: bytes) -> None:
+    """The echo service's greeting, then one request and its reply (raw framing: lockstep)."""
+    assert recv_exactly(sock, len(RAW_GREETING)) == RAW_GREETING
+    sock.sendall(payload)
+    assert recv_exactly(sock, len(RAW_PREFIX) + len(payload)) == RAW_PREFIX + payload
+
+
 def plain_cycle(address, i: int, ctx) -> None:
-    """connect, greeting, one request, its reply, close (raw framing: lockstep)."""
-    payload = b"cycle %d" % i
+    """connect, greeting, one request, its reply, close."""
     with socket.create_connection(address, timeout=DEADLINE) as sock:
-        assert recv_exactly(sock, len(RAW_GREETING)) == RAW_GREETING
-        sock.sendall(payload)
-        assert recv_exactly(sock, len(RAW_PREFIX) + len(payload)) == RAW_PREFIX + payload
+        greeted_echo(sock, b"cycle %d" % i)
 
 
 def tls_cycle(address, i: int, ctx) -> None:
     """The same over TLS; the client closes without close_notify (as most clients that vanish do)."""
-    payload = b"tls cycle %d" % i
     with (socket.create_connection(address, timeout=DEADLINE) as raw,
           ctx.wrap_socket(raw, server_hostname="127.0.0.1") as sock):
-        assert recv_exactly(sock, len(RAW_GREETING)) == RAW_GREETING
-        sock.sendall(payload)
-        assert recv_exactly(sock, len(RAW_PREFIX) + len(payload)) == RAW_PREFIX + payload
+        greeted_echo(sock, b"tls cycle %d" % i)
 
 
 def tls_close_notify_cycle(address, i: int, ctx) -> float:
     """TLS closed cleanly: after its reply the client sends close_notify and waits for the
     server's close_notify, which every engine sends in answer."""
-    payload = b"tls cycle %d" % i
     with (socket.create_connection(address, timeout=DEADLINE) as raw,
           ctx.wrap_socket(raw, server_hostname="127.0.0.1") as sock):
-        assert recv_exactly(sock, len(RAW_GREETING)) == RAW_GREETING
-        sock.sendall(payload)
-        assert recv_exactly(sock, len(RAW_PREFIX) + len(payload)) == RAW_PREFIX + payload
+        greeted_echo(sock, b"tls cycle %d" % i)
         sock.settimeout(CLOSE_NOTIFY_WAIT)
         started = time.monotonic()
         sock.unwrap()  # sends close_notify, then reads until the server's
