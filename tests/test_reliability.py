@@ -21,6 +21,7 @@ import contextlib
 import errno
 import fcntl
 import resource
+import signal
 import socket
 import ssl
 import statistics
@@ -459,6 +460,49 @@ def test_never_reading_client_is_bounded_by_write_high_water_and_closed(engine, 
             hog.close()
             bystander.close()
         server.check_running()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sigterm_gives_up_on_a_never_reading_client_at_drain_timeout(engine, tmp_path):
+    """SIGTERM while a client sends and never reads, so its replies can never all be
+    flushed and write_timeout (60 s) is far away: the drain waits drain_timeout for it,
+    no longer, then closes what is left and the server exits 0; a well-behaved client
+    connected at the same time is answered, then closed cleanly."""
+    _needs_gevent(engine)
+    drain_timeout = 2.0
+    with cli_server(engine, tmp_path / "server.log", "--drain-timeout", str(drain_timeout),
+                    "--write-timeout", "60", "--write-high-water", str(1 << 20)) as server:
+        good = socket.create_connection(server.address, timeout=DEADLINE)
+        hog = socket.create_connection(server.address, timeout=DEADLINE)
+        try:
+            greeted_echo(good, b"before")
+            # Send until the hog's own sends stall: every buffer between it and the
+            # server is full, and the server has stopped taking its requests.
+            hog.settimeout(0.5)
+            chunk, stalled_at = b"x" * 65536, None
+            give_up = time.monotonic() + 30
+            while stalled_at is None and time.monotonic() < give_up:
+                try:
+                    hog.send(chunk)
+                except TimeoutError:
+                    stalled_at = time.monotonic()
+            assert stalled_at is not None, "the server kept reading a client that never reads"
+            good.sendall(b"still served")
+            assert recv_exactly(good, len(RAW_PREFIX) + 12) == RAW_PREFIX + b"still served"
+
+            signalled = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            assert wait_for_close(good) < DEADLINE  # drained at once: nothing in flight
+            code = server.proc.wait(drain_timeout + 10)
+            took = time.monotonic() - signalled
+            print(f"\n[drain vs never-reader] {engine}: exited {code} {took:.2f} s after SIGTERM "
+                  f"(drain_timeout {drain_timeout} s)")
+            assert code == 0, server.log()[-3000:]
+            assert drain_timeout - 0.2 <= took < drain_timeout + 3.0, server.log()[-3000:]
+            assert "did not finish in time" in server.log()
+        finally:
+            hog.close()
+            good.close()
 
 
 # --- 4. connection reset mid-reply -------------------------------------------------------------
