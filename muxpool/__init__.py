@@ -28,7 +28,8 @@ from .client import Client
 from .framing import FRAMERS, LengthFramer, LineFramer, RawFramer, make_framer
 from .handlers import EchoService
 from .pools import AsyncFuture, Pool, PoolStats, ProcessPool, ThreadPool
-from .server import Server, ServerConfig, serve
+from .config import ServerConfig
+from .server import Server, serve
 
 __version__ = "0.1.0"
 

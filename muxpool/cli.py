@@ -1,6 +1,6 @@
 """The ``muxpool`` command: a thin layer that parses flags and calls the public API.
 
-``serve`` flags are generated from :class:`~muxpool.server.ServerConfig`, so a
+``serve`` flags are generated from :class:`~muxpool.config.ServerConfig`, so a
 new server option is a new flag with the same name (``max_connections`` →
 ``--max-connections``).
 """
@@ -16,7 +16,7 @@ from typing import Any
 from . import __version__
 from .engines import ENGINES
 from .framing import FRAMERS
-from .server import ServerConfig
+from .config import ServerConfig
 
 _HELP = {
     "host": "address to listen on (default 127.0.0.1; '::' for IPv6)",

@@ -25,13 +25,13 @@ import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass, fields
 from typing import Any
 
 from .compat import RequestHandlerConnection, is_request_handler
+from .config import ServerConfig, make_listener
 from .connection import Connection, _call_connect
 from .engines import load_engine
-from .framing import DEFAULT_MAX_MESSAGE_SIZE, make_framer
+from .framing import make_framer
 from .handlers import EchoService, resolve_handler
 from .multiplexer import EVENT_READ, Multiplexer
 from .stats import ServerStats
@@ -43,56 +43,6 @@ log = logging.getLogger("muxpool.server")
 _OVERLOAD_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPTS_PER_EVENT = 64
 _MAX_ENCODED = 0xFFFFFFFF  # the most a 4-byte length prefix can carry
-
-
-@dataclass
-class ServerConfig:
-    """Options shared by every engine; CLI flags mirror these names."""
-
-    host: str = "127.0.0.1"
-    port: int = 8088
-    unix_path: str | None = None
-    dualstack: bool = False
-    engine: str = "threadpool"
-    framing: str = "raw"
-    workers: int | None = None
-    processes: int | None = None
-    worker_engine: str = "threadpool"
-    max_connections: int = 10_000
-    idle_timeout: float | None = 300.0
-    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
-    write_high_water: int = 1024 * 1024
-    write_timeout: float | None = 30.0
-    handler_timeout: float | None = None
-    drain_timeout: float = 10.0
-    backlog: int = 1024
-    reuse_port: bool = False
-    stats_interval: float | None = None
-    certfile: str | None = None
-    keyfile: str | None = None
-    tls_handshake_timeout: float = 10.0
-
-    @classmethod
-    def names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-
-def make_listener(config: ServerConfig) -> socket.socket:
-    """Bind the listening socket the config asks for (TCP v4/v6, dual-stack, or Unix)."""
-    if config.unix_path:
-        if os.path.exists(config.unix_path):
-            os.unlink(config.unix_path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(config.unix_path)
-        sock.listen(config.backlog)
-    else:
-        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-        dualstack = config.dualstack and family == socket.AF_INET6 and socket.has_dualstack_ipv6()
-        sock = socket.create_server((config.host, config.port), family=family,
-                                    backlog=config.backlog, reuse_port=config.reuse_port,
-                                    dualstack_ipv6=dualstack)
-    sock.setblocking(False)
-    return sock
 
 
 class Server:

@@ -63,6 +63,7 @@ ALLOWED = {
     "muxpool.multiplexer": {"muxpool.errors"},
     "muxpool.pools": {"muxpool.errors", "muxpool.framing", "muxpool.pools"},
     "muxpool.client": {"muxpool.errors", "muxpool.framing"},
+    "muxpool.config": {"muxpool.errors", "muxpool.framing"},
 }
 
 

@@ -2,7 +2,7 @@
 
 Each engine is a small module found through :data:`ENGINES` and imported on
 first use, so ``import muxpool`` never pulls in an optional dependency. An
-engine class takes the :class:`~muxpool.server.ServerConfig` and provides:
+engine class takes the :class:`~muxpool.config.ServerConfig` and provides:
 
 * ``can_block`` — may a handler block? (``loop``: no; it refuses
   socketserver handlers with a clear message);
