@@ -118,23 +118,27 @@ def cli_server(engine: str, log_path: Path, *options: str,
                processes: int = PREFORK_PROCESSES) -> Iterator[ServedProcess]:
     """``python -m muxpool.cli serve --engine ENGINE OPTIONS`` on a free port; always stopped.
 
-    prefork gets ``--processes`` workers (threadpool inside each, the default).
+    prefork gets ``--processes`` workers (threadpool inside each, the default;
+    ``"prefork-threaded"`` runs threaded ones).
     Ready once a client can connect and, for prefork, every worker is forked.
     A port another process took meanwhile makes the server exit; then it is
     started again on another port (three tries).
     """
+    kind, _, worker_engine = engine.partition("-")  # "prefork-threaded": its workers' engine
     for attempt in range(3):
-        cmd = [sys.executable, "-m", "muxpool.cli", "serve", "--engine", engine, "--log-level", "INFO",
+        cmd = [sys.executable, "-m", "muxpool.cli", "serve", "--engine", kind, "--log-level", "INFO",
                *options]
-        if engine == "prefork":
+        if kind == "prefork":
             cmd += ["--processes", str(processes)]
+        if worker_engine:
+            cmd += ["--worker-engine", worker_engine]
         served = _start(cmd, engine, log_path)
         try:
             if _wait_until_listening(served) == "exited":
                 if "Address already in use" in served.log() and attempt < 2:
                     continue
                 served.check_running()
-            if engine == "prefork":
+            if kind == "prefork":
                 served.workers = _wait_for_workers(served.proc.pid, processes)
             yield served
             return

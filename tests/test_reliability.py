@@ -1,7 +1,8 @@
 """Reliability under hostile clients and churn: leaks, floods, never-reading clients, resets.
 
 Every test runs on every engine: loop, threadpool, threaded, prefork (2 worker
-processes, threadpool inside each) and gevent. The server is always a
+processes, threadpool inside each; prefork-threaded: threaded inside each) and
+gevent. The server is always a
 ``muxpool serve`` subprocess (gevent needs a monkey-patched process, and /proc
 then says what the server holds): its fds, RSS and connections are summed
 over the parent and, for prefork, its workers (see ``reliability_helpers``);
@@ -52,7 +53,8 @@ from muxpool import Client, make_framer
 
 pytestmark = pytest.mark.timeout(90)
 
-ENGINES = ["loop", "threadpool", "threaded", "prefork", "gevent"]
+# prefork's workers run threadpool by default; prefork-threaded covers its blocking worker engine.
+ENGINES = ["loop", "threadpool", "threaded", "prefork", "prefork-threaded", "gevent"]
 
 poll = wait_for
 
