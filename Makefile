@@ -27,7 +27,9 @@ bench-pools: setup
 	$(BIN)/python benchmarks/pools.py --markdown docs/pools-benchmark.md
 
 soak: setup
-	$(BIN)/python benchmarks/soak.py
+	for engine in loop threadpool threaded prefork gevent; do \
+		$(BIN)/python benchmarks/soak.py --engine $$engine || exit 1; \
+	done
 
 bench-idle: setup
 	$(BIN)/python benchmarks/idle_connections.py --markdown docs/idle-connections.md
