@@ -17,9 +17,10 @@ import sys
 import time
 from concurrent.futures import CancelledError
 
-import pytest
-
 import pool_tasks
+import pytest
+from processes import process_exists
+
 from muxpool import PoolClosed, RemoteTraceback, SerializationError, TaskTimeout
 
 distributed = pytest.importorskip("distributed")
@@ -89,14 +90,6 @@ def accepts(address: str) -> bool:
     return True
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 # --- where the cluster comes from -------------------------------------------------------
 
 
@@ -122,7 +115,7 @@ def test_own_local_cluster_serves_and_close_shuts_it_down(pools):
     assert slow.result(timeout=0) == "late"  # close() lets work finish first
     assert pool.stats().workers == 0
     assert not accepts(address), "the scheduler still accepts connections after close()"
-    wait_until(lambda: not any(alive(pid) for pid in worker_pids), 10, "worker processes to exit")
+    wait_until(lambda: not any(process_exists(pid) for pid in worker_pids), 10, "worker processes to exit")
 
 
 def test_terminate_cancels_running_work_and_shuts_the_cluster_down(pools, tmp_path):
@@ -143,7 +136,7 @@ def test_terminate_cancels_running_work_and_shuts_the_cluster_down(pools, tmp_pa
     assert pool.join(30)
     assert not accepts(address)
     # Dask cannot interrupt the running call, but the cluster's end kills its worker.
-    wait_until(lambda: not alive(int(pid_file.read_text())), 10, "the worker to exit")
+    wait_until(lambda: not process_exists(int(pid_file.read_text())), 10, "the worker to exit")
     s = pool.stats()
     assert (s.cancelled, s.failed, s.completed, s.busy, s.queued) == (6, 1, 0, 0, 0)
 

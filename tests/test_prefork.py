@@ -30,10 +30,11 @@ import threading
 import time
 
 import pytest
-
 import server_apps
-from muxpool import Client, ConnectionBroken, Server
+from processes import process_exists
 from test_server_conformance import DEADLINE, PREFIX, start_server, stop_servers, wait_for
+
+from muxpool import Client, ConnectionBroken, Server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -47,11 +48,7 @@ CLOSED = (ConnectionBroken, ConnectionResetError, BrokenPipeError)
 
 def process_gone(pid: int) -> bool:
     """No such process (a zombie, exited but not reaped, is not gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+    return not process_exists(pid)
 
 
 def live_children(ppid: int) -> set[int]:

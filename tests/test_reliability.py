@@ -450,7 +450,7 @@ def test_never_reading_client_is_bounded_by_write_high_water_and_closed(engine, 
             assert outcome.get("result") in ("ConnectionResetError", "BrokenPipeError"), outcome
             # On threaded the kernel times each send (SO_SNDTIMEO); a send cut short by it
             # must end the reply, not start another whole timeout for the rest.
-            assert closed_at - last_reply_progress < write_timeout + 2.0, outcome
+            assert closed_at - last_reply_progress < write_timeout + 1.0, outcome  # was 2.2-2.9 s on threaded
             assert growth_kib < limit_kib, f"server RSS grew {growth_kib} KiB (limit {limit_kib} KiB)"
             # The server dropped the hog and still answers the bystander and newcomers.
             poll(lambda: server.held() == 1, what="the hog to be dropped")

@@ -38,8 +38,9 @@ import threading
 import time
 
 import pytest
-
 import server_apps
+from processes import process_exists
+
 from muxpool import Client, ConnectionBroken, Server, make_framer
 
 pytestmark = pytest.mark.timeout(60)
@@ -130,7 +131,7 @@ def _kill_survivors(pids, timeout: float = 5.0) -> list[int]:
     deadline = time.monotonic() + timeout
     alive = set(pids)
     while alive:
-        alive = {pid for pid in alive if _process_exists(pid)}
+        alive = {pid for pid in alive if process_exists(pid)}
         if not alive or time.monotonic() > deadline:
             break
         time.sleep(0.01)
@@ -141,14 +142,6 @@ def _kill_survivors(pids, timeout: float = 5.0) -> list[int]:
         except (ProcessLookupError, ChildProcessError):
             pass
     return sorted(alive)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def held_connections(srv: Server) -> int:
