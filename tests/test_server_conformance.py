@@ -375,10 +375,14 @@ def assert_closed_by_server(client: Client) -> None:
 
 
 def refuses_connections(address) -> bool:
+    """True once connecting is refused: the listener is closed. A reset is not that yet: the
+    handshake completed into the accept queue of a listener that closed just after, so poll again."""
     try:
         probe = socket.create_connection(address[:2], timeout=2)
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False
     probe.close()
     return False
 
