@@ -72,6 +72,11 @@ class Connection:
         context = server.ssl_context
         self.tls = TLSSession(context) if context is not None else None
 
+    @property
+    def handshaken(self) -> bool:
+        """No TLS, or its handshake is done (the server times it)."""
+        return self.tls is None or self.tls.handshaken
+
     def __repr__(self) -> str:
         return f"<Connection {self.id} {self.peer}>"
 

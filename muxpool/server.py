@@ -267,6 +267,9 @@ class Server:
             stream = kind(self, sock, peer, next(self._ids))
             self.connections[id(stream)] = stream
             self.stats.connections_total += 1
+            if self.ssl_context is not None:  # the whole handshake, not each read, is timed
+                stream.tls_timer = self.mux.call_later(self.config.tls_handshake_timeout,
+                                                       lambda: self._handshake_overdue(stream))
             self.engine.spawn(stream.serve, f"muxpool-conn-{stream.id}")
             return
         conn = Connection(self, sock, peer, next(self._ids))
@@ -288,9 +291,9 @@ class Server:
             conn.tls_timer = None
         conn.dispatch(_call_connect, None)
 
-    def _handshake_overdue(self, conn: Connection) -> None:
+    def _handshake_overdue(self, conn: Connection | StreamConnection) -> None:
         conn.tls_timer = None
-        if not conn.closed and not conn.tls.handshaken:
+        if not conn.closed and not conn.handshaken:
             log.warning("closing %s: no TLS handshake within %s s (tls_handshake_timeout)",
                         conn.peer, self.config.tls_handshake_timeout)
             conn.abort(None)

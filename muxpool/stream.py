@@ -52,7 +52,10 @@ _WRITE_TIMEOUTS = (socket.timeout, BlockingIOError, ssl.SSLWantWriteError)
 class StreamConnection:
     """What a handler sees as ``conn`` on the thread- and greenlet-per-connection engines."""
 
-    idle_timer = write_timer = handler_timer = tls_timer = None  # the loop's timers do not apply
+    # The loop's idle, write and handler timers do not apply: the kernel or a socket
+    # timeout times those calls. tls_timer is the loop's, for the whole handshake.
+    idle_timer = write_timer = handler_timer = tls_timer = None
+    handshaken = False
     outbuf = b""  # replies go straight to the kernel: no buffer in user space
 
     def __init__(self, server: "Server", sock: socket.socket, peer: Any, conn_id: int):
@@ -87,10 +90,19 @@ class StreamConnection:
         """Wrap the socket and finish the handshake within tls_handshake_timeout."""
         context = self.server.ssl_context
         if context is None:
+            self.handshaken = True
             return
         self.sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
-        self.sock.settimeout(self.server.config.tls_handshake_timeout)
+        # The loop's tls_timer aborts (and logs) a handshake that takes too long in
+        # all, which a per-read timeout alone would not: a client trickling its
+        # hello a byte at a time never makes one read wait long. If it fired while
+        # the socket was being wrapped, its shutdown missed the new socket: stop
+        # here. The per-read timeout is only a backstop, long enough to lose to it.
+        if self.closing:
+            raise ConnectionClosed(f"no TLS handshake with {self.peer} in time")
+        self.sock.settimeout(2 * self.server.config.tls_handshake_timeout + 1)
         self.sock.do_handshake()
+        self.handshaken = True
 
     def close_when_done(self, drop_backlog: bool = False) -> None:
         if self.closing or self.closed:

@@ -12,21 +12,32 @@ file descriptors, the resident memory and the client connections held.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from test_server_conformance import _worker_connections, wait_for
+import pytest
+from test_server_conformance import DEADLINE, _worker_connections, wait_for
 
 RAW_GREETING = b"Hello client-side"  # the CLI's echo service, raw framing
 RAW_PREFIX = b"response: "
 PREFORK_PROCESSES = 2
+# prefork's workers run threadpool by default; prefork-threaded covers its blocking worker engine.
+ENGINES = ["loop", "threadpool", "threaded", "prefork", "prefork-threaded", "gevent"]
+
+
+def needs_gevent(engine: str) -> None:
+    if engine == "gevent":
+        pytest.importorskip("gevent")
 
 
 def free_port() -> int:
@@ -210,3 +221,34 @@ def wait_for_close(sock: socket.socket) -> float:
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]
+
+
+def greeted_echo(sock, payload: bytes) -> None:
+    """The echo service's greeting, then one request and its reply (raw framing: lockstep)."""
+    assert recv_exactly(sock, len(RAW_GREETING)) == RAW_GREETING
+    sock.sendall(payload)
+    assert recv_exactly(sock, len(RAW_PREFIX) + len(payload)) == RAW_PREFIX + payload
+
+
+def plain_cycle(address, i: int, ctx=None) -> None:
+    """connect, greeting, one request, its reply, close."""
+    with socket.create_connection(address, timeout=DEADLINE) as sock:
+        greeted_echo(sock, b"cycle %d" % i)
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    """Bytes in ``sock``'s kernel receive queue (SIOCINQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def raw_echo_large(sock: socket.socket, payload: bytes) -> None:
+    """Send one large raw-framing request and read all of its reply. A raw message is
+    whatever one server read returns, so the reply may come as several prefixed pieces:
+    ``payload`` repeats one upper-case byte, which the lower-case prefix never contains."""
+    sock.sendall(payload)
+    data = b""
+    while data.count(payload[:1]) < len(payload):
+        chunk = sock.recv(65536)
+        assert chunk, "EOF before the whole reply"
+        data += chunk
+    assert data.startswith(RAW_PREFIX) and data.replace(RAW_PREFIX, b"") == payload

@@ -20,14 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import resource
 import signal
 import socket
-import ssl
 import statistics
 import struct
-import termios
 import threading
 import time
 from collections.abc import Callable
@@ -35,11 +31,17 @@ from dataclasses import dataclass, field
 
 import pytest
 from reliability_helpers import (
+    ENGINES,
     RAW_GREETING,
     RAW_PREFIX,
     cli_server,
+    greeted_echo,
+    needs_gevent,
     percentile,
+    plain_cycle,
+    raw_echo_large,
     recv_exactly,
+    unread_bytes,
     wait_for_close,
 )
 from test_server_conformance import (
@@ -53,15 +55,7 @@ from muxpool import Client, make_framer
 
 pytestmark = pytest.mark.timeout(90)
 
-# prefork's workers run threadpool by default; prefork-threaded covers its blocking worker engine.
-ENGINES = ["loop", "threadpool", "threaded", "prefork", "prefork-threaded", "gevent"]
-
 poll = wait_for
-
-
-def _needs_gevent(engine: str) -> None:
-    if engine == "gevent":
-        pytest.importorskip("gevent")
 
 
 def _log_records(log: str) -> list[tuple[str, str]]:
@@ -75,46 +69,7 @@ def _log_records(log: str) -> list[tuple[str, str]]:
     return records
 
 
-@pytest.fixture
-def nofile_limit():
-    """Raise the soft RLIMIT_NOFILE to the hard limit; restored afterwards."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
-    needed = 2100 + 256  # the client end of every flood socket (the server is another process)
-    if target < needed:
-        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below the {needed} descriptors needed")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory):
-    """A CA made at test time, a server certificate for 127.0.0.1 (PEM file) and a client context."""
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    folder = tmp_path_factory.mktemp("tls")
-    certfile = folder / "server.pem"
-    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(certfile))
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
-    return certfile, client_context
-
-
 # --- 1. churn: file descriptors do not leak ----------------------------------------------------
-
-
-def greeted_echo(sock, payload: bytes) -> None:
-    """The echo service's greeting, then one request and its reply (raw framing: lockstep)."""
-    assert recv_exactly(sock, len(RAW_GREETING)) == RAW_GREETING
-    sock.sendall(payload)
-    assert recv_exactly(sock, len(RAW_PREFIX) + len(payload)) == RAW_PREFIX + payload
-
-
-def plain_cycle(address, i: int, ctx) -> None:
-    """connect, greeting, one request, its reply, close."""
-    with socket.create_connection(address, timeout=DEADLINE) as sock:
-        greeted_echo(sock, b"cycle %d" % i)
 
 
 def tls_cycle(address, i: int, ctx) -> None:
@@ -184,7 +139,7 @@ def test_connect_close_churn_leaks_no_file_descriptor(engine, kind, tmp_path, re
     """Thousands of connections opened and closed (by the client, plainly or over TLS, or
     by the server after a framing error or an idle timeout): the server's fds, summed over
     every process serving, return to their baseline, and it still serves."""
-    _needs_gevent(engine)
+    needs_gevent(engine)
     churn = CHURNS[kind]
     options, ctx = list(churn.options), None
     if kind.startswith("tls"):
@@ -254,11 +209,15 @@ def test_connect_close_churn_leaks_no_file_descriptor(engine, kind, tmp_path, re
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_flood_beyond_max_connections_keeps_answering_the_first_client(engine, nofile_limit, tmp_path):
-    """A client connects first; then 2,000 connections open and stay silent. Each serving
-    process holds exactly max_connections=50 (the rest wait in the kernel's backlog), the
-    first client is answered throughout, and afterwards it and a new client are answered."""
-    _needs_gevent(engine)
-    flood_size, max_connections = 2000, 50
+    """A client connects first; then 5,000 connections open and stay silent, far more than
+    max_connections=50 plus the listen backlog (1,024): each serving process holds exactly
+    50, the kernel queues a backlog's worth and drops the rest's handshakes (they retry).
+    The first client is answered throughout, and afterwards it and a new client are answered."""
+    needs_gevent(engine)
+    flood_size, max_connections = 5000, 50
+    needed = flood_size + 256  # the client end of every flood socket (the server is another process)
+    if nofile_limit < needed:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {nofile_limit} is below the {needed} descriptors needed")
     with cli_server(engine, tmp_path / "server.log", "--framing", "line",
                     "--max-connections", str(max_connections)) as server:
         address = server.address
@@ -347,24 +306,6 @@ def _try_client(address):
 # --- 3. a client that sends and never reads ----------------------------------------------------
 
 
-def unread_bytes(sock: socket.socket) -> int:
-    """Bytes in ``sock``'s kernel receive queue (SIOCINQ)."""
-    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
-
-
-def raw_echo_large(sock: socket.socket, payload: bytes) -> None:
-    """Send one large raw-framing request and read all of its reply. A raw message is
-    whatever one server read returns, so the reply may come as several prefixed pieces:
-    ``payload`` repeats one upper-case byte, which the lower-case prefix never contains."""
-    sock.sendall(payload)
-    data = b""
-    while data.count(payload[:1]) < len(payload):
-        chunk = sock.recv(65536)
-        assert chunk, "EOF before the whole reply"
-        data += chunk
-    assert data.startswith(RAW_PREFIX) and data.replace(RAW_PREFIX, b"") == payload
-
-
 @pytest.mark.parametrize("engine", ENGINES)
 def test_never_reading_client_is_bounded_by_write_high_water_and_closed(engine, tmp_path):
     """A client sends up to 100 MiB of requests and reads nothing: the server's RSS
@@ -372,7 +313,7 @@ def test_never_reading_client_is_bounded_by_write_high_water_and_closed(engine, 
     closed (reset) about write_timeout after reply bytes last reached it, and a bystander
     connected before and a newcomer are answered. (threaded: the reply's send blocks in the
     kernel, SO_SNDBUF = write_high_water, and the close comes when SO_SNDTIMEO expires.)"""
-    _needs_gevent(engine)
+    needs_gevent(engine)
     high_water = 1 << 20
     write_timeout = 1.0
     with cli_server(engine, tmp_path / "server.log", "--write-high-water", str(high_water),
@@ -470,7 +411,7 @@ def test_sigterm_gives_up_on_a_never_reading_client_at_drain_timeout(engine, tmp
     flushed and write_timeout (60 s) is far away: the drain waits drain_timeout for it,
     no longer, then closes what is left and the server exits 0; a well-behaved client
     connected at the same time is answered, then closed cleanly."""
-    _needs_gevent(engine)
+    needs_gevent(engine)
     drain_timeout = 2.0
     with cli_server(engine, tmp_path / "server.log", "--drain-timeout", str(drain_timeout),
                     "--write-timeout", "60", "--write-high-water", str(1 << 20)) as server:
@@ -515,7 +456,7 @@ def test_reset_mid_reply_logs_no_error_and_others_are_answered(engine, tmp_path)
     """20 clients pipeline 500 requests and reset the connection (RST) while the server
     writes the replies: nothing is logged at ERROR, no traceback is printed, every reset
     connection is dropped, and a bystander and a newcomer are answered."""
-    _needs_gevent(engine)
+    needs_gevent(engine)
     resets, requests = 20, 500
     with cli_server(engine, tmp_path / "server.log", "--framing", "line") as server:
         address = server.address
