@@ -79,14 +79,28 @@ class ServedProcess:
     """A running ``muxpool serve``: its process, port, log, and (prefork) worker processes."""
 
     proc: subprocess.Popen
-    port: int
+    port: int  # 0 on a Unix socket
     engine: str
     log_path: Path
     workers: list[int]  # the processes holding client connections (the parent itself if not prefork)
+    unix_path: str | None = None
 
     @property
-    def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
+    def address(self) -> tuple[str, int] | str:
+        return self.unix_path or ("127.0.0.1", self.port)
+
+    def connect(self, timeout: float = DEADLINE) -> socket.socket:
+        """A client socket connected to the server, TCP or Unix."""
+        if self.unix_path is None:
+            return socket.create_connection(self.address, timeout=timeout)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     @property
     def pids(self) -> list[int]:
@@ -104,6 +118,7 @@ class ServedProcess:
 
         /proc/net/tcp is not read atomically, so read until two readings agree.
         """
+        assert self.unix_path is None, "held() counts TCP connections; on a Unix socket count fds()"
         previous = None
         for _ in range(50):
             current = _worker_connections(pids or self.workers, self.port)
@@ -125,9 +140,10 @@ class ServedProcess:
 
 
 @contextlib.contextmanager
-def cli_server(engine: str, log_path: Path, *options: str,
-               processes: int = PREFORK_PROCESSES) -> Iterator[ServedProcess]:
-    """``python -m muxpool.cli serve --engine ENGINE OPTIONS`` on a free port; always stopped.
+def cli_server(engine: str, log_path: Path, *options: str, processes: int = PREFORK_PROCESSES,
+               unix_path: Path | None = None) -> Iterator[ServedProcess]:
+    """``python -m muxpool.cli serve --engine ENGINE OPTIONS`` on a free port (or on
+    ``unix_path``, a Unix socket); always stopped.
 
     prefork gets ``--processes`` workers (threadpool inside each, the default;
     ``"prefork-threaded"`` runs threaded ones).
@@ -143,7 +159,7 @@ def cli_server(engine: str, log_path: Path, *options: str,
             cmd += ["--processes", str(processes)]
         if worker_engine:
             cmd += ["--worker-engine", worker_engine]
-        served = _start(cmd, engine, log_path)
+        served = _start(cmd, engine, log_path, unix_path)
         try:
             if _wait_until_listening(served) == "exited":
                 if "Address already in use" in served.log() and attempt < 2:
@@ -157,12 +173,13 @@ def cli_server(engine: str, log_path: Path, *options: str,
             stop(served.proc)
 
 
-def _start(cmd: list[str], engine: str, log_path: Path) -> ServedProcess:
-    port = free_port()
+def _start(cmd: list[str], engine: str, log_path: Path, unix_path: Path | None) -> ServedProcess:
+    port = 0 if unix_path else free_port()
+    where = ["--unix", str(unix_path)] if unix_path else ["--port", str(port)]
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=log_file,
+        proc = subprocess.Popen([*cmd, *where], stdout=subprocess.DEVNULL, stderr=log_file,
                                 start_new_session=True)
-    return ServedProcess(proc, port, engine, log_path, [proc.pid])
+    return ServedProcess(proc, port, engine, log_path, [proc.pid], str(unix_path) if unix_path else None)
 
 
 def _wait_until_listening(served: ServedProcess) -> str:
@@ -170,7 +187,7 @@ def _wait_until_listening(served: ServedProcess) -> str:
         if served.proc.poll() is not None:
             return "exited"
         try:
-            socket.create_connection(served.address, timeout=1).close()
+            served.connect(timeout=1).close()
         except OSError:
             return False
         return "listening"

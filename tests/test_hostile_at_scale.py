@@ -10,7 +10,8 @@ together, as they do in an attack or behind a broken proxy, on every engine
   accepted, while a client that finished its handshake is answered throughout;
 * dozens of clients that send megabytes and never read hold the server's
   memory to a few ``write_high_water``s each, and are closed at
-  ``write_timeout``, while a bystander is answered throughout.
+  ``write_timeout``, while a bystander is answered throughout;
+* on a Unix socket, connection churn and a never-reading client, as over TCP.
 
 Figures are printed (``pytest -s``); docs/reliability.md records them.
 """
@@ -324,4 +325,78 @@ def test_dozens_of_never_reading_clients_hold_bounded_memory_and_are_closed(engi
                 hogs.close()
             bystander.close()
         plain_cycle(address, 0)
+        server.check_running()
+
+
+# --- the same on a Unix socket ------------------------------------------------------------------
+
+
+def unix_cycle(server, i: int) -> None:
+    with server.connect() as sock:
+        greeted_echo(sock, b"unix cycle %d" % i)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_on_a_unix_socket_churn_leaks_nothing_and_a_never_reader_is_closed(engine, tmp_path):
+    """Over a Unix socket (--unix): 2,000 connect/request/close cycles bring the server's fds
+    back to their baseline, and a client that sends up to 100 MiB and never reads is closed
+    about write_timeout after its sends stall, with the server's RSS bounded, while a
+    bystander and a newcomer are answered."""
+    needs_gevent(engine)
+    high_water, write_timeout, cycles, threads = 1 << 20, 1.0, 2000, 4
+    with cli_server(engine, tmp_path / "server.log", "--write-high-water", str(high_water),
+                    "--write-timeout", str(write_timeout), unix_path=tmp_path / "muxpool.sock") as server:
+        slack = 2 * len(server.workers)  # a lazily made fd or two per serving process
+        before = server.fds()
+        for i in range(4 * len(server.workers)):
+            unix_cycle(server, -1 - i)
+        baseline = poll(lambda: (n := server.fds()) <= before + slack and (n,),
+                        what="the warm-up connections to be dropped")[0]
+
+        failures: list[BaseException] = []
+
+        def churn(index: int) -> None:
+            try:
+                for i in range(index, cycles, threads):
+                    unix_cycle(server, i)
+            except Exception as exc:  # noqa: BLE001 - reported by the main thread
+                failures.append(exc)
+
+        clients = [threading.Thread(target=churn, args=(i,), daemon=True) for i in range(threads)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(60)
+        assert not any(client.is_alive() for client in clients) and not failures, failures[:1]
+        after_churn = poll(lambda: (n := server.fds()) <= baseline + slack and (n,), timeout=15,
+                           what=f"the server's fd count to return to its baseline {baseline}")[0]
+
+        with server.connect() as bystander, server.connect() as hog:
+            greeted_echo(bystander, b"before")
+            rss_before = server.rss_kib()
+            hog.settimeout(0.2)
+            chunk, sent, peak = b"x" * 65536, 0, rss_before
+            started = last_progress = time.monotonic()
+            ended = "cap reached"
+            while sent < 100 << 20 and time.monotonic() - started < 15:
+                try:
+                    sent += hog.send(chunk)
+                    last_progress = time.monotonic()
+                except TimeoutError:
+                    pass
+                except (ConnectionResetError, BrokenPipeError) as exc:
+                    ended = type(exc).__name__
+                    break
+                peak = max(peak, server.rss_kib())
+            closed_after = time.monotonic() - last_progress
+            growth_kib = peak - rss_before
+            limit_kib = 3 * high_water // 1024 + 2048 * len(server.pids)
+            print(f"\n[unix] {engine}: {cycles} cycles, fds {baseline} -> {after_churn}; a never-reader "
+                  f"sent {sent / 2**20:.1f} MiB, then {ended} {closed_after:.2f} s after its sends stalled; "
+                  f"RSS +{growth_kib} KiB (limit {limit_kib})")
+            assert ended in ("ConnectionResetError", "BrokenPipeError")
+            assert closed_after < write_timeout + 1.0
+            assert growth_kib < limit_kib
+            timed_echo(bystander)
+        unix_cycle(server, 0)
         server.check_running()
