@@ -141,9 +141,9 @@ class ServedProcess:
 
 @contextlib.contextmanager
 def cli_server(engine: str, log_path: Path, *options: str, processes: int = PREFORK_PROCESSES,
-               unix_path: Path | None = None) -> Iterator[ServedProcess]:
+               unix_path: Path | None = None, env: dict[str, str] | None = None) -> Iterator[ServedProcess]:
     """``python -m muxpool.cli serve --engine ENGINE OPTIONS`` on a free port (or on
-    ``unix_path``, a Unix socket); always stopped.
+    ``unix_path``, a Unix socket), with ``env`` added to its environment; always stopped.
 
     prefork gets ``--processes`` workers (threadpool inside each, the default;
     ``"prefork-threaded"`` runs threaded ones).
@@ -159,7 +159,7 @@ def cli_server(engine: str, log_path: Path, *options: str, processes: int = PREF
             cmd += ["--processes", str(processes)]
         if worker_engine:
             cmd += ["--worker-engine", worker_engine]
-        served = _start(cmd, engine, log_path, unix_path)
+        served = _start(cmd, engine, log_path, unix_path, env)
         try:
             if _wait_until_listening(served) == "exited":
                 if "Address already in use" in served.log() and attempt < 2:
@@ -173,13 +173,21 @@ def cli_server(engine: str, log_path: Path, *options: str, processes: int = PREF
             stop(served.proc)
 
 
-def _start(cmd: list[str], engine: str, log_path: Path, unix_path: Path | None) -> ServedProcess:
+def _start(cmd: list[str], engine: str, log_path: Path, unix_path: Path | None,
+           env: dict[str, str] | None) -> ServedProcess:
     port = 0 if unix_path else free_port()
     where = ["--unix", str(unix_path)] if unix_path else ["--port", str(port)]
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen([*cmd, *where], stdout=subprocess.DEVNULL, stderr=log_file,
-                                start_new_session=True)
+                                start_new_session=True, env=_environment(env))
     return ServedProcess(proc, port, engine, log_path, [proc.pid], str(unix_path) if unix_path else None)
+
+
+def _environment(extra: dict[str, str] | None) -> dict[str, str]:
+    """The server's environment: ours, ``extra``, and this folder on PYTHONPATH, so that
+    ``muxpool serve some_test_app:handler`` finds the test apps."""
+    path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
 
 
 def _wait_until_listening(served: ServedProcess) -> str:
@@ -210,6 +218,20 @@ def stop(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)  # workers too; the session is the server's own
     proc.wait()
+
+
+def server_unread_bytes(server_port: int, client: socket.socket) -> int | None:
+    """Bytes from ``client`` waiting unread in the server's receive queue for that connection
+    (its row of /proc/net/tcp, seen from the server's end); None if there is no such row.
+    Above zero and not shrinking, it shows the server has stopped reading the client."""
+    ends = (f":{server_port:04X}", f":{client.getsockname()[1]:04X}")
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            for row in f.read().splitlines()[1:]:
+                cols = row.split()
+                if cols[1].endswith(ends[0]) and cols[2].endswith(ends[1]):
+                    return int(cols[4].split(":")[1], 16)
+    return None
 
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes:

@@ -41,6 +41,7 @@ from reliability_helpers import (
     plain_cycle,
     raw_echo_large,
     recv_exactly,
+    server_unread_bytes,
     unread_bytes,
     wait_for_close,
 )
@@ -416,20 +417,33 @@ def test_sigterm_gives_up_on_a_never_reading_client_at_drain_timeout(engine, tmp
     with cli_server(engine, tmp_path / "server.log", "--drain-timeout", str(drain_timeout),
                     "--write-timeout", "60", "--write-high-water", str(1 << 20)) as server:
         good = socket.create_connection(server.address, timeout=DEADLINE)
-        hog = socket.create_connection(server.address, timeout=DEADLINE)
+        hog = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # A small receive buffer: the server's replies cannot all hide in the hog's kernel.
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        hog.settimeout(DEADLINE)
+        hog.connect(server.address)
         try:
             greeted_echo(good, b"before")
-            # Send until the hog's own sends stall: every buffer between it and the
-            # server is full, and the server has stopped taking its requests.
+            # Send until the server has stopped reading the hog: two sends in a row time out
+            # (0.5 s each) and its requests wait unread at the server's end, untouched between
+            # them. (One stall is not enough: on a busy machine the server may only be slow,
+            # catch up, hand every reply to the kernel and have nothing left in flight.)
             hog.settimeout(0.5)
-            chunk, stalled_at = b"x" * 65536, None
+            chunk, unread_at_stall = b"x" * 65536, None
             give_up = time.monotonic() + 30
-            while stalled_at is None and time.monotonic() < give_up:
+            while time.monotonic() < give_up:
                 try:
                     hog.send(chunk)
+                    unread_at_stall = None
+                    continue
                 except TimeoutError:
-                    stalled_at = time.monotonic()
-            assert stalled_at is not None, "the server kept reading a client that never reads"
+                    pass
+                unread = server_unread_bytes(server.port, hog)
+                if unread and unread == unread_at_stall:
+                    break
+                unread_at_stall = unread
+            else:
+                pytest.fail("the server kept reading a client that never reads")
             good.sendall(b"still served")
             assert recv_exactly(good, len(RAW_PREFIX) + 12) == RAW_PREFIX + b"still served"
 
