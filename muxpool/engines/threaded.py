@@ -10,9 +10,14 @@ many mostly idle clients, ``threadpool`` holds them with no thread each.
 
 from __future__ import annotations
 
+import signal
 import threading
 
 from .base import Engine
+
+# Signals the kernel raises for a fault of the thread itself: never blocked.
+_SYNCHRONOUS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT,
+                signal.SIGTRAP, signal.SIGSYS}
 
 
 class ThreadedEngine(Engine):
@@ -24,7 +29,18 @@ class ThreadedEngine(Engine):
     kernel_timeouts = True  # real threads: SO_RCVTIMEO/SO_SNDTIMEO, no poll per recv
 
     def spawn(self, fn, name: str) -> None:
-        threading.Thread(target=fn, name=name, daemon=True).start()
+        threading.Thread(target=_with_signals_blocked, args=(fn,), name=name, daemon=True).start()
 
     def describe(self) -> str:
         return f"a thread per connection, at most {self.config.max_connections}"
+
+
+def _with_signals_blocked(fn) -> None:
+    """Run ``fn`` with asynchronous signals blocked in this thread, so the kernel hands
+    SIGTERM and the like to another thread. Python runs signal handlers on the main
+    thread anyway; what a signal delivered here would do is cut a blocked send short
+    (a partial count, which the connection must take for a write timeout) and lose
+    the rest of a reply just as a drain begins."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - _SYNCHRONOUS)
+    fn()
