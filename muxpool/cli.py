@@ -41,6 +41,8 @@ _HELP = {
     "certfile": "serve TLS with this certificate chain (PEM)",
     "keyfile": "the private key for --certfile (if not in the same file)",
     "tls_handshake_timeout": "close a TLS client that has not finished its handshake in this many seconds",
+    "loop_stall_warning": "log where the event loop is when a handler or callback keeps it from "
+                          "polling this many seconds (0: never; default 0.5)",
 }
 
 
@@ -77,7 +79,8 @@ def add_serve(commands) -> None:
         if field.default is None:
             kind = {"workers": int, "processes": int, "unix_path": str, "certfile": str,
                     "keyfile": str}.get(field.name, float)
-        if field.name in ("idle_timeout", "write_timeout", "handler_timeout", "stats_interval"):
+        if field.name in ("idle_timeout", "write_timeout", "handler_timeout", "stats_interval",
+                          "loop_stall_warning"):
             kind = _optional_number(float)
         kwargs: dict[str, Any] = {"dest": field.name, "type": kind, "default": field.default,
                                   "help": _HELP[field.name]}

@@ -37,6 +37,7 @@ class ServerConfig:
     certfile: str | None = None
     keyfile: str | None = None
     tls_handshake_timeout: float = 10.0
+    loop_stall_warning: float | None = 0.5
 
     @classmethod
     def names(cls) -> list[str]:

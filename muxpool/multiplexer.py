@@ -60,6 +60,9 @@ class Multiplexer:
         self._running = False
         self._stopping = False
         self.thread_id: int | None = None
+        # Odd while waiting in select() (or not running), even while running
+        # callbacks: a watchdog thread reads it (muxpool.watchdog).
+        self.ticks = 1
 
     # --- registrations (loop thread only) ---------------------------------
 
@@ -115,7 +118,9 @@ class Multiplexer:
         select = self._selector.select
         try:
             while not self._stopping:
-                for key, mask in select(self._timeout()):
+                events = select(self._timeout())
+                self.ticks += 1
+                for key, mask in events:
                     try:
                         key.data(mask)
                     except Exception:
@@ -124,7 +129,9 @@ class Multiplexer:
                     self._run_due_timers()
                 if self._deferred:
                     self._run_deferred()
+                self.ticks += 1
         finally:
+            self.ticks |= 1
             self._running = False
             self._stopping = False
 

@@ -37,6 +37,7 @@ from .multiplexer import EVENT_READ, Multiplexer
 from .stats import ServerStats
 from .stream import StreamConnection
 from .tls import server_context
+from .watchdog import LoopWatchdog
 
 log = logging.getLogger("muxpool.server")
 
@@ -130,10 +131,15 @@ class Server:
         log.info("muxpool serving %s on %s (engine=%s, %s, framing=%s)", _app_name(self.app),
                  _format_address(self.address), self.config.engine, self.engine.describe(),
                  self.config.framing)
+        watchdog = None
+        if self.config.loop_stall_warning and not self.engine.watches_its_loop:
+            watchdog = LoopWatchdog(self.mux, self.config.loop_stall_warning).start()
         self._serving.set()
         try:
             self.mux.run()
         finally:
+            if watchdog is not None:
+                watchdog.stop()
             self._close_everything()
             # After a hard stop, handler calls still running are abandoned, not waited for.
             self.engine.stop(wait=not self._stopped_hard)

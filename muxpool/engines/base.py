@@ -12,6 +12,7 @@ class Engine:
     per_connection = False
     can_block = True
     kernel_timeouts = False  # stream connections: may the kernel time blocking calls?
+    watches_its_loop = False  # True: it reports a stalled loop itself (else muxpool.watchdog does)
 
     def __init__(self, config):
         self.config = config

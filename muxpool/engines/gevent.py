@@ -13,8 +13,8 @@ does it first thing in its own process. From Python, call
 engine refuses to start, with that advice.
 
 A watchdog thread (gevent's monitor) logs any handler that keeps the hub busy
-longer than ``HUB_BLOCKED_AFTER`` seconds — the sign of CPU work or of a call
-the patching does not cover.
+longer than ``loop_stall_warning`` seconds (default 0.5) — the sign of CPU
+work or of a call the patching does not cover.
 """
 
 from __future__ import annotations
@@ -34,13 +34,12 @@ from .base import Engine
 
 log = logging.getLogger("muxpool.server")
 
-HUB_BLOCKED_AFTER = 0.1  # seconds
-
 
 class GeventEngine(Engine):
     name = "gevent"
     per_connection = True
     can_block = True
+    watches_its_loop = True  # gevent's monitor thread watches the hub
 
     def __init__(self, config):
         if not gevent.monkey.is_module_patched("socket") or not gevent.monkey.is_module_patched("threading"):
@@ -52,7 +51,9 @@ class GeventEngine(Engine):
         self._watchdog = None
 
     def start(self, server) -> None:
-        gevent.config.max_blocking_time = HUB_BLOCKED_AFTER
+        if not self.config.loop_stall_warning:
+            return
+        gevent.config.max_blocking_time = self.config.loop_stall_warning
         gevent.config.monitor_thread = True
         gevent.events.subscribers.append(self._on_event)
         self._watchdog = gevent.get_hub().start_periodic_monitoring_thread()
