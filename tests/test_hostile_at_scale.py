@@ -56,7 +56,26 @@ def client_hello(context: ssl.SSLContext) -> bytes:
     return outgoing.read()
 
 
-class Stallers:
+class ClientCrowd:
+    """Client sockets driven by one thread (``drive``) until closed; close() stops both."""
+
+    def __init__(self) -> None:
+        self.socks: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self.drive, daemon=True)
+
+    def drive(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(DEADLINE)
+        for sock in self.socks:
+            sock.close()
+
+
+class Stallers(ClientCrowd):
     """Many connections that never complete a TLS handshake, opened without blocking.
 
     Even-numbered ones stay silent; odd ones send a real ClientHello one byte
@@ -66,11 +85,9 @@ class Stallers:
     TRICKLE_EVERY = 0.2
 
     def __init__(self, address, count: int, hello: bytes):
+        super().__init__()
         self.address, self.count, self.hello = address, count, hello
-        self.socks: list[socket.socket] = []
         self.trickled = 0  # bytes sent by all tricklers together
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._trickle, daemon=True)
 
     def open(self) -> None:
         for _ in range(self.count):
@@ -80,7 +97,7 @@ class Stallers:
             sock.connect_ex(self.address)  # EINPROGRESS; the kernel finishes it
         self._thread.start()
 
-    def _trickle(self) -> None:
+    def drive(self) -> None:
         position = {i: 0 for i in range(1, self.count, 2)}
         while position and not self._stop.wait(self.TRICKLE_EVERY):
             for i, at in list(position.items()):
@@ -95,13 +112,6 @@ class Stallers:
                 position[i] = at + 1
                 if at + 1 == len(self.hello):  # never: the timeout comes long before
                     del position[i]
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(DEADLINE)
-        for sock in self.socks:
-            sock.close()
 
 
 class Sampler:
@@ -207,13 +217,13 @@ def _tls_cycle(address, ctx: ssl.SSLContext, payload: bytes) -> None:
 # --- dozens of clients that never read ----------------------------------------------------------
 
 
-class Hogs:
+class Hogs(ClientCrowd):
     """``count`` clients, each sending up to ``cap`` bytes as fast as the server takes them and
     reading nothing (a small receive buffer, so the kernel hides little of what the server
     holds back), driven by one thread. ``closed`` counts those the server has reset."""
 
     def __init__(self, address, count: int, cap: int):
-        self.socks = []
+        super().__init__()
         for _ in range(count):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
@@ -225,13 +235,11 @@ class Hogs:
         self.closed = 0
         self.capped = 0
         self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._send, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def _send(self) -> None:
+    def drive(self) -> None:
         chunk = b"x" * 65536
         selector = selectors.DefaultSelector()
         try:
@@ -262,13 +270,6 @@ class Hogs:
     @property
     def sending(self) -> bool:
         return self._thread.is_alive()
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(DEADLINE)
-        for sock in self.socks:
-            sock.close()
 
 
 @pytest.mark.parametrize("engine", ENGINES)
