@@ -43,6 +43,8 @@ _HELP = {
     "tls_handshake_timeout": "close a TLS client that has not finished its handshake in this many seconds",
     "loop_stall_warning": "log where the event loop is when a handler or callback keeps it from "
                           "polling this many seconds (0: never; default 0.5)",
+    "worker_timeout": "prefork: kill and replace a worker whose event loop has not run for this "
+                      "many seconds (0: never; default 30)",
 }
 
 
@@ -80,7 +82,7 @@ def add_serve(commands) -> None:
             kind = {"workers": int, "processes": int, "unix_path": str, "certfile": str,
                     "keyfile": str}.get(field.name, float)
         if field.name in ("idle_timeout", "write_timeout", "handler_timeout", "stats_interval",
-                          "loop_stall_warning"):
+                          "loop_stall_warning", "worker_timeout"):
             kind = _optional_number(float)
         kwargs: dict[str, Any] = {"dest": field.name, "type": kind, "default": field.default,
                                   "help": _HELP[field.name]}

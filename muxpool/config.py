@@ -38,6 +38,7 @@ class ServerConfig:
     keyfile: str | None = None
     tls_handshake_timeout: float = 10.0
     loop_stall_warning: float | None = 0.5
+    worker_timeout: float | None = 30.0
 
     @classmethod
     def names(cls) -> list[str]:

@@ -31,6 +31,7 @@ import time
 
 import pytest
 import server_apps
+import watchdog_apps
 from processes import process_exists
 from test_server_conformance import DEADLINE, PREFIX, start_server, stop_servers, wait_for
 
@@ -564,3 +565,54 @@ def test_reload_keeps_the_unix_socket_reachable(prefork_server):
             assert client.request(b"after") == b"response: after"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- 7. a worker whose event loop is stuck ------------------------------------------------------
+
+
+def test_a_worker_whose_loop_is_stuck_is_killed_after_worker_timeout_and_replaced(
+        prefork_server, caplog, tmp_path, monkeypatch):
+    """A handler busy-waits for ever on a loop worker: the supervisor sees its heartbeat stop,
+    kills it about worker_timeout later (logged), replaces it, and the service goes on."""
+    caplog.set_level(logging.INFO, logger="muxpool.server")
+    monkeypatch.setenv("WATCHDOG_RELEASE", str(tmp_path / "release"))  # the forked workers inherit it
+    srv = prefork_server(watchdog_apps.spin_until_released, worker_timeout=1.0)
+    before = workers(srv)
+    with Client(*srv.address, framing="line", greeting=False, timeout=DEADLINE) as client:
+        client.send(b"block")
+        wait_for(lambda: (tmp_path / "release.started").exists(), what="the handler to start spinning")
+        spinning = time.monotonic()
+        with pytest.raises(CLOSED):
+            client.receive()  # its worker was killed: the connection closed, no reply
+        closed_after = time.monotonic() - spinning
+    killed = [int(m.group(1)) for r in caplog.records
+              if (m := re.search(r"prefork worker (\d+): its event loop has not run", r.getMessage()))]
+    assert len(killed) == 1 and killed[0] in before, [r.getMessage() for r in caplog.records]
+    print(f"\n[worker_timeout=1] worker {killed[0]} killed; its client's connection closed "
+          f"{closed_after:.2f} s after the handler began")
+    assert closed_after < 1.0 + 2.0, f"closed {closed_after:.2f} s after the handler began"
+    wait_for(lambda: killed[0] not in workers(srv) and len(workers(srv)) == 2, what="a replacement")
+    for i in range(4):  # whichever worker takes them, new clients are answered
+        with Client(*srv.address, framing="line", greeting=False, timeout=DEADLINE) as other:
+            assert other.request(b"after %d" % i) == b"response: after %d" % i
+
+
+def test_a_stuck_handler_on_a_threadpool_worker_leaves_the_worker_alive(
+        prefork_server, caplog, tmp_path, monkeypatch):
+    """On threadpool workers the loop keeps turning while a handler spins: no kill."""
+    caplog.set_level(logging.INFO, logger="muxpool.server")
+    release = tmp_path / "release"
+    monkeypatch.setenv("WATCHDOG_RELEASE", str(release))
+    srv = prefork_server(watchdog_apps.spin_until_released, worker_timeout=0.5, worker_engine="threadpool")
+    before = workers(srv)
+    with Client(*srv.address, framing="line", greeting=False, timeout=DEADLINE) as client:
+        client.send(b"block")
+        wait_for(lambda: (tmp_path / "release.started").exists(), what="the handler to start spinning")
+        until = time.monotonic() + 4 * 0.5  # four worker_timeouts, serving others meanwhile
+        while time.monotonic() < until:
+            with Client(*srv.address, framing="line", greeting=False, timeout=DEADLINE) as other:
+                assert other.request(b"meanwhile") == b"response: meanwhile"
+        release.touch()
+        assert client.receive() == b"released: block"
+    assert workers(srv) == before
+    assert not any("has not run" in r.getMessage() for r in caplog.records)

@@ -14,7 +14,12 @@ the number of cores), and from then on only supervises — boring and explicit:
 * SIGHUP (or ``reload()``): workers are replaced one by one — a new one is up
   before an old one is asked to drain — and the listening socket never closes;
 * stats: each worker writes its counters into a shared ``RawArray`` (the
-  lesson's ``multiprocessing.Array``), which the parent sums.
+  lesson's ``multiprocessing.Array``), which the parent sums;
+* a worker whose event loop has not run for ``worker_timeout`` seconds (a
+  handler stuck in a loop on ``--worker-engine loop``) is killed and
+  replaced, as gunicorn's ``--timeout`` does: its loop writes a heartbeat
+  (a monotonic clock reading) into the same array, from a timer that only
+  fires while the loop turns.
 
 The supervisor runs on the server's multiplexer: each worker's exit arrives
 as a readable pidfd (Linux), so no SIGCHLD handler is needed and the parent
@@ -39,8 +44,10 @@ from .base import Engine
 log = logging.getLogger("muxpool.server")
 
 # Per worker slot: connections served, messages handled, open connections, handler
-# p50 and p99 in microseconds over the last stats interval, queued messages.
-_FIELDS = 6
+# p50 and p99 in microseconds over the last stats interval, queued messages, and
+# the heartbeat: time.monotonic_ns() (one clock for every process) when its loop last ran.
+_FIELDS = 7
+_HEARTBEAT = 6
 _YOUNG = 1.0  # seconds: a worker dying younger than this counts toward back-off
 _MAX_BACKOFF = 5.0
 
@@ -75,7 +82,7 @@ class PreforkEngine(Engine):
         self._draining = False
         self._failures = 0
         self._server = None
-        self._retired_totals = [0] * _FIELDS  # counters of workers that have exited
+        self._retired_totals = [0, 0]  # connections and messages of workers that have exited
 
     def describe(self) -> str:
         return f"{self.processes} worker processes running {self.config.worker_engine}"
@@ -95,6 +102,8 @@ class PreforkEngine(Engine):
             ready()  # only now: a socket the caller opens after start() is not copied into a worker
             if self.config.stats_interval:
                 mux.call_later(self.config.stats_interval, self._report)
+            if self.config.worker_timeout:
+                mux.call_later(self._heartbeat_period(), self._check_heartbeats)
             mux.run()
         finally:
             for sig, handler in previous.items():
@@ -106,6 +115,7 @@ class PreforkEngine(Engine):
         slot = self._free_slots.pop(0)
         for field in range(_FIELDS):
             self.shared[slot * _FIELDS + field] = 0
+        self.shared[slot * _FIELDS + _HEARTBEAT] = time.monotonic_ns()  # time to start up
         pid = os.fork()
         if pid == 0:  # the worker: never returns into the parent's code
             code = 1
@@ -132,7 +142,7 @@ class PreforkEngine(Engine):
             del self.workers[worker.pid]
             self._server.mux.unregister(worker.pidfd)
             os.close(worker.pidfd)
-            for field in range(_FIELDS):
+            for field in (0, 1):  # the counters; the other fields are gauges
                 self._retired_totals[field] += self.shared[worker.slot * _FIELDS + field]
             self._free_slots.append(worker.slot)
             self._on_exit(worker, status)
@@ -154,6 +164,20 @@ class PreforkEngine(Engine):
             self._server.mux.call_later(delay, self._replace_missing)
         else:
             self._spawn()
+
+    def _heartbeat_period(self) -> float:
+        return min(0.5, self.config.worker_timeout / 4)
+
+    def _check_heartbeats(self) -> None:
+        """Kill a worker whose loop is stuck; _on_exit replaces it as any dead worker."""
+        now, limit = time.monotonic_ns(), self.config.worker_timeout
+        for worker in list(self.workers.values()):
+            silent = (now - self.shared[worker.slot * _FIELDS + _HEARTBEAT]) / 1e9
+            if silent > limit and not worker.retiring and not self._draining:
+                log.error("prefork worker %d: its event loop has not run for %.1f s "
+                          "(worker_timeout=%s s); killing it", worker.pid, silent, limit)
+                self._signal(worker.pid, signal.SIGKILL)
+        self._server.mux.call_later(self._heartbeat_period(), self._check_heartbeats)
 
     def _replace_missing(self) -> None:
         while not self._draining and sum(not w.retiring for w in self.workers.values()) < self.processes:
@@ -243,10 +267,13 @@ class PreforkEngine(Engine):
         signal.signal(signal.SIGTERM, lambda *_: worker.shutdown(wait=False))
         shared, base = self.shared, slot * _FIELDS
 
-        def publish_totals():
+        period = self._heartbeat_period() if self.config.worker_timeout else 0.5
+
+        def publish_totals():  # on the worker's loop, so it is also the loop's heartbeat
             shared[base] = worker.stats.connections_total
             shared[base + 1] = worker.stats.messages_total
-            worker.mux.call_later(0.5, publish_totals)
+            shared[base + _HEARTBEAT] = time.monotonic_ns()
+            worker.mux.call_later(period, publish_totals)
 
         def publish_interval(connections: int, queued: int) -> None:  # instead of logging
             _rate, p50, p99 = worker.stats.snapshot()
@@ -254,7 +281,7 @@ class PreforkEngine(Engine):
             shared[base + 4], shared[base + 5] = int(p99 * 1000), queued
 
         worker.report_stats = publish_interval
-        worker.mux.call_later(0.5, publish_totals)
+        worker.mux.call_later(period, publish_totals)
         worker.serve_forever()
         shared[base] = worker.stats.connections_total
         shared[base + 1] = worker.stats.messages_total
