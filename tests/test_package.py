@@ -61,6 +61,7 @@ ALLOWED = {
     "muxpool.errors": set(),
     "muxpool.framing": {"muxpool.errors"},
     "muxpool.multiplexer": {"muxpool.errors"},
+    "muxpool.watchdog": set(),  # it is handed the multiplexer it watches
     "muxpool.pools": {"muxpool.errors", "muxpool.framing", "muxpool.pools"},
     "muxpool.client": {"muxpool.errors", "muxpool.framing"},
     "muxpool.config": {"muxpool.errors", "muxpool.framing"},
