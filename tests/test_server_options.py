@@ -104,9 +104,11 @@ def connection_for(srv: Server, local_port: int):
 def test_idle_timeout_closes_a_silent_client_but_not_an_active_one(make_server, closing):
     srv = make_server(idle_timeout=0.3)
     active = line_client(srv.address, closing)
+    # The server's idle clock starts when it accepts, before this test sees the greeting
+    # (up to 80 ms later on a busy machine): time from before connecting.
+    started = time.monotonic()
     silent = closing(Peer(srv.address, "line", timeout=5.0))
     assert silent.receive() == GREETING
-    started = time.monotonic()
     done = threading.Event()
     result = {}
 
@@ -128,7 +130,7 @@ def test_idle_timeout_closes_a_silent_client_but_not_an_active_one(make_server, 
         done.wait(0.1)
     watcher.join(DEADLINE)
     assert result["end"] is None, f"silent client not closed: {result['end']!r}"
-    assert 0.25 <= result["after"] < 3.0
+    assert 0.3 <= result["after"] < 3.0
     assert active.request(b"still open") == b"response: still open"
 
 
