@@ -44,14 +44,15 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running(args, **popen_options):
-    """Start a process; whatever happens, it is dead and reaped on the way out."""
+    """Start a process in its own session; whatever happens, it and every process it
+    started (prefork's workers) are dead, and it is reaped, on the way out."""
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **popen_options)
+                            start_new_session=True, **popen_options)
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the group outlives a parent that exited
         proc.communicate(timeout=EXIT_DEADLINE)  # reap, and close the pipes
 
 

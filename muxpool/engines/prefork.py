@@ -49,6 +49,8 @@ log = logging.getLogger("muxpool.server")
 _FIELDS = 7
 _HEARTBEAT = 6
 _YOUNG = 1.0  # seconds: a worker dying younger than this counts toward back-off
+# Held back across fork until the worker's own handlers are in place.
+_WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 _MAX_BACKOFF = 5.0
 
 
@@ -116,16 +118,26 @@ class PreforkEngine(Engine):
         for field in range(_FIELDS):
             self.shared[slot * _FIELDS + field] = 0
         self.shared[slot * _FIELDS + _HEARTBEAT] = time.monotonic_ns()  # time to start up
-        pid = os.fork()
-        if pid == 0:  # the worker: never returns into the parent's code
-            code = 1
-            try:
-                self._run_worker(slot)
-                code = 0
-            except BaseException:
-                log.exception("prefork worker %d failed", os.getpid())
-            finally:
-                os._exit(code)
+        # A SIGTERM that reached a worker before its own handler was installed
+        # would run the parent's handler there, to no effect, and be lost: the
+        # worker then served on until drain_timeout ran out. Blocked across the
+        # fork, it waits until the worker can take it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+        pid = -1
+        try:
+            pid = os.fork()
+            if pid == 0:  # the worker: never returns into the parent's code
+                code = 1
+                try:
+                    self._run_worker(slot, mask)
+                    code = 0
+                except BaseException:
+                    log.exception("prefork worker %d failed", os.getpid())
+                finally:
+                    os._exit(code)
+        finally:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         worker = self.workers[pid] = _Worker(pid, slot)
         self._server.mux.register(worker.pidfd, EVENT_READ, lambda _mask: self._reap())
         log.info("prefork worker %d started", pid)
@@ -252,7 +264,7 @@ class PreforkEngine(Engine):
 
     # --- a worker ----------------------------------------------------------------------
 
-    def _run_worker(self, slot: int) -> None:
+    def _run_worker(self, slot: int, mask: set) -> None:
         from ..server import Server
 
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
@@ -265,6 +277,7 @@ class PreforkEngine(Engine):
         worker = Server(parent.app, listener=parent.listener, ssl_context=parent.ssl_context,
                         **vars(config))
         signal.signal(signal.SIGTERM, lambda *_: worker.shutdown(wait=False))
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a SIGTERM held back arrives now
         shared, base = self.shared, slot * _FIELDS
 
         period = self._heartbeat_period() if self.config.worker_timeout else 0.5
