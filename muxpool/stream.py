@@ -142,9 +142,10 @@ class StreamConnection:
         """A send took part of a reply (send lock held). On a thread, the kernel
         returns a partial count only when SO_SNDTIMEO ran out with the buffer
         full (sendall would then start a whole new timeout, doubling
-        write_timeout) — or, rarely, when a signal cut a blocked send short,
-        which this counts as a timeout too. A greenlet's send is partial
-        whenever the buffer fills, and times each wait itself."""
+        write_timeout), or when a signal cut a blocked send short, which the
+        threaded engine prevents by blocking signals in connection threads. A
+        greenlet's send is partial whenever the buffer fills, and times each
+        wait itself."""
         view = memoryview(data)[sent:]
         while view:
             if self._kernel_timeouts and not _writable(self.sock):

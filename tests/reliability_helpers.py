@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_server_conformance import DEADLINE, _worker_connections, wait_for
+from test_server_conformance import DEADLINE, _worker_connections, tcp_sockets, wait_for
 
 RAW_GREETING = b"Hello client-side"  # the CLI's echo service, raw framing
 RAW_PREFIX = b"response: "
@@ -224,13 +224,10 @@ def server_unread_bytes(server_port: int, client: socket.socket) -> int | None:
     """Bytes from ``client`` waiting unread in the server's receive queue for that connection
     (its row of /proc/net/tcp, seen from the server's end); None if there is no such row.
     Above zero and not shrinking, it shows the server has stopped reading the client."""
-    ends = (f":{server_port:04X}", f":{client.getsockname()[1]:04X}")
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(FileNotFoundError), open(table) as f:
-            for row in f.read().splitlines()[1:]:
-                cols = row.split()
-                if cols[1].endswith(ends[0]) and cols[2].endswith(ends[1]):
-                    return int(cols[4].split(":")[1], 16)
+    local, remote = f":{server_port:04X}", f":{client.getsockname()[1]:04X}"
+    for cols in tcp_sockets(server_port):
+        if cols[1].endswith(local) and cols[2].endswith(remote):
+            return int(cols[4].split(":")[1], 16)
     return None
 
 

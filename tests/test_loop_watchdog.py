@@ -75,7 +75,7 @@ def test_loop_stall_warning_zero_turns_it_off(tmp_path):
     with serving as server, Client(*server.address, framing="line", greeting=False, timeout=DEADLINE) as client:
         client.send(b"block")
         wait_for(lambda: (tmp_path / "release.started").exists(), what="the handler to start")
-        threading.Event().wait(0.5)
+        threading.Event().wait(1.2)  # past the default 0.5 s (+ a sample): 0 must mean off
         release.touch()
         assert client.receive() == b"released: block"
         assert "stuck" not in server.log()

@@ -181,20 +181,23 @@ def _worker_connections(pids, port: int) -> frozenset:
                 continue
             if target.startswith("socket:["):
                 inodes.add(target[len("socket:["):-1])
-    held = set()
-    local_port = f":{port:04X} "  # the table's addresses are hex; skip rows without the port
+    local_port = f":{port:04X}"
+    return frozenset(cols[9] for cols in tcp_sockets(port)  # 0A is LISTEN
+                     if cols[9] in inodes and cols[3] != "0A" and cols[1].endswith(local_port))
+
+
+def tcp_sockets(port: int):
+    """The columns of every row of /proc/net/tcp and tcp6 that mention ``port`` (local or
+    remote; addresses are hex): 1 local, 2 remote, 3 state, 4 tx:rx queues, 9 inode."""
+    mention = f":{port:04X} "
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:
-                rows = [row for row in f.read().splitlines()[1:] if local_port in row]
+                rows = [row for row in f.read().splitlines()[1:] if mention in row]
         except FileNotFoundError:
             continue
         for row in rows:
-            cols = row.split()
-            local, state, inode = cols[1], cols[3], cols[9]
-            if inode in inodes and state != "0A" and local.endswith(local_port.rstrip()):
-                held.add(inode)  # 0A is LISTEN
-    return frozenset(held)
+            yield row.split()
 
 
 class _JsonLinesHandler(logging.Handler):
