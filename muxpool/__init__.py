@@ -13,6 +13,7 @@ from .errors import (
     MessageTooLarge,
     MissingDependency,
     MuxpoolError,
+    PoolBroken,
     PoolClosed,
     PoolError,
     ProtocolError,
@@ -27,7 +28,7 @@ from .errors import (
 from .client import Client
 from .framing import FRAMERS, LengthFramer, LineFramer, RawFramer, make_framer
 from .handlers import EchoService
-from .pools import AsyncFuture, Pool, PoolStats, ProcessPool, ThreadPool
+from .pools import AsyncFuture, PoolStats, ProcessPool, ThreadPool, WorkerPool
 from .config import ServerConfig
 from .server import Server, serve
 
@@ -54,7 +55,7 @@ __all__ = [
     "MessageTooLarge",
     "MissingDependency",
     "MuxpoolError",
-    "Pool",
+    "PoolBroken",
     "PoolClosed",
     "PoolError",
     "PoolStats",
@@ -67,6 +68,7 @@ __all__ = [
     "SerializationError",
     "TaskTimeout",
     "ThreadPool",
+    "WorkerPool",
     "WorkerCrashed",
 ]
 

@@ -43,6 +43,12 @@ class PoolClosed(PoolError, RuntimeError):
     """Work was offered to a pool after ``close()`` or ``terminate()``."""
 
 
+class PoolBroken(PoolError):
+    """The pool's own machinery failed (not a task, not a worker): every pending
+    task and every later submission fails with this. The failure that broke
+    the pool is the ``__cause__``; ``close``/``terminate``/``join`` still return."""
+
+
 class QueueFull(PoolError):
     """The pool's bounded queue stayed full for the whole ``timeout``."""
 

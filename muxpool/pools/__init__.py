@@ -4,11 +4,11 @@
 muxpool.pools`` never imports gevent or dask.
 """
 
-from .base import AsyncFuture, Pool, PoolStats
+from .base import AsyncFuture, PoolStats, WorkerPool
 from .process import ProcessPool
 from .thread import ThreadPool
 
-__all__ = ["AsyncFuture", "DaskPool", "GeventPool", "Pool", "PoolStats", "ProcessPool", "ThreadPool"]
+__all__ = ["AsyncFuture", "DaskPool", "GeventPool", "PoolStats", "ProcessPool", "ThreadPool", "WorkerPool"]
 
 
 def __getattr__(name: str):

@@ -22,7 +22,7 @@ from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-from ..errors import PoolClosed
+from ..errors import PoolBroken, PoolClosed
 
 log = logging.getLogger("muxpool.pools")
 
@@ -71,22 +71,38 @@ def call_callback(callback: Callback, ok: bool, value: Any) -> None:
     and never allowed to kill the worker that delivers them."""
     try:
         callback(ok, value)
-    except Exception:
+    except BaseException:  # noqa: BLE001 - SystemExit in a callback must not end a worker
         log.exception("pool callback %r raised", callback)
 
 
 def deliver(fut: Future | None, callback: Callback | None, ok: bool, value: Any) -> None:
     """Hand a task's outcome to its sink."""
     if fut is not None:
-        try:
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
-        except InvalidStateError:
-            pass  # the caller cancelled it meanwhile; nobody waits for the value
+        settle_future(fut, ok, value)
     if callback is not None:
         call_callback(callback, ok, value)
+
+
+def settle_future(fut: Future, ok: bool, value: Any) -> None:
+    """Set a future's outcome. Its done-callbacks run here: ``Future`` logs their
+    ``Exception``\ s, but a ``SystemExit`` or other ``BaseException`` would
+    escape into the pool's thread, so it is logged here instead."""
+    try:
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+    except InvalidStateError:
+        pass  # the caller cancelled it meanwhile; nobody waits for the value
+    except BaseException:  # noqa: BLE001 - the future is settled; only a callback raised
+        log.exception("a done-callback of %r raised", fut)
+
+
+def broken_error(name: str, cause: BaseException) -> PoolBroken:
+    """The one error every pending and later task of a broken pool gets."""
+    err = PoolBroken(f"{name} is broken: its machinery failed with {cause!r}")
+    err.__cause__ = cause
+    return err
 
 
 def cancel_task(fut: Future | None, callback: Callback | None) -> None:
@@ -105,7 +121,7 @@ def _starmap_chunk(func: Callable, chunk: tuple) -> list:
     return list(itertools.starmap(func, chunk))
 
 
-class Pool:
+class WorkerPool:
     """The interface every muxpool pool shares. Subclasses provide
     ``_schedule``, ``_shutdown``, ``_join`` and ``stats``."""
 
@@ -206,7 +222,7 @@ class Pool:
                         callback(f.result())
                     elif exc is not None and error_callback is not None:
                         error_callback(exc)
-                except Exception:
+                except BaseException:  # noqa: BLE001 - never into the pool's thread
                     log.exception("apply_async callback raised")
             fut.add_done_callback(on_done)
         self._schedule(func, tuple(args), kwds or None, fut, None, None, None)

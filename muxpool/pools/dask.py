@@ -52,7 +52,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingDependency("DaskPool", "dask") from exc
 
-from .base import Pool, PoolStats, cancel_task, closed_error, deliver
+from .base import WorkerPool, PoolStats, cancel_task, closed_error, deliver
 
 log = logging.getLogger("muxpool.pools.dask")
 
@@ -102,7 +102,7 @@ class _Task:
         self.limit: float | None = None  # task_timeout
 
 
-class DaskPool(Pool):
+class DaskPool(WorkerPool):
     """Tasks run on a Dask cluster.
 
     * No ``address`` and no ``client``: starts a loopback-only

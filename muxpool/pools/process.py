@@ -36,7 +36,7 @@ from concurrent.futures import CancelledError
 from ..errors import PoolError, QueueFull, RemoteTraceback, SerializationError, TaskTimeout, WorkerCrashed
 from . import _procworker
 from ._worker_handle import Task, WorkerHandle, default_start_method
-from .base import Pool, PoolStats, cancel_task, closed_error, deliver
+from .base import WorkerPool, PoolStats, cancel_task, closed_error, deliver
 
 log = logging.getLogger("muxpool.pools.process")
 
@@ -44,7 +44,7 @@ _STARTUP_FAILURES_BEFORE_GIVING_UP = 3
 _HARVEST_EVERY = 0.0001  # seconds between a submitter's looks at finished workers
 
 
-class ProcessPool(Pool):
+class ProcessPool(WorkerPool):
     """Up to ``max_workers`` processes (default: the number of cores).
 
     Callbacks and future callbacks run on the pool's supervisor thread: keep

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import PoolError, QueueFull
-from .base import Pool, PoolStats, call_callback, cancel_task, closed_error
+from .base import WorkerPool, PoolStats, call_callback, cancel_task, closed_error
 
 _STOP = object()
 
@@ -68,7 +68,7 @@ class _Tally:
         self.completed = self.failed = self.cancelled = 0
 
 
-class QueuePool(Pool):
+class QueuePool(WorkerPool):
     """A pool of up to ``max_workers`` workers sharing one FIFO queue."""
 
     runtime: Runtime = THREADS
