@@ -28,7 +28,8 @@ _HELP = {
     "workers": "handler threads for the threadpool engine (default 32)",
     "processes": "worker processes for the prefork engine (default: the number of cores)",
     "worker_engine": "engine inside each prefork worker: loop, threadpool or threaded",
-    "max_connections": "connections served at once; the rest wait in the backlog",
+    "max_connections": "connections served at once (per prefork worker); more are accepted and "
+                       "closed at once (see --busy-message), never left waiting",
     "idle_timeout": "close a connection that completes no message for this many seconds (0: never)",
     "max_message_size": "largest message in bytes; larger closes the connection",
     "write_high_water": "unsent reply bytes above which a connection's reading pauses",
@@ -45,6 +46,10 @@ _HELP = {
                           "polling this many seconds (0: never; default 0.5)",
     "worker_timeout": "prefork: kill and replace a worker whose event loop has not run for this "
                       "many seconds (0: never; default 30)",
+    "linger_timeout": "after a graceful close's FIN, read and discard what the client still sends "
+                      "for at most this many seconds, so its replies are not reset (default 1)",
+    "busy_message": "at --max-connections, send this (framed) to a client before closing it "
+                    "(default: close it with no message)",
 }
 
 
@@ -80,7 +85,7 @@ def add_serve(commands) -> None:
         kind = _flag_type(field.default)
         if field.default is None:
             kind = {"workers": int, "processes": int, "unix_path": str, "certfile": str,
-                    "keyfile": str}.get(field.name, float)
+                    "keyfile": str, "busy_message": str}.get(field.name, float)
         if field.name in ("idle_timeout", "write_timeout", "handler_timeout", "stats_interval",
                           "loop_stall_warning", "worker_timeout"):
             kind = _optional_number(float)

@@ -15,6 +15,7 @@ apply: the handler reads the bytes itself.
 from __future__ import annotations
 
 import logging
+import socket
 import socketserver
 from typing import Any
 
@@ -35,6 +36,20 @@ class RequestHandlerConnection(StreamConnection):
         self.start_tls()
         self.sock.settimeout(self.server.config.idle_timeout)
 
-    def run(self) -> None:
+    def run(self) -> str:
         # BaseRequestHandler.__init__ runs setup(), handle() and finish().
         self.server.app(self.sock, self.peer, self.server)
+        return "eof"  # the handler has read what it wanted; it decides how its protocol ends
+
+    def close_when_done(self, drop_backlog: bool = False) -> None:
+        """The handler does its own reads: shutting the read side is the one way
+        to end its blocked ``recv`` (with EOF, as a client closing would)."""
+        if self.closing or self.closed:
+            return
+        self.closing = True
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_RD)
+        except OSError:
+            pass
+
+    drain = close_when_done

@@ -4,8 +4,10 @@ it asks for."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import stat
 from dataclasses import dataclass, fields
 
 from .framing import DEFAULT_MAX_MESSAGE_SIZE
@@ -39,6 +41,8 @@ class ServerConfig:
     tls_handshake_timeout: float = 10.0
     loop_stall_warning: float | None = 0.5
     worker_timeout: float | None = 30.0
+    linger_timeout: float = 1.0
+    busy_message: str | None = None
 
     @classmethod
     def names(cls) -> list[str]:
@@ -46,10 +50,13 @@ class ServerConfig:
 
 
 def make_listener(config: ServerConfig) -> socket.socket:
-    """Bind the listening socket the config asks for (TCP v4/v6, dual-stack, or Unix)."""
+    """Bind the listening socket the config asks for (TCP v4/v6, dual-stack, or Unix).
+
+    A Unix path is taken over only from a dead server's socket: a path that is
+    not a socket, or a socket some server still accepts on, is an ``OSError``
+    that says so (gunicorn refuses the same)."""
     if config.unix_path:
-        if os.path.exists(config.unix_path):
-            os.unlink(config.unix_path)
+        _remove_stale_socket(config.unix_path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(config.unix_path)
         sock.listen(config.backlog)
@@ -61,3 +68,39 @@ def make_listener(config: ServerConfig) -> socket.socket:
                                     dualstack_ipv6=dualstack)
     sock.setblocking(False)
     return sock
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket; not replacing it", path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # a socket nobody listens on: left by a server that died
+            return
+        except OSError:
+            pass
+    raise OSError(errno.EADDRINUSE, f"another server is listening on {path}", path)
+
+
+def socket_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the socket file at ``path``, so a server unlinks only its own."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def unlink_own_socket(path: str, identity: tuple[int, int] | None) -> None:
+    """Remove ``path`` if it is still the socket we bound (a newer server's is left alone)."""
+    if identity is not None and socket_identity(path) == identity:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

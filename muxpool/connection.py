@@ -10,8 +10,17 @@ leave in request order whatever engine runs the handler.
 
 Backpressure: reading pauses while the backlog is long (in messages or in
 bytes) or while more than ``write_high_water`` bytes of replies wait for a
-slow reader — queued messages then wait too — and resumes below a quarter of
-that, so a client that never reads cannot grow memory.
+slow reader — queued messages then wait too, the inline path's included — and
+resumes below a quarter of that, so a client that never reads cannot grow
+memory: at most about ``write_high_water`` plus one reply is buffered.
+
+Closing: a graceful close (drain, ``close()``, a protocol error after the
+good messages, a failed handler) is a lingering close, as nginx's
+``lingering_close``: flush the replies, ``shutdown(SHUT_WR)``, then read and
+discard what the client still sends until its EOF or ``linger_timeout``
+(bounded in bytes too), then close. Closing a socket with unread input makes
+the kernel send RST, and an RST destroys the replies still on their way.
+Aborts (a write timeout, a TLS handshake timeout, a hard stop) reset at once.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import collections
 import logging
 import socket
+import struct
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +43,8 @@ log = logging.getLogger("muxpool.server")
 
 MAX_BACKLOG = 64  # queued messages per connection before reading pauses
 READ_SIZE = 65536
+LINGER_MAX_BYTES = 1 << 20  # a client still sending this much after our FIN is reset
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST and frees the buffers
 
 
 def _call_connect(conn: "Connection", _unused: Any):
@@ -62,6 +74,9 @@ class Connection:
         self.eof = False      # the peer sent EOF, or we stopped reading for good
         self.closing = False  # close once the work in hand is done and flushed
         self.closed = False
+        self.lingering = False  # our FIN is sent: discarding input until the peer's EOF
+        self.heard = False  # a message has arrived (a drain waits for a new client's first)
+        self.held: list[bytes] = []  # inline messages waiting for a slow reader to catch up
         self.events = 0
         self.last_active = time.monotonic()
         self.write_progress = 0.0
@@ -69,6 +84,10 @@ class Connection:
         self.write_timer = None
         self.handler_timer = None
         self.tls_timer = None
+        self.linger_timer = None
+        self.linger_left = 0
+        self._draining_new = False  # drain() is waiting for this new client's first message
+        self._running_next = False
         context = server.ssl_context
         self.tls = TLSSession(context) if context is not None else None
 
@@ -105,7 +124,7 @@ class Connection:
 
     def update_interest(self) -> None:
         events = (EVENT_READ if self.reading and not self.eof else 0) | (EVENT_WRITE if self.outbuf else 0)
-        if events == self.events or self.closed:
+        if events == self.events or self.closed or self.lingering:
             return
         mux = self.server.mux
         # Reading only (nearly always): the loop calls read() with no dispatch step.
@@ -160,9 +179,13 @@ class Connection:
             # Idle means "no complete message", not "no byte": a client that
             # trickles one byte a second (slowloris) still goes idle.
             self.last_active = time.monotonic()
+            self.heard = True
         if server.inline and not self.busy:
             server.stats.messages_total += len(messages)
-            self.handle_inline(messages)
+            if self.held:
+                self.held.extend(messages)  # after those that wait for a slow reader
+            else:
+                self.handle_inline(messages)
         else:
             for message in messages:
                 self.dispatch(self.session.on_message, message)
@@ -171,6 +194,9 @@ class Connection:
             self.close_when_done()
         elif n == 0:
             self.maybe_finish()
+        elif self._draining_new and messages:
+            self._draining_new = False
+            self.close_when_done()
 
     def tls_receive(self, data: bytes) -> bytes | None:
         """Decrypt; ``None`` when there is nothing for the framer yet. The
@@ -195,7 +221,8 @@ class Connection:
         """The ``loop`` engine's fast path: call the handler right here, with
         none of the engine hand-off (no timers are armed: see Server.inline)."""
         on_message = self.session.on_message
-        for message in messages:
+        high_water = self.server.config.write_high_water
+        for index, message in enumerate(messages):
             try:
                 reply = on_message(self, message)
             except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
@@ -212,6 +239,11 @@ class Connection:
                 self.write(data)
             if self.closing or self.closed:
                 return  # the handler closed it: the rest of this read is dropped
+            if len(self.outbuf) > high_water:
+                # A slow reader: the rest waits for flush(), as on the other engines,
+                # so one read of tiny requests cannot turn into gigabytes of replies.
+                self.held = messages[index + 1:]
+                return
 
     def dispatch(self, fn, arg) -> None:
         """Run ``fn(conn, arg)`` through the engine, after any earlier call."""
@@ -248,24 +280,30 @@ class Connection:
         self.maybe_finish()
 
     def run_next(self) -> None:
-        """Start the next queued call — unless replies are waiting for a slow
+        """Start the queued calls in turn — unless replies are waiting for a slow
         reader: then the queue waits too (flush() resumes it), so
-        write_high_water bounds what this connection buffers."""
-        if self.busy or not self.backlog:
-            return
-        if len(self.outbuf) > self.server.config.write_high_water and not self.closed:
-            return
-        fn, arg = self.backlog.popleft()
-        if isinstance(arg, bytes):
-            self.backlog_bytes -= len(arg)
-        self.busy = True
-        self.server.run_handler(self, fn, arg)
+        write_high_water bounds what this connection buffers. A loop, not a
+        recursion: an engine that runs the call at once reports it done from
+        inside run_handler, and thousands may be queued."""
+        if self._running_next:
+            return  # the loop below, further up this stack, takes the next one
+        self._running_next = True
+        backlog, high_water = self.backlog, self.server.config.write_high_water
+        try:
+            while backlog and not self.busy and (len(self.outbuf) <= high_water or self.closed):
+                fn, arg = backlog.popleft()
+                if isinstance(arg, bytes):
+                    self.backlog_bytes -= len(arg)
+                self.busy = True
+                self.server.run_handler(self, fn, arg)
+        finally:
+            self._running_next = False
 
     def write(self, data: bytes, raw: bool = False) -> None:
         """Send ``data`` (encrypted first under TLS, unless ``raw``); what the
         socket will not take waits in ``outbuf``."""
-        if self.closed:
-            return
+        if self.closed or self.lingering:
+            return  # our write side is shut: nothing more can go
         if self.tls is not None and not raw:
             data = self.tls.send(data)
         if not self.outbuf:
@@ -296,8 +334,14 @@ class Connection:
             return
         del self.outbuf[:sent]
         self.write_progress = time.monotonic()
-        if self.backlog and len(self.outbuf) <= self.server.config.write_high_water // 4:
-            self.run_next()
+        if len(self.outbuf) <= self.server.config.write_high_water // 4:
+            if self.held:
+                held, self.held = self.held, []
+                self.handle_inline(held)
+            if self.backlog:
+                self.run_next()
+            if self.closed:
+                return
         if not self.outbuf:
             self.update_interest()
             self.maybe_finish()
@@ -305,7 +349,7 @@ class Connection:
             self.resume_if_drained()
 
     def resume_if_drained(self) -> None:
-        if (len(self.outbuf) <= self.server.config.write_high_water // 4
+        if (not self.held and len(self.outbuf) <= self.server.config.write_high_water // 4
                 and len(self.backlog) < MAX_BACKLOG // 2
                 and self.backlog_bytes <= self.server.config.write_high_water // 4):
             self.reading = True
@@ -318,18 +362,86 @@ class Connection:
             return
         self.closing = True
         self.reading = False
+        self._draining_new = False
         if drop_backlog:
             self.backlog.clear()
             self.backlog_bytes = 0
+            self.held = []
         self.update_interest()
         self.maybe_finish()
 
+    def drain(self) -> None:
+        """The server drains: answer what has arrived, then close. A client that
+        has sent nothing yet — accepted a moment ago, its first request on the
+        way — has its first message answered if it comes within linger_timeout."""
+        if self.closing or self.closed:
+            return
+        if self.heard or self.eof or self.busy or not self.handshaken:
+            self.close_when_done()
+            return
+        self._draining_new = True
+        grace = self.server.linger_time()
+        self.linger_timer = self.server.mux.call_later(grace, self._new_client_waited)
+
+    def _new_client_waited(self) -> None:
+        self.linger_timer = None
+        if self._draining_new:
+            self.close_when_done()
+
     def maybe_finish(self) -> None:
-        if self.closed or self.busy or self.backlog or self.outbuf:
+        if self.closed or self.busy or self.backlog or self.outbuf or self.held or self.lingering:
             return
         if self.closing or self.eof:
             if self.tls is not None:
                 self.send_close_notify()
+            if self.eof:
+                self.abort(None)  # the peer's EOF came: nothing unread can follow it
+            else:
+                self.linger()
+
+    def linger(self) -> None:
+        """Send our FIN, then discard what the client still sends until its EOF
+        (or linger_timeout, or LINGER_MAX_BYTES), so closing cannot reset the
+        connection and destroy replies the client has not read yet."""
+        if self.linger_timer is not None:
+            self.linger_timer.cancel()
+        delay = self.server.linger_time()
+        try:
+            if delay <= 0:
+                raise TimeoutError
+            self.sock.shutdown(socket.SHUT_WR)
+        except (OSError, TimeoutError):  # the peer is gone, or the drain is over
+            self.abort(None)
+            return
+        self.lingering = True
+        self.linger_left = LINGER_MAX_BYTES
+        mux = self.server.mux
+        self.linger_timer = mux.call_later(delay, self._linger_over)
+        if self.events:
+            mux.modify(self.sock, EVENT_READ, self._discard)
+        else:
+            mux.register(self.sock, EVENT_READ, self._discard)
+        self.events = EVENT_READ
+
+    def _discard(self, mask: int) -> None:
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.abort(None)
+            return
+        if not data:
+            self.abort(None)  # the client's EOF: a clean close
+            return
+        self.linger_left -= len(data)
+        if self.linger_left <= 0:
+            log.info("closing %s: still sending after our close (%d bytes)", self.peer, LINGER_MAX_BYTES)
+            self.abort(None, reset=True)
+
+    def _linger_over(self) -> None:
+        self.linger_timer = None
+        if not self.closed:
             self.abort(None)
 
     def send_close_notify(self) -> None:
@@ -340,18 +452,23 @@ class Connection:
         except OSError:
             pass
 
-    def abort(self, error: BaseException | None) -> None:
-        """Close the socket now; pending output is dropped. ``error`` is why."""
+    def abort(self, error: BaseException | None, reset: bool = False) -> None:
+        """Close the socket now; pending output is dropped. ``error`` is why;
+        ``reset``: send RST at once (the kernel would otherwise keep trying to
+        deliver what a client that stopped reading never takes)."""
         if self.closed:
             return
         self.closed = True
         self.backlog.clear()
         self.backlog_bytes = 0
+        self.held = []
         self.outbuf.clear()
         if self.events:
             self.server.mux.unregister(self.sock)
             self.events = 0
         try:
+            if reset:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
             self.sock.close()
         except OSError:
             pass

@@ -9,7 +9,13 @@ that were queued when it started, so a thread that defers in a tight loop
 cannot starve the sockets. Stopping uses the same wakeup: nothing polls.
 
 Timers are a heap of ``(when, seq, handle)``; a cancelled handle stays in the
-heap and is skipped when it comes due, which keeps ``cancel`` O(1).
+heap and is skipped when it comes due, which keeps ``cancel`` O(1). Cancelled
+handles behind a live one would otherwise stay for their whole delay (an idle
+timer of 300 s per closed connection, behind a long-lived connection's), so
+the heap is rebuilt without them once they are over half of it, as asyncio does.
+
+A signal arriving on any thread wakes the loop: :meth:`Multiplexer.wakeup_fd`
+is the descriptor to hand to ``signal.set_wakeup_fd``.
 """
 
 from __future__ import annotations
@@ -28,21 +34,27 @@ log = logging.getLogger("muxpool.multiplexer")
 
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
+_COMPACT_AT = 64  # cancelled handles: below this, rebuilding the heap is not worth it
 
 
 class Timer:
     """A handle for a pending :meth:`Multiplexer.call_later`; ``cancel()`` it."""
 
-    __slots__ = ("when", "fn", "cancelled")
+    __slots__ = ("when", "fn", "cancelled", "_mux")
 
-    def __init__(self, when: float, fn: Callable[[], object]):
+    def __init__(self, when: float, fn: Callable[[], object], mux: "Multiplexer | None" = None):
         self.when = when
         self.fn = fn
         self.cancelled = False
+        self._mux = mux  # None once the timer has left the heap
 
     def cancel(self) -> None:
+        if self.cancelled:
+            return
         self.cancelled = True
         self.fn = None
+        if self._mux is not None:
+            self._mux._cancelled += 1
 
 
 class Multiplexer:
@@ -52,6 +64,7 @@ class Multiplexer:
         self._selector = selectors.DefaultSelector()
         self._deferred: collections.deque[Callable[[], object]] = collections.deque()
         self._timers: list[tuple[float, int, Timer]] = []
+        self._cancelled = 0  # cancelled handles still in the heap
         self._seq = itertools.count()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -79,9 +92,30 @@ class Multiplexer:
             pass  # already gone: closing twice is not an error
 
     def call_later(self, delay: float, fn: Callable[[], object]) -> Timer:
-        timer = Timer(time.monotonic() + delay, fn)
-        heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
+        timer = Timer(time.monotonic() + delay, fn, self)
+        timers = self._timers
+        heapq.heappush(timers, (timer.when, next(self._seq), timer))
+        if self._cancelled > _COMPACT_AT and 2 * self._cancelled > len(timers):
+            self._compact_timers()
         return timer
+
+    def _compact_timers(self) -> None:
+        live = [entry for entry in self._timers if not entry[2].cancelled]
+        for _when, _seq, timer in self._timers:
+            if timer.cancelled:
+                timer._mux = None
+        heapq.heapify(live)
+        self._timers[:] = live  # in place: the loop may be iterating over this very list
+        self._cancelled = 0
+
+    @property
+    def pending_timers(self) -> int:
+        """Timer handles in the heap, cancelled ones included (for tests and stats)."""
+        return len(self._timers)
+
+    def wakeup_fd(self) -> int:
+        """The descriptor whose write wakes the loop (for ``signal.set_wakeup_fd``)."""
+        return self._wake_w.fileno()
 
     def in_loop_thread(self) -> bool:
         return threading.get_ident() == self.thread_id
@@ -140,7 +174,7 @@ class Multiplexer:
             return 0
         timers = self._timers
         while timers and timers[0][2].cancelled:
-            heapq.heappop(timers)
+            self._forget(heapq.heappop(timers)[2])
         if not timers:
             return None
         return max(0.0, timers[0][0] - time.monotonic())
@@ -151,13 +185,21 @@ class Multiplexer:
         while timers and timers[0][0] <= now:
             timer = heapq.heappop(timers)[2]
             if timer.cancelled:
+                self._forget(timer)
                 continue
             fn, timer.fn = timer.fn, None
+            timer._mux = None
             timer.cancelled = True
             try:
                 fn()
             except Exception:
                 log.exception("timer %r failed", fn)
+
+    def _forget(self, timer: Timer) -> None:
+        """A cancelled handle has left the heap."""
+        if timer._mux is not None:
+            timer._mux = None
+            self._cancelled -= 1
 
     def _on_wakeup(self, mask: int) -> None:
         try:

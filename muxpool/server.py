@@ -4,19 +4,22 @@ A :class:`Server` owns one :class:`~muxpool.multiplexer.Multiplexer` and the
 sockets on it; its engine decides only where handler calls run and reports
 each result back on the loop thread (``Connection.handler_done``).
 
-The accept loop survives overload: at ``max_connections`` it stops watching
-the listener, so excess clients wait in the kernel's backlog; on EMFILE,
-ENFILE, ENOBUFS or ENOMEM it logs and backs off; ECONNABORTED is skipped.
+The accept loop survives overload: at ``max_connections`` it still accepts,
+and closes what it has no room for at once (after ``busy_message``, if set),
+so no client waits on a connection nobody will serve; on EMFILE, ENFILE,
+ENOBUFS or ENOMEM it logs and backs off; ECONNABORTED is skipped.
 
 Shutdown (``shutdown()`` from any thread, a handler included, or SIGTERM /
 SIGINT under :func:`serve`): stop accepting, stop reading, finish the messages
-already received, flush their replies, close; after ``drain_timeout`` the
-rest is closed hard.
+already received, flush their replies, close each connection with a lingering
+close; after ``drain_timeout`` the rest is closed hard — by a thread of its
+own when a handler keeps the event loop from doing it.
 """
 
 from __future__ import annotations
 
 import errno
+import contextlib
 import itertools
 import logging
 import os
@@ -28,7 +31,7 @@ import time
 from typing import Any
 
 from .compat import RequestHandlerConnection, is_request_handler
-from .config import ServerConfig, make_listener
+from .config import ServerConfig, make_listener, socket_identity, unlink_own_socket
 from .connection import Connection, _call_connect
 from .engines import load_engine
 from .framing import make_framer
@@ -44,6 +47,9 @@ log = logging.getLogger("muxpool.server")
 _OVERLOAD_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPTS_PER_EVENT = 64
 _MAX_ENCODED = 0xFFFFFFFF  # the most a 4-byte length prefix can carry
+_DEADLINE_GRACE = 0.25  # s past drain_timeout before the deadline thread steps in for a stuck loop
+_REJECT_LOG_EVERY = 10.0  # s between log lines about connections closed at max_connections
+_SHARED_FULL_PAUSE = 0.05  # s a full prefork worker leaves the shared queue to the others
 
 
 class Server:
@@ -95,6 +101,14 @@ class Server:
         # A prefork worker serves the socket its parent bound and handed down.
         self.listener = listener if listener is not None else make_listener(config)
         self._owns_listener = listener is None  # a prefork worker must not unlink its parent's path
+        # The socket file we bound, so a server unlinks its own and never a newer server's.
+        self._socket_file = (socket_identity(config.unix_path)
+                             if config.unix_path and self._owns_listener else None)
+        self._busy_reply = (self.encoder.encode(config.busy_message.encode())
+                            if config.busy_message else None)
+        self._rejected_unlogged = 0
+        self._rejecting = False
+        self._reject_logged_at = -_REJECT_LOG_EVERY
         self._address = self.listener.getsockname()
         self.stats = ServerStats()
         self.connections: dict[int, Connection] = {}
@@ -102,6 +116,12 @@ class Server:
         self._accepting = False
         self._draining = False
         self._stopped_hard = False  # _hard_stop ran: calls still running are abandoned
+        self._drain_deadline: float | None = None  # monotonic time the drain must end by
+        self._deadline_armed = False
+        self._deadline_lock = threading.Lock()
+        # Called (from the deadline thread) when drain_timeout passed with the loop
+        # stuck in a handler: serve() interrupts its main thread with it.
+        self.on_drain_overdue = None
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self._serving = threading.Event()
@@ -136,7 +156,8 @@ class Server:
             watchdog = LoopWatchdog(self.mux, self.config.loop_stall_warning).start()
         self._serving.set()
         try:
-            self.mux.run()
+            with _signals_wake(self.mux):
+                self.mux.run()
         finally:
             if watchdog is not None:
                 watchdog.stop()
@@ -153,11 +174,12 @@ class Server:
                  _format_address(self.address), self.config.engine, self.engine.describe(),
                  self.config.framing)
         try:
-            self.engine.supervise(self, ready=self._serving.set)
+            with _signals_wake(self.mux):
+                self.engine.supervise(self, ready=self._serving.set)
         finally:
             self.listener.close()
-            if self.config.unix_path and self._owns_listener:
-                _unlink_quietly(self.config.unix_path)
+            if self._socket_file is not None:
+                unlink_own_socket(self.config.unix_path, self._socket_file)
             self.mux.close()
             log.info("muxpool stopped")
             self._stopped.set()
@@ -174,6 +196,7 @@ class Server:
         never waits for itself)."""
         if self._stopped.is_set():
             return
+        self._arm_drain_deadline()  # here, not on the loop: a handler may be blocking it
         self.mux.defer(self._begin_drain)
         in_handler = self.mux.in_loop_thread() or getattr(self.in_handler, "active", False)
         if wait and not in_handler and self._serving.is_set():
@@ -181,6 +204,7 @@ class Server:
 
     def stop_now(self) -> None:
         """Close every connection at once and stop (a second SIGTERM)."""
+        self._stopped_hard = True  # serve_forever must not wait for handler calls on its way out
         self.mux.defer(self._hard_stop)
 
     def __enter__(self) -> "Server":
@@ -197,23 +221,59 @@ class Server:
         if self._draining:
             return
         self._draining = True
+        self._drain_deadline = time.monotonic() + self.config.drain_timeout
         if getattr(self.engine, "supervises", False):
             self.engine.drain()
             return
         self._set_accepting(False)
         self.listener.close()
-        if self.config.unix_path and self._owns_listener:
-            _unlink_quietly(self.config.unix_path)
+        if self._socket_file is not None:
+            unlink_own_socket(self.config.unix_path, self._socket_file)
         for conn in list(self.connections.values()):
-            conn.close_when_done()
+            conn.drain()
         self.mux.call_later(self.config.drain_timeout, self._hard_stop)
         self._stop_if_drained()
+
+    def linger_time(self) -> float:
+        """How long a lingering close may wait for the client's EOF: linger_timeout,
+        and never past the drain's deadline."""
+        limit = self.config.linger_timeout
+        if self._drain_deadline is not None:
+            limit = min(limit, self._drain_deadline - time.monotonic())
+        return limit
+
+    def _arm_drain_deadline(self) -> None:
+        if self.config.engine == "gevent":
+            return  # its threads are greenlets on the hub they would watch: its own timer it is
+        with self._deadline_lock:
+            if self._deadline_armed:
+                return
+            self._deadline_armed = True
+        threading.Thread(target=self._enforce_drain_deadline, name="muxpool-drain-deadline",
+                         args=(self.config.drain_timeout + _DEADLINE_GRACE,), daemon=True).start()
+
+    def _enforce_drain_deadline(self, limit: float) -> None:
+        """drain_timeout is a timer on the loop; a handler blocking the loop thread
+        would keep it from ever firing. Then this thread shuts the connections'
+        sockets (so clients learn at once) and asks serve() to stop the process."""
+        if self._stopped.wait(limit) or self._deadline_fired:
+            return
+        log.error("drain_timeout=%s s has passed and the event loop is still blocked (a handler "
+                  "has not returned): closing every connection", self.config.drain_timeout)
+        for conn in _snapshot(self.connections):
+            conn.shutdown_socket()
+        self.stop_now()
+        if self.on_drain_overdue is not None and self.mux.ticks % 2 == 0:
+            self.on_drain_overdue()
 
     def _stop_if_drained(self) -> None:
         if self._draining and not self.connections and self.engine.idle():
             self.mux.stop()
 
+    _deadline_fired = False  # _hard_stop has run on the loop: it is not stuck
+
     def _hard_stop(self) -> None:
+        self._deadline_fired = True
         if getattr(self.engine, "supervises", False):
             self.engine.kill_all()
             return
@@ -226,7 +286,7 @@ class Server:
     def _close_everything(self) -> None:
         self._set_accepting(False)
         for conn in list(self.connections.values()):
-            conn.abort(None)
+            conn.abort(None, reset=True)
         try:
             self.listener.close()
         except OSError:
@@ -245,12 +305,17 @@ class Server:
 
     def _on_accept(self, mask: int) -> None:
         for _ in range(_ACCEPTS_PER_EVENT):
-            if len(self.connections) >= self.config.max_connections:
-                self._set_accepting(False)  # the rest wait in the kernel backlog
+            full = len(self.connections) >= self.config.max_connections
+            if full and not self._owns_listener and not self._rejecting:
+                # A prefork worker shares the queue: another worker may have room,
+                # so leave it to them for a moment, then close what is still waiting.
+                self._set_accepting(False)
+                self.mux.call_later(_SHARED_FULL_PAUSE, self._reject_waiting)
                 return
             try:
                 sock, peer = self.listener.accept()
             except (BlockingIOError, InterruptedError):
+                self._rejecting = False
                 return
             except ConnectionAbortedError:
                 continue
@@ -261,7 +326,33 @@ class Server:
                     self.mux.call_later(0.1, lambda: self._set_accepting(True))
                     return
                 raise
-            self._add_connection(sock, peer)
+            if full:
+                self._reject(sock, peer)
+            else:
+                self._add_connection(sock, peer)
+
+    def _reject_waiting(self) -> None:
+        self._rejecting = True  # until the queue is empty
+        self._set_accepting(True)
+
+    def _reject(self, sock: socket.socket, peer: Any) -> None:
+        """No room: close at once (nginx does the same), so the client knows now
+        instead of waiting on a connection that the kernel would drop from a
+        full accept queue, with its handshake done and no one to serve it."""
+        self.stats.connections_rejected += 1
+        try:
+            sock.setblocking(False)
+            if self._busy_reply is not None:
+                sock.send(self._busy_reply)
+        except OSError:
+            pass
+        sock.close()
+        self._rejected_unlogged += 1
+        now = time.monotonic()
+        if now - self._reject_logged_at >= _REJECT_LOG_EVERY:
+            log.warning("at max_connections=%d: closed %d new connection(s) at once (latest from %s)",
+                        self.config.max_connections, self._rejected_unlogged, peer or "a Unix socket")
+            self._reject_logged_at, self._rejected_unlogged = now, 0
 
     def _add_connection(self, sock: socket.socket, peer: Any) -> None:
         sock.setblocking(False)
@@ -302,7 +393,7 @@ class Server:
         if not conn.closed and not conn.handshaken:
             log.warning("closing %s: no TLS handshake within %s s (tls_handshake_timeout)",
                         conn.peer, self.config.tls_handshake_timeout)
-            conn.abort(None)
+            conn.abort(None, reset=True)
 
     def forget_from_any_thread(self, conn) -> None:
         if self.mux.in_loop_thread():
@@ -313,7 +404,8 @@ class Server:
     def forget(self, conn: Connection) -> None:
         """A connection's socket closed: free its slot, resume accepting."""
         self.connections.pop(id(conn), None)
-        for timer in (conn.idle_timer, conn.write_timer, conn.handler_timer, conn.tls_timer):
+        for timer in (conn.idle_timer, conn.write_timer, conn.handler_timer, conn.tls_timer,
+                      conn.linger_timer):
             if timer is not None:
                 timer.cancel()
         if not self._accepting and not self._draining and len(self.connections) < self.config.max_connections:
@@ -338,7 +430,7 @@ class Server:
             if elapsed > limit and not conn.closed:
                 log.error("handler for %s took %.3f s, over handler_timeout=%s s; closing it",
                           conn.peer, elapsed, limit)
-                conn.abort(None)
+                conn.abort(None, reset=True)
         conn.handler_done(ok, value)
         if self._draining:
             self._stop_if_drained()
@@ -348,7 +440,7 @@ class Server:
         if not conn.closed:
             log.error("handler for %s exceeded handler_timeout=%s s; closing it",
                       conn.peer, self.config.handler_timeout)
-            conn.abort(None)
+            conn.abort(None, reset=True)
 
     # --- timers ----------------------------------------------------------------------
 
@@ -357,7 +449,7 @@ class Server:
             return
         limit = self.config.idle_timeout
         quiet = time.monotonic() - conn.last_active
-        if quiet >= limit and not conn.busy and not conn.backlog:
+        if quiet >= limit and not conn.busy and not conn.backlog and not conn.held:
             log.info("closing %s: idle for %.1f s (idle_timeout)", conn.peer, quiet)
             conn.abort(None)
         else:
@@ -378,7 +470,7 @@ class Server:
         if stalled >= limit:
             log.warning("closing %s: no reply bytes accepted for %.1f s (write_timeout), "
                         "%d bytes unsent", conn.peer, stalled, len(conn.outbuf))
-            conn.abort(None)
+            conn.abort(None, reset=True)
         else:
             conn.write_timer = self.mux.call_later(limit - stalled, lambda: self._check_write(conn))
 
@@ -395,46 +487,122 @@ class Server:
 
 
 def serve(app: Any = None, address: tuple[str, int] | None = None, **options: Any) -> None:
-    """Serve until SIGTERM/SIGINT (drain), a second signal stops at once.
+    """Serve until SIGTERM/SIGINT (drain); SIGQUIT, or a second SIGTERM/SIGINT
+    at least ``DUPLICATE_WINDOW`` seconds after the first, stops at once.
 
     ``serve(MyHandler, ("127.0.0.1", 9999), engine="threadpool")``.
     """
     if address is not None:
         options["host"], options["port"] = address
     server = Server(app, **options)
-    signals = {signal.SIGTERM: None, signal.SIGINT: None}
-    signalled = False  # counted here: _draining is set on the loop thread, which may be busy
+    stop_signals = None
     if threading.current_thread() is threading.main_thread():
-        def on_signal(signum, frame):
-            nonlocal signalled
-            if server._draining or signalled:
-                log.warning("second signal: stopping now")
-                server.stop_now()
-                if server.config.engine == "loop" and server.mux.in_loop_thread():
-                    # The loop engine runs handlers on this very thread: one that
-                    # blocks would keep the loop from ever running stop_now.
-                    raise _StopNow
-            else:
-                signalled = True
-                log.info("signal %s: draining", signal.Signals(signum).name)
-                server.shutdown(wait=False)
-        for signum in signals:
-            signals[signum] = signal.signal(signum, on_signal)
+        stop_signals = StopSignals(server).install()
     try:
         server.serve_forever()
     except _StopNow:
         pass  # serve_forever closed every connection on its way out
     finally:
-        for signum, previous in signals.items():
-            if previous is not None:
-                signal.signal(signum, previous)
+        if stop_signals is not None:
+            stop_signals.restore()
+
+
+DUPLICATE_WINDOW = 0.5  # s: a repeat of the first stop signal this soon is the same request
+
+
+class StopSignals:
+    """The stop signals of a process that serves (the main thread's handlers).
+
+    SIGTERM or SIGINT starts the drain. The same signal often arrives twice
+    within a millisecond — ``timeout``, ``make`` and other supervisors signal a
+    whole process group *and* their child — so a repeat within
+    ``DUPLICATE_WINDOW`` seconds of the first is taken as the same request and
+    the drain goes on. A later one is a person's second request (Ctrl-C
+    again), and SIGQUIT always is: both stop at once, as gunicorn's SIGQUIT.
+    """
+
+    def __init__(self, server: Server):
+        self.server = server
+        self.first_at: float | None = None
+        self.overdue = False
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> "StopSignals":
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            self._previous[signum] = signal.signal(signum, self.on_signal)
+        main = threading.main_thread().ident
+
+        def interrupt() -> None:  # the drain deadline thread: the loop is stuck in a handler
+            self.overdue = True
+            signal.pthread_kill(main, signal.SIGTERM)
+
+        self.server.on_drain_overdue = interrupt
+        return self
+
+    def restore(self) -> None:
+        self.server.on_drain_overdue = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self.overdue:
+            self._stop_now()
+        elif signum == signal.SIGQUIT:
+            log.warning("signal SIGQUIT: stopping now")
+            self._stop_now()
+        elif self.first_at is None:
+            self.first_at = now
+            log.info("signal %s: draining (SIGQUIT, or the signal again, stops at once)", name)
+            self.server.shutdown(wait=False)
+        elif now - self.first_at < DUPLICATE_WINDOW:
+            log.info("signal %s again %.0f ms after the first: the same request, still draining",
+                     name, (now - self.first_at) * 1000)
+        else:
+            log.warning("second signal: stopping now")
+            self._stop_now()
+
+    def _stop_now(self) -> None:
+        server = self.server
+        server.stop_now()
+        if server.mux.in_loop_thread() and server.mux.ticks % 2 == 0:
+            # The loop is inside a callback — a handler that may never return —
+            # so it would never get to run stop_now: unwind it from here.
+            raise _StopNow
 
 
 class _StopNow(BaseException):
-    """A second signal, raised out of whatever the loop thread is running, a
+    """A stop-now request, raised out of whatever the loop thread is running, a
     handler included (neither an ``Exception`` nor a ``SystemExit``, which the
     engines catch around handler calls), so ``serve_forever`` unwinds and
     closes everything."""
+
+
+@contextlib.contextmanager
+def _signals_wake(mux: Multiplexer):
+    """While serving on the main thread, a signal wakes the loop's poll: the
+    kernel may deliver a process-directed SIGTERM to any thread that does not
+    block it, and Python's handler runs only when the main thread next runs
+    bytecode — which an idle loop, asleep in its poll, would not do."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.set_wakeup_fd(mux.wakeup_fd(), warn_on_full_buffer=False)
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+
+
+def _snapshot(connections: dict) -> list:
+    """The connections, read from another thread while the loop may change the dict."""
+    for _attempt in range(100):
+        try:
+            return list(connections.values())
+        except RuntimeError:  # changed size during iteration
+            continue
+    return []
 
 
 def _app_name(app: Any) -> str:
@@ -448,13 +616,6 @@ def _format_address(address: Any) -> str:
         host, port = address[0], address[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(address)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 __all__ = ["Server", "ServerConfig", "serve"]

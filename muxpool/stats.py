@@ -10,6 +10,7 @@ class ServerStats:
 
     def __init__(self) -> None:
         self.connections_total = 0
+        self.connections_rejected = 0  # accepted at max_connections and closed at once
         self.messages_total = 0
         self._times: list[float] = []
         self._since = time.monotonic()

@@ -13,8 +13,20 @@ read simply blocks, so memory cannot grow); ``handler_timeout`` can only be
 checked when the handler returns (a thread cannot be interrupted), and the
 connection is then closed.
 
-Drain: ``close_when_done`` shuts the socket's read side, so the blocked
-``recv`` returns and the loop ends after the messages already read.
+Closing is a lingering close, as on the loop engines: the connection's own
+thread sends its FIN (``shutdown(SHUT_WR)``), then reads and discards until
+the client's EOF or ``linger_timeout``, then closes — so the kernel never
+resets a connection whose replies are still on their way. ``SHUT_RD`` is
+never used: once our FIN is out, Linux answers any byte arriving on a socket
+shut for reading with RST.
+
+Drain and ``close()`` from another thread: a thread idle in ``recv`` cannot
+be told to stop without touching the socket, so the server's loop *claims*
+it — both sides race to pop one token (``_idle``); only the winner acts. If
+the loop wins, the thread was idle between messages: the loop sends the FIN
+for it and the thread, woken by the client's EOF (or any late bytes, which it
+discards), finishes the lingering close. If the thread wins, it has a message
+in hand: it answers it, sees ``closing`` and closes by itself.
 """
 
 from __future__ import annotations
@@ -47,6 +59,8 @@ SMALL_READ = 512 - 33  # 33: a bytes object's header, on 64-bit CPython
 # SO_RCVTIMEO/SO_SNDTIMEO expired.
 _READ_TIMEOUTS = (socket.timeout, BlockingIOError, ssl.SSLWantReadError)
 _WRITE_TIMEOUTS = (socket.timeout, BlockingIOError, ssl.SSLWantWriteError)
+LINGER_MAX_BYTES = 1 << 20  # a client still sending this much after our FIN is reset
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST at once
 
 
 class StreamConnection:
@@ -55,6 +69,7 @@ class StreamConnection:
     # The loop's idle, write and handler timers do not apply: the kernel or a socket
     # timeout times those calls. tls_timer is the loop's, for the whole handshake.
     idle_timer = write_timer = handler_timer = tls_timer = None
+    linger_timer = None  # the loop's: ends a lingering close it started for an idle thread
     handshaken = False
     outbuf = b""  # replies go straight to the kernel: no buffer in user space
 
@@ -65,6 +80,12 @@ class StreamConnection:
         self.id = conn_id
         self.closing = False
         self.closed = False
+        self.heard = False  # a message has arrived (a drain waits for a new client's first)
+        self._draining_new = False
+        self._idle: dict[str, bool] = {}  # {"recv": True} while the thread waits between messages
+        self._write_shut = False  # the loop sent our FIN for an idle thread
+        self._aborted = False
+        self._reset = False  # close with RST (an abort), not a lingering close
         self._send_lock = server.engine.make_lock()
         self._calls = 0  # handler calls started; a handler_timeout timer checks it
         self._kernel_timeouts = False
@@ -105,24 +126,64 @@ class StreamConnection:
         self.handshaken = True
 
     def close_when_done(self, drop_backlog: bool = False) -> None:
+        """Finish the message in hand, then close (lingering). Any thread."""
         if self.closing or self.closed:
             return
         self.closing = True
+        self._draining_new = False
+        mux = self.server.mux
+        if mux.in_loop_thread():
+            self._claim_if_idle()
+        else:
+            mux.defer(self._claim_if_idle)
+
+    def drain(self) -> None:
+        """The server drains (loop thread). A client that has sent nothing yet —
+        accepted a moment ago, its first request on the way — has its first
+        message answered if it comes within linger_timeout."""
+        if self.closing or self.closed:
+            return
+        if self.heard or not self.handshaken:
+            self.close_when_done()
+            return
+        self._draining_new = True
+        self.linger_timer = self.server.mux.call_later(self.server.linger_time(), self._new_client_waited)
+
+    def _new_client_waited(self) -> None:
+        self.linger_timer = None
+        if self._draining_new:
+            self.close_when_done()
+
+    def _claim_if_idle(self) -> None:
+        """Loop thread: if the connection's thread waits between messages, send
+        the FIN for it, and end the wait at the linger deadline if the client
+        neither closes nor sends."""
+        if self.closed or not self._idle.pop("recv", False):
+            return  # not idle: the thread sees ``closing`` after the message in hand
+        self._write_shut = True
         try:
-            # The plain socket's shutdown: ssl.SSLSocket.shutdown would also drop
-            # the TLS layer, and the reply in progress would leave unencrypted.
-            socket.socket.shutdown(self.sock, socket.SHUT_RD)  # wakes a blocked recv with EOF
+            # The plain socket's shutdown: ssl.SSLSocket's would unwrap the TLS layer.
+            socket.socket.shutdown(self.sock, socket.SHUT_WR)
+        except OSError:
+            pass
+        self.linger_timer = self.server.mux.call_later(self.server.linger_time(), lambda: self.abort(None))
+
+    def abort(self, error: BaseException | None, reset: bool = False) -> None:
+        """End the connection now (any thread): its thread wakes to an error and closes."""
+        if self._sock_closed:
+            return
+        self.closing = True
+        self._aborted = True
+        self._reset = self._reset or reset
+        self.shutdown_socket()
+
+    def shutdown_socket(self) -> None:
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
         except OSError:
             pass
 
-    def abort(self, error: BaseException | None) -> None:
-        if self.closed:
-            return
-        self.closing = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+    _sock_closed = False
 
     # --- the connection's own thread or greenlet ------------------------------------
 
@@ -153,6 +214,7 @@ class StreamConnection:
             view = view[self.sock.send(view):]
 
     def _log_write_timeout(self) -> None:
+        self._reset = True  # a client that stopped reading: RST frees what the kernel still holds
         log.warning("closing %s: reply blocked for %s s (write_timeout)", self.peer,
                     self.server.config.write_timeout)
 
@@ -176,10 +238,11 @@ class StreamConnection:
     def serve(self) -> None:
         """Run the connection to its end; always closes the socket and reports it."""
         error: BaseException | None = None
+        ending = "abort"
         self.server.in_handler.active = True  # this thread serves handlers only
         try:
             self.prepare_socket()
-            self.run()
+            ending = self.run()
         except (OSError, ProtocolError, ConnectionClosed) as exc:
             # When we closed it (drain, close()), the blocked read's error is
             # our own doing: gevent raises where a thread's recv returns b"".
@@ -190,9 +253,12 @@ class StreamConnection:
             error = exc
             log.error("handler failed for %s", self.peer, exc_info=exc)
         finally:
-            self.finish(error)
+            self.finish(error, ending)
 
-    def run(self) -> None:
+    def run(self) -> str:
+        """Serve messages until the connection ends; returns how to close it:
+        ``"eof"`` (the client closed: nothing unread can follow), ``"linger"``
+        (we close: lingering) or ``"abort"`` (close at once)."""
         # The per-message path is written out flat, with everything bound to
         # locals: on a thread per connection it runs under the GIL once per
         # request, and each attribute lookup or call here costs requests/s.
@@ -216,15 +282,26 @@ class StreamConnection:
         # Greenlets and TLS cannot take the non-blocking top-up read below.
         small = SMALL_READ if self._kernel_timeouts and self.server.ssl_context is None else READ_SIZE
         read_size = small
-        while not self.closing:
+        idle_flag, claimed = self._idle, self._idle.pop
+        while True:
+            idle_flag["recv"] = True
+            if self.closing:  # after the flag: a close that comes later finds it set
+                claimed("recv", False)  # whoever took it, the linger is ours to finish
+                return "linger"
             if settimeout is not None:
                 settimeout(idle)
             try:
                 data = recv(read_size)
             except _READ_TIMEOUTS:
+                if not claimed("recv", False):
+                    return "linger"  # the loop sent our FIN meanwhile: finish the linger
                 log.info("closing %s: no complete message for %s s (idle_timeout)", self.peer,
                          full_idle)
-                return
+                return "abort"
+            if not claimed("recv", False):
+                # The loop sent our FIN while we waited: the client's EOF, or
+                # bytes sent before it saw ours, which are discarded.
+                return "eof" if not data else "linger"
             received = len(data)
             if received < SMALL_READ:
                 read_size = small
@@ -236,9 +313,13 @@ class StreamConnection:
             try:
                 messages = feed(data)
             except ProtocolError as exc:
-                if not self.closing or data:
-                    log.warning("closing %s: %s", self.peer, exc)
-                return
+                log.warning("closing %s: %s", self.peer, exc)
+                return "linger" if data else "eof"
+            if messages:
+                self.heard = True
+                if self._draining_new:  # the first message of a client accepted just before a drain
+                    self._draining_new = False
+                    self.closing = True
             for message in messages:
                 reply = handle(self, message)
                 if reply is not None:
@@ -259,9 +340,9 @@ class StreamConnection:
                 partial_since, idle = self._idle_left(framer, messages, partial_since)
             if framer.pending_error is not None:
                 log.warning("closing %s: %s", self.peer, framer.pending_error)
-                return
+                return "linger"
             if not data:
-                return
+                return "eof"
 
     def _send_close_notify(self) -> None:
         """End the TLS session as the loop engines do; without blocking: a peer
@@ -271,6 +352,32 @@ class StreamConnection:
             self.sock.unwrap()
         except (OSError, ValueError):  # ssl.SSLError is an OSError
             pass
+
+    def _linger(self) -> None:
+        """Our FIN (unless the loop sent it), then discard input until the client's
+        EOF, linger_timeout or LINGER_MAX_BYTES: closing with unread input would
+        make the kernel reset the connection and destroy replies in flight."""
+        sock = self.sock
+        try:
+            if not self._write_shut:
+                socket.socket.shutdown(sock, socket.SHUT_WR)
+            deadline = time.monotonic() + self.server.linger_time()
+            left = LINGER_MAX_BYTES
+            while left > 0 and not self._aborted:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                if self._kernel_timeouts:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(remaining))
+                else:
+                    sock.settimeout(remaining)
+                data = socket.socket.recv(sock, READ_SIZE)  # raw bytes: under TLS, nothing to decrypt
+                if not data:
+                    return
+                left -= len(data)
+            self._reset = self._reset or left <= 0
+        except (OSError, ValueError):  # timed out, or reset: either way, done
+            return
 
     def _ready_bytes(self) -> bytes:
         try:
@@ -323,13 +430,19 @@ class StreamConnection:
     def _overdue(self, call: int, limit: float) -> None:
         if self._calls == call and not self.closed:
             log.error("handler for %s exceeded handler_timeout=%s s; closing it", self.peer, limit)
-            self.abort(None)
+            self.abort(None, reset=True)
 
-    def finish(self, error: BaseException | None) -> None:
+    def finish(self, error: BaseException | None, ending: str = "abort") -> None:
         self.closed = True
-        if error is None and isinstance(self.sock, ssl.SSLSocket):
+        graceful = error is None and not self._aborted
+        if graceful and ending != "abort" and not self._write_shut and isinstance(self.sock, ssl.SSLSocket):
             self._send_close_notify()
+        if graceful and ending == "linger":
+            self._linger()
         try:
+            if self._reset:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            self._sock_closed = True
             self.sock.close()
         except OSError:
             pass
