@@ -43,7 +43,7 @@ log = logging.getLogger("muxpool.server")
 
 MAX_BACKLOG = 64  # queued messages per connection before reading pauses
 READ_SIZE = 65536
-LINGER_MAX_BYTES = 1 << 20  # a client still sending this much after our FIN is reset
+LINGER_MAX_BYTES = 8 << 20  # a client still sending this much after our FIN is reset
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST and frees the buffers
 
 
@@ -442,6 +442,7 @@ class Connection:
     def _linger_over(self) -> None:
         self.linger_timer = None
         if not self.closed:
+            discard_ready(self.sock)  # unread input would turn the close into a reset
             self.abort(None)
 
     def send_close_notify(self) -> None:
@@ -475,3 +476,13 @@ class Connection:
         self.server.forget(self)
         # on_disconnect runs after the call in progress, in the same order.
         self.dispatch(_call_disconnect, error)
+
+
+def discard_ready(sock: socket.socket, limit: int = 16) -> None:
+    """Read and drop what is already waiting (at most ``limit`` reads), without blocking."""
+    for _ in range(limit):
+        try:
+            if not sock.recv(READ_SIZE, socket.MSG_DONTWAIT):
+                return
+        except OSError:
+            return

@@ -59,7 +59,7 @@ SMALL_READ = 512 - 33  # 33: a bytes object's header, on 64-bit CPython
 # SO_RCVTIMEO/SO_SNDTIMEO expired.
 _READ_TIMEOUTS = (socket.timeout, BlockingIOError, ssl.SSLWantReadError)
 _WRITE_TIMEOUTS = (socket.timeout, BlockingIOError, ssl.SSLWantWriteError)
-LINGER_MAX_BYTES = 1 << 20  # a client still sending this much after our FIN is reset
+LINGER_MAX_BYTES = 8 << 20  # a client still sending this much after our FIN is reset
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST at once
 
 
@@ -366,18 +366,21 @@ class StreamConnection:
             while left > 0 and not self._aborted:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return
+                    break
                 if self._kernel_timeouts:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(remaining))
                 else:
                     sock.settimeout(remaining)
                 data = socket.socket.recv(sock, READ_SIZE)  # raw bytes: under TLS, nothing to decrypt
                 if not data:
-                    return
+                    return  # the client's EOF: a clean close
                 left -= len(data)
             self._reset = self._reset or left <= 0
-        except (OSError, ValueError):  # timed out, or reset: either way, done
+        except _READ_TIMEOUTS:
+            pass
+        except (OSError, ValueError):  # reset, or closed: nothing left to protect
             return
+        _discard_ready(sock)  # unread input would turn the close into a reset
 
     def _ready_bytes(self) -> bytes:
         try:
@@ -453,6 +456,15 @@ class StreamConnection:
             except Exception:
                 log.exception("on_disconnect failed for %s", self.peer)
         self.server.forget_from_any_thread(self)
+
+
+def _discard_ready(sock: socket.socket, limit: int = 16) -> None:
+    for _ in range(limit):
+        try:
+            if not socket.socket.recv(sock, READ_SIZE, socket.MSG_DONTWAIT):
+                return
+        except OSError:
+            return
 
 
 def _writable(sock: socket.socket) -> bool:
