@@ -453,6 +453,14 @@ class Connection:
         except OSError:
             pass
 
+    def shutdown_socket(self) -> None:
+        """From any thread: end the connection at the socket, both ways (the drain
+        deadline, while a handler blocks the loop; the loop cleans up when it runs)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def abort(self, error: BaseException | None, reset: bool = False) -> None:
         """Close the socket now; pending output is dropped. ``error`` is why;
         ``reset``: send RST at once (the kernel would otherwise keep trying to

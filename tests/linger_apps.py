@@ -14,6 +14,7 @@ bytes turn into megabytes of replies.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -42,6 +43,7 @@ def amplify(message, conn):
 def sleepy(message, conn):
     text = bytes(message)
     if text.startswith(b"sleep "):
+        logging.getLogger("linger_apps").info("began sleep for %s", conn.peer)
         time.sleep(float(text.split()[1]))
         return b"slept"
     return b"response: " + text
