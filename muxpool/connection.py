@@ -376,7 +376,7 @@ class Connection:
         way — has its first message answered if it comes within linger_timeout."""
         if self.closing or self.closed:
             return
-        if self.heard or self.eof or self.busy or not self.handshaken:
+        if self.heard or self.eof:
             self.close_when_done()
             return
         self._draining_new = True

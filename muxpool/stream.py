@@ -143,7 +143,7 @@ class StreamConnection:
         message answered if it comes within linger_timeout."""
         if self.closing or self.closed:
             return
-        if self.heard or not self.handshaken:
+        if self.heard:
             self.close_when_done()
             return
         self._draining_new = True
