@@ -85,7 +85,7 @@ def deliver(fut: Future | None, callback: Callback | None, ok: bool, value: Any)
 
 def settle_future(fut: Future, ok: bool, value: Any) -> None:
     """Set a future's outcome. Its done-callbacks run here: ``Future`` logs their
-    ``Exception``\ s, but a ``SystemExit`` or other ``BaseException`` would
+    ``Exception``s, but a ``SystemExit`` or other ``BaseException`` would
     escape into the pool's thread, so it is logged here instead."""
     try:
         if ok:

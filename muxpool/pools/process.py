@@ -17,7 +17,14 @@ trip for tiny tasks, but it parks a task behind a long one while other
 workers sit idle (use ``map``'s chunks to batch tiny tasks instead).
 
 Workers start with the ``forkserver`` method by default: forking from a
-process that runs threads (ours always does) can deadlock the child.
+process that runs threads (ours always does) can deadlock the child. When
+``initargs`` hold synchronisation objects made for ``fork`` (the lesson's
+``multiprocessing.Lock()``), a pool given no ``mp_context`` adopts ``fork``
+instead, as ``multiprocessing.Pool`` would; see :mod:`._pickling`.
+
+Nothing waits forever: if the supervisor itself fails, the pool is *broken*
+(``PoolBroken``, the failure as its ``__cause__``): every pending task fails,
+the workers are killed, later submissions raise, and ``join()`` returns.
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import multiprocessing
 import os
 import pickle
 import selectors
@@ -34,9 +40,9 @@ import time
 from concurrent.futures import CancelledError
 
 from ..errors import PoolError, QueueFull, RemoteTraceback, SerializationError, TaskTimeout, WorkerCrashed
-from . import _procworker
-from ._worker_handle import Task, WorkerHandle, default_start_method
-from .base import WorkerPool, PoolStats, cancel_task, closed_error, deliver
+from . import _pickling, _procworker
+from ._worker_handle import Task, WorkerHandle, default_start_method, startup_failed
+from .base import PoolStats, WorkerPool, broken_error, cancel_task, closed_error, deliver
 
 log = logging.getLogger("muxpool.pools.process")
 
@@ -50,12 +56,18 @@ class ProcessPool(WorkerPool):
     Callbacks and future callbacks run on the pool's supervisor thread: keep
     them short. ``task_timeout`` (here, or per task on ``schedule``/``run``)
     kills a worker whose task runs too long and fails that task with
-    ``TaskTimeout``.
+    ``TaskTimeout``; ``startup_timeout`` does the same for a worker whose
+    start-up (its ``initializer``) takes too long. Three start-ups failing in a
+    row fail the queued tasks with ``WorkerCrashed`` naming the cause.
+
+    Raises ``ValueError`` at once when the initializer or ``initargs`` cannot
+    reach the workers (see :mod:`._pickling`).
     """
 
     def __init__(self, max_workers: int | None = None, max_queue: int | None = None, *,
                  initializer=None, initargs: tuple = (), max_tasks_per_worker: int | None = None,
-                 task_timeout: float | None = None, mp_context=None, name: str | None = None):
+                 task_timeout: float | None = None, mp_context=None, name: str | None = None,
+                 startup_timeout: float = 60.0):
         self.max_workers = max_workers or os.cpu_count() or 1
         if self.max_workers < 1:
             raise ValueError("max_workers must be >= 1")
@@ -63,12 +75,12 @@ class ProcessPool(WorkerPool):
             raise ValueError("max_queue must be >= 1 or None")
         if max_tasks_per_worker is not None and max_tasks_per_worker < 1:
             raise ValueError("max_tasks_per_worker must be >= 1 or None")
-        if mp_context is None or isinstance(mp_context, str):
-            mp_context = multiprocessing.get_context(mp_context or default_start_method())
+        self._ctx = _pickling.worker_context(mp_context, default_start_method(), initializer, initargs)
+        self._fork = self._ctx.get_start_method() == "fork"
         self.max_queue = max_queue
         self.task_timeout = task_timeout
         self.name = name or f"ProcessPool-{id(self):x}"
-        self._ctx = mp_context
+        self.startup_timeout = startup_timeout
         self._initializer = initializer
         self._initargs = tuple(initargs)
         self._max_tasks = max_tasks_per_worker
@@ -80,6 +92,9 @@ class ProcessPool(WorkerPool):
         self._closed = False
         self._terminated = False
         self._startup_failures = 0
+        self._startup_error: WorkerCrashed | None = None
+        self._starting = 0  # workers whose READY has not come yet
+        self._broken: BaseException | None = None  # what broke the supervisor
         self._respawn_at = 0.0
         self._uses_timeouts = task_timeout is not None
         self._handoff: list = []  # outcomes collected by _harvest_locked, delivered by the supervisor
@@ -99,14 +114,16 @@ class ProcessPool(WorkerPool):
 
     def _schedule(self, func, args, kwargs, fut, callback, timeout, task_timeout) -> None:
         if self._closed:
-            raise closed_error(self.name)
+            raise broken_error(self.name, self._broken) if self._broken else closed_error(self.name)
         task_id = next(self._ids)
         try:
+            if not self._fork and (problem := _pickling.main_function_problem(func)):
+                raise SerializationError("function", problem)
             frame = _procworker.encode_frame(
                 task_id, pickle.dumps((func, args, kwargs), pickle.HIGHEST_PROTOCOL))
         except Exception as exc:
-            err = SerializationError("arguments", repr(exc))
-            err.__cause__ = exc
+            err = exc if isinstance(exc, SerializationError) else _pickling.unpicklable_task(
+                func, args, kwargs, exc)
             if fut is not None:
                 fut.set_running_or_notify_cancel()
             with self._lock:
@@ -122,7 +139,7 @@ class ProcessPool(WorkerPool):
             if self._closed:
                 if slots is not None:
                     slots.release()
-                raise closed_error(self.name)
+                raise broken_error(self.name, self._broken) if self._broken else closed_error(self.name)
             self._pending.append(task)
             if len(self._pending) == 1:
                 self._dispatch_locked()
@@ -217,7 +234,7 @@ class ProcessPool(WorkerPool):
                         self._handoff.clear()
                     for key, mask in events:
                         key.data(key, mask, settled)
-                    if self._uses_timeouts:
+                    if self._uses_timeouts or self._starting:
                         self._expire_locked(settled)
                     # While open, results alone change nothing to look after: skip the
                     # upkeep then, it is most of a tiny task's cost. Once closed, the
@@ -231,21 +248,49 @@ class ProcessPool(WorkerPool):
                 del settled
                 if finished:
                     return
-        except BaseException:
-            log.exception("%s: supervisor failed", self.name)
-            raise
+        except BaseException as exc:  # noqa: BLE001 - the pool breaks; nothing is left waiting
+            self._break(exc)
         finally:
+            with self._lock:
+                wake_r, wake_w, self._wake_r, self._wake_w = self._wake_r, self._wake_w, -1, -1
             self._selector.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def _break(self, cause: BaseException) -> None:
+        """The supervisor failed: fail every task it held, kill every worker."""
+        log.error("%s: the supervisor failed; the pool is broken", self.name, exc_info=cause)
+        with self._lock:
+            self._broken = cause
+            self._closed = self._terminated = True
+            tasks = list(self._pending) + [t for w in self._workers.values() for t in w.inflight]
+            self._pending.clear()
+            workers = list(self._workers.values())
+            self._workers.clear()
+            tasks = [t for t in tasks if not t.dropped]
+            self._counts["failed"] += len(tasks)
+        for task in tasks:
+            if task.holds_slot:
+                task.holds_slot = False
+                self._slots.release()
+            deliver(task.fut, task.callback, False, broken_error(self.name, cause))
+        for worker in workers:
+            try:
+                worker.process.kill()
+                worker.close()
+            except Exception:  # noqa: BLE001 - the rest must still be killed
+                log.debug("%s: reaping worker %s failed", self.name, worker.pid, exc_info=True)
 
     def _next_timeout(self) -> float | None:
-        if not self._uses_timeouts and not self._respawn_at:
+        if not self._uses_timeouts and not self._respawn_at and not self._starting:
             return None
         with self._lock:
             deadlines = [w.inflight[0].started + w.inflight[0].task_timeout
                          for w in self._workers.values()
                          if w.inflight and w.inflight[0].task_timeout is not None and not w.doomed]
+            if self._starting:
+                deadlines += [w.started_at + self.startup_timeout for w in self._workers.values()
+                              if not w.ready and not w.doomed]
             if self._respawn_at and len(self._workers) < self.max_workers:
                 deadlines.append(self._respawn_at)
         if not deadlines:
@@ -290,7 +335,10 @@ class ProcessPool(WorkerPool):
         for task_id, payload in frames:
             if task_id == _procworker.READY_ID:
                 worker.ready = True
+                self._starting -= 1
                 self._startup_failures = 0
+            elif task_id == _procworker.INIT_FAILED_ID:
+                worker.init_error = pickle.loads(payload)
             else:
                 self._settle_result(worker, task_id, payload, now, settled)
         self._dispatch_locked()
@@ -316,8 +364,10 @@ class ProcessPool(WorkerPool):
             return
         try:
             ok, value, tb_text = pickle.loads(payload)
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001 - a SystemExit from a __reduce__ fails this task only
+            log.warning("%s: the result of task %s cannot be unpickled: %r", self.name, task_id, exc)
             ok, value, tb_text = False, SerializationError("result", f"cannot unpickle: {exc!r}"), None
+            value.__cause__ = exc
         if tb_text and isinstance(value, BaseException):
             value.__cause__ = RemoteTraceback(tb_text)
         self._counts["completed" if ok else "failed"] += 1
@@ -336,11 +386,13 @@ class ProcessPool(WorkerPool):
         exitcode = worker.process.exitcode
         inflight = list(worker.inflight)
         worker.inflight.clear()
-        if not worker.ready and not worker.doomed and not self._terminated:
+        if not worker.ready:
+            self._starting -= 1
+        if not worker.ready and (not worker.doomed or worker.startup_expired) and not self._terminated:
             self._startup_failures += 1
             self._respawn_at = time.monotonic() + min(2.0, 0.05 * 2 ** self._startup_failures)
-            log.error("%s: worker %s died during start-up (exit code %s)",
-                      self.name, worker.pid, exitcode)
+            self._startup_error = startup_failed(worker, self.startup_timeout)
+            log.error("%s: %s", self.name, self._startup_error)
         elif inflight and not worker.doomed and not self._terminated:
             crashed = inflight.pop(0)
             self._counts["failed"] += 1
@@ -361,6 +413,11 @@ class ProcessPool(WorkerPool):
 
     def _expire_locked(self, settled: list) -> None:
         now = time.monotonic()
+        if self._starting:
+            for worker in self._workers.values():
+                if not worker.ready and not worker.doomed and now - worker.started_at >= self.startup_timeout:
+                    worker.doomed = worker.startup_expired = True
+                    worker.process.kill()
         for worker in self._workers.values():
             if worker.doomed or not worker.inflight:
                 continue
@@ -377,8 +434,7 @@ class ProcessPool(WorkerPool):
         if self._terminated:
             return
         if self._startup_failures >= _STARTUP_FAILURES_BEFORE_GIVING_UP and self._pending:
-            err = WorkerCrashed(None, None, "worker processes keep dying at start-up "
-                                "(does the initializer fail?)")
+            err = self._startup_error
             while self._pending:
                 self._counts["failed"] += 1
                 settled.append((self._pending.popleft(), False, err))
@@ -405,6 +461,7 @@ class ProcessPool(WorkerPool):
         worker = WorkerHandle(self._ctx, f"{self.name}-worker", self._initializer, self._initargs,
                               self._max_tasks)
         self._workers[worker.result_fd] = worker
+        self._starting += 1
         self._selector.register(worker.result_fd, selectors.EVENT_READ, self._on_results)
         self._selector.register(worker.process.sentinel, selectors.EVENT_READ, self._on_exit)
 
