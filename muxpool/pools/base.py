@@ -42,6 +42,9 @@ class PoolStats:
     completed: int
     failed: int
     cancelled: int
+    #: tasks failed with ``TaskTimeout`` whose thread still ran on (thread pools), or
+    #: that were interrupted (greenlets); counted in ``failed`` too
+    timed_out: int = 0
 
 
 class AsyncFuture(Future):
