@@ -258,3 +258,32 @@ def bump_dict(key, times):
         with lock:
             mapping[key] = mapping.get(key, 0) + 1
     return os.getpid()
+
+
+# --- the tasks of CPython's _TestPool (Lib/test/_test_multiprocessing.py) --------------
+
+
+def sqr(x, wait=0.0):
+    time.sleep(wait)
+    return x * x
+
+
+def mul(x, y):
+    return x * y
+
+
+def raising():
+    raise KeyError("key")
+
+
+def unpickleable_result():
+    return lambda: 42
+
+
+def raise_large_valuerror(wait):
+    time.sleep(wait)
+    raise ValueError("x" * 1024 ** 2)
+
+
+def traceback_raiser():
+    raise RuntimeError(123)  # some comment

@@ -831,6 +831,19 @@ def test_apply_and_apply_async(pool_factory):
     assert r3.get(timeout=10) == ((), {"a": 1})
 
 
+def test_apply_async_callbacks_run_before_get_returns(pool_factory):
+    """multiprocessing.Pool's order: the callback has run when get() returns."""
+    pool = pool_factory(2)
+    for i in range(20):
+        got, errors = [], []
+        assert pool.apply_async(pool_tasks.square, (i,), callback=got.append).get(timeout=10) == i * i
+        assert got == [i * i]
+        bad = pool.apply_async(pool_tasks.fail, ("no",), error_callback=errors.append)
+        with pytest.raises(ValueError):
+            bad.get(timeout=10)
+        assert len(errors) == 1 and isinstance(errors[0], ValueError)
+
+
 def test_apply_async_ready_and_wait_on_a_pending_task(pool_factory):
     pool = pool_factory(1)
     b = pool_factory.blocker()
