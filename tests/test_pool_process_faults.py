@@ -209,3 +209,52 @@ def test_supervisor_failure_is_logged_once_at_error_level(make_pool, tmp_path, c
     assert isinstance(exc, PoolBroken), repr(exc)
     assert pool.join(5)
     assert [r.levelno for r in caplog.records if r.name == "muxpool.pools.process"] == [logging.ERROR]
+
+
+# --- pickling errors that say what cannot be pickled and how to fix it ----------------------
+
+FROM_DASH_C = """
+import sys
+from muxpool import ProcessPool, SerializationError
+def sq(x):
+    return x * x
+with ProcessPool(1, mp_context=sys.argv[1] if len(sys.argv) > 1 else None) as pool:
+    fut = pool.submit(sq, 3)
+    exc = fut.exception(timeout=30)
+    print(repr(exc) if exc else fut.result())
+"""
+
+
+def test_a_function_from_python_dash_c_is_explained():
+    out = subprocess.run([sys.executable, "-c", FROM_DASH_C], capture_output=True, text=True, timeout=50)
+    assert out.returncode == 0, out.stderr
+    assert "cannot pickle the task's function" in out.stdout
+    assert "sq is defined in the __main__ of `python -c`" in out.stdout
+    assert "mp_context='fork'" in out.stdout and "module" in out.stdout
+    # ...and the fix it names works.
+    fixed = subprocess.run([sys.executable, "-c", FROM_DASH_C, "fork"], capture_output=True, text=True,
+                           timeout=50)
+    assert fixed.stdout.strip() == "9", fixed.stderr
+
+
+def test_a_lambda_and_a_closure_are_explained(make_pool):
+    pool = make_pool(1)
+    exc = pool.submit(lambda x: x, 1).exception(timeout=10)
+    assert isinstance(exc, SerializationError) and exc.what == "function", repr(exc)
+    assert "is a lambda" in str(exc) and "module level" in str(exc)
+
+    def inner(x):
+        return x
+
+    exc = pool.submit(inner, 1).exception(timeout=10)
+    assert isinstance(exc, SerializationError) and exc.what == "function", repr(exc)
+    assert "closure" in str(exc) and "module level" in str(exc)
+
+
+def test_an_unpicklable_argument_is_named(make_pool):
+    pool = make_pool(1)
+    exc = pool.schedule(pool_tasks.echo, (1, threading.Lock()), {"k": 2}).exception(timeout=10)
+    assert isinstance(exc, SerializationError) and exc.what == "arguments", repr(exc)
+    assert "argument 1 (lock)" in str(exc)
+    exc = pool.schedule(pool_tasks.echo, (1,), {"k": threading.Lock()}).exception(timeout=10)
+    assert "keyword argument 'k'" in str(exc)
