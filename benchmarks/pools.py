@@ -37,13 +37,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:  # worker processes import the tasks from here by name
     sys.path.insert(0, HERE)
 
-from muxpool.pools import ProcessPool, ThreadPool  # noqa: E402
+from muxpool.pools import Pool, ProcessPool, ThreadPool  # noqa: E402
 from _tasks import noop, pause, spin  # noqa: E402
 
 try:
     import pebble
 except ImportError:
     pebble = None
+
+try:
+    import loky
+except ImportError:
+    loky = None
 
 try:
     from muxpool.pools.dask import DaskPool
@@ -126,6 +131,14 @@ def map_all(chunksize: int | None = None) -> Callable:
     return drive
 
 
+def pebble_map(chunksize: int) -> Callable:
+    """pebble's map returns a future of an iterator."""
+    def drive(pool, func: Callable, args: list) -> None:
+        for _ in pool.map(func, args, chunksize=chunksize).result():
+            pass
+    return drive
+
+
 def serial(_pool, func: Callable, args: list) -> None:
     for a in args:
         func(a)
@@ -157,6 +170,8 @@ KINDS = {
     "mp-threads": PoolKind(multiprocessing.pool.ThreadPool, apply_each, close_join),
     "mp-processes": PoolKind(CTX.Pool, apply_each, close_join),
     "pebble-processes": PoolKind(lambda w: pebble.ProcessPool(w, context=CTX), schedule_each, close_join),
+    "loky-processes": PoolKind(lambda w: loky.ProcessPoolExecutor(w), submit_each, shutdown),
+    "muxpool-mp-pool": PoolKind(Pool, apply_each, close_join),
     "muxpool-dask": PoolKind(lambda w: DaskPool(n_workers=w), submit_each, close_join),
 }
 
@@ -272,17 +287,27 @@ def tiny_processes(s: Scale) -> Section:
     w, each, slow = PROCESS_WORKERS, list(range(s.per_task)), list(range(s.slow_per_task))
     cases = [
         Case("mux-proc-submit", "muxpool ProcessPool.submit", "muxpool-processes", w, noop, each),
+        Case("mux-pool-apply", "muxpool Pool.apply_async (the multiprocessing.Pool drop-in)",
+             "muxpool-mp-pool", w, noop, each),
         Case("mp-proc-apply", "multiprocessing.Pool.apply_async", "mp-processes", w, noop, each),
         Case("cf-proc-submit", "concurrent.futures ProcessPoolExecutor.submit", "cf-processes",
              w, noop, slow)]
-    notes = [f"ProcessPoolExecutor runs {s.slow_per_task:,} tasks (it is slow); rates stay comparable."]
-    if pebble is not None:
-        cases.append(Case("pebble-schedule", "pebble.ProcessPool.schedule", "pebble-processes",
-                          w, noop, each))
-    else:
-        notes.append("pebble is not installed: its row is skipped.")
+    notes = [f"ProcessPoolExecutor and loky run {s.slow_per_task:,} tasks (they are slow); "
+             "rates stay comparable."]
+    cases += optional("loky", Case("loky-submit", "loky ProcessPoolExecutor.submit", "loky-processes",
+                                   w, noop, slow), notes)
+    cases += optional("pebble", Case("pebble-schedule", "pebble.ProcessPool.schedule", "pebble-processes",
+                                     w, noop, each), notes)
     return Section(f"2a. Tiny tasks on processes, one call per task: noop(i), {w} workers",
                    "rate", "ratio vs Pool.apply_async", cases, anchor="mp-proc-apply", notes=notes)
+
+
+def optional(module: str, case: Case, notes: list[str]) -> list[Case]:
+    """``[case]`` if its library is installed; else a note that the row is skipped."""
+    if globals()[module] is not None:
+        return [case]
+    notes.append(f"{module} is not installed: its row is skipped.")
+    return []
 
 
 def process_maps(s: Scale) -> Section:
@@ -291,6 +316,10 @@ def process_maps(s: Scale) -> Section:
     cases = [
         Case("mux-proc-map", f"muxpool ProcessPool.map(chunksize={c:,})", "muxpool-processes",
              w, noop, args, map_all(c)),
+        Case("mux-pool-map", f"muxpool Pool.map(chunksize={c:,}) (the drop-in)", "muxpool-mp-pool",
+             w, noop, args, map_all(c)),
+        Case("mux-pool-map-default", "muxpool Pool.map (default chunksize)", "muxpool-mp-pool",
+             w, noop, args, map_all()),
         Case("mp-proc-map-default", "multiprocessing.Pool.map (default chunksize)", "mp-processes",
              w, noop, args, map_all()),
         Case("mp-proc-map", f"multiprocessing.Pool.map(chunksize={c:,})", "mp-processes",
@@ -298,7 +327,12 @@ def process_maps(s: Scale) -> Section:
         Case("cf-proc-map", f"concurrent.futures ProcessPoolExecutor.map(chunksize={c:,})",
              "cf-processes", w, noop, args, map_all(c))]
     notes = [f"C = ceil(N / (4 * workers)) = ceil({len(args):,} / {4 * w}) = {c:,}: the formula "
-             "multiprocessing.Pool.map uses for its default, so its two rows do the same work."]
+             "multiprocessing.Pool.map (and muxpool.Pool.map) use for their default, so those rows "
+             "do the same work."]
+    cases += optional("loky", Case("loky-map", f"loky ProcessPoolExecutor.map(chunksize={c:,})",
+                                   "loky-processes", w, noop, args, map_all(c)), notes)
+    cases += optional("pebble", Case("pebble-map", f"pebble.ProcessPool.map(chunksize={c:,})",
+                                     "pebble-processes", w, noop, args, pebble_map(c)), notes)
     return Section(f"2b. Tiny tasks on processes, map: {len(args):,} x noop(i), {w} workers",
                    "rate", "ratio vs Pool.map(chunksize=C)", cases, anchor="mp-proc-map", notes=notes)
 
@@ -332,21 +366,34 @@ def per_task_overhead(s: Scale) -> Section:
     """What one tiny task costs on each kind of pool (the reciprocal of the rate)."""
     w, args = PROCESS_WORKERS, list(range(max(200, s.per_task // 10)))
     cases = [Case("ovh-threads", "muxpool ThreadPool.submit", "muxpool-threads", w, noop, args),
-             Case("ovh-procs", "muxpool ProcessPool.submit", "muxpool-processes", w, noop, args)]
+             Case("ovh-procs", "muxpool ProcessPool.submit", "muxpool-processes", w, noop, args),
+             Case("ovh-pool", "muxpool Pool.apply_async", "muxpool-mp-pool", w, noop, args),
+             Case("ovh-mp", "multiprocessing.Pool.apply_async", "mp-processes", w, noop, args),
+             Case("ovh-cf", "concurrent.futures ProcessPoolExecutor.submit", "cf-processes", w, noop, args)]
+    notes: list[str] = []
+    cases += optional("loky", Case("ovh-loky", "loky ProcessPoolExecutor.submit", "loky-processes",
+                                   w, noop, args), notes)
+    cases += optional("pebble", Case("ovh-pebble", "pebble.ProcessPool.schedule", "pebble-processes",
+                                     w, noop, args), notes)
     if DaskPool:
         cases.append(Case("ovh-dask", "muxpool DaskPool.submit", "muxpool-dask", w, noop, args))
     return Section(f"5. Per-task overhead: {len(args):,} x noop(i), {w} workers "
                    "(1 / rate = the cost of one task)", "rate", "ratio vs ProcessPool",
-                   cases, anchor="ovh-procs")
+                   cases, anchor="ovh-procs", notes=notes)
 
 
 # --- output ----------------------------------------------------------------------------------
 
-TARGETS = [  # (what, row key, comparison, threshold); a row's ratio is against its anchor
+TARGETS = [  # (what, row key, comparison, threshold[, versus row]); ratios are against the anchor,
+    # or against the versus row (both measured in the same run) when one is given
     ("ThreadPool.run >= 2x ThreadPoolExecutor.submit", "mux-run", ">=", 2.0),
     ("ThreadPool.submit >= 1.2x ThreadPoolExecutor.submit", "mux-submit", ">=", 1.2),
     ("ProcessPool.submit >= 1.0x multiprocessing.Pool.apply_async", "mux-proc-submit", ">=", 1.0),
     ("ProcessPool.map >= 1.0x multiprocessing.Pool.map (same chunksize)", "mux-proc-map", ">=", 1.0),
+    ("Pool.map >= 1.0x multiprocessing.Pool.map (same chunksize)", "mux-pool-map", ">=", 1.0),
+    ("Pool.apply_async >= 1.0x multiprocessing.Pool.apply_async", "mux-pool-apply", ">=", 1.0),
+    ("ProcessPool.submit >= 2x pebble.ProcessPool.schedule", "mux-proc-submit", ">=", 2.0,
+     "pebble-schedule"),
     ("I/O-bound ThreadPool within 1.1x of ideal", "mux-io", "<=", 1.1),
     ("CPU-bound ProcessPool >= 1.8x serial", "mux-cpu-procs", ">=", 1.8),
     ("CPU-bound DaskPool (LocalCluster of 2) >= 1.5x serial", "mux-cpu-dask", ">=", 1.5),
@@ -371,9 +418,10 @@ def header(opts: argparse.Namespace) -> list[str]:
 
 def render(section: Section, results: list[Result], ratio: dict[str, float]) -> list[str]:
     lines = [f"## {section.title}", "",
-             f"| what | tasks | rate or time | median | spread (min-max) | {section.ratio_label} |",
-             "| --- | ---: | --- | ---: | ---: | ---: |"]
+             f"| what | tasks | rate or time | median | spread (min-max) | per task | {section.ratio_label} |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in results:
+        per_task = f"{r.median / len(r.case.args) * 1e6:,.2f} µs"
         if section.metric == "rate":
             unit, median = "tasks/s", f"{r.rate():,.0f}"
             spread = f"{r.rate(max(r.times)):,.0f} - {r.rate(min(r.times)):,.0f}"
@@ -382,7 +430,7 @@ def render(section: Section, results: list[Result], ratio: dict[str, float]) -> 
             spread = f"{min(r.times) * 1000:,.1f} - {max(r.times) * 1000:,.1f}"
         mark = " (anchor)" if r.case.key == section.anchor else ""
         lines.append(f"| {r.case.label} | {len(r.case.args):,} | {unit} | {median} | {spread} "
-                     f"| {ratio[r.case.key]:.2f}x{mark} |")
+                     f"| {per_task} | {ratio[r.case.key]:.2f}x{mark} |")
     lines.append("")
     if section.notes:
         lines += [*section.notes, ""]
@@ -393,11 +441,11 @@ def targets(ratio: dict[str, float], quick: bool) -> list[str]:
     lines = ["## Targets", ""]
     if quick:
         lines += ["(quick run: tasks are 10x fewer or shorter, so these are only indicative)", ""]
-    for what, key, op, threshold in TARGETS:
-        if key not in ratio:
+    for what, key, op, threshold, *versus in TARGETS:
+        if key not in ratio or (versus and versus[0] not in ratio):
             lines.append(f"- {what}: not measured (its pool is not installed)")
             continue
-        value = ratio[key]
+        value = ratio[key] / ratio[versus[0]] if versus else ratio[key]
         ok = value >= threshold if op == ">=" else value <= threshold
         lines.append(f"- {what}: measured {value:.2f}x -> {'PASS' if ok else 'MISS'}")
     return lines + [""]

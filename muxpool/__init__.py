@@ -28,7 +28,7 @@ from .errors import (
 from .client import Client
 from .framing import FRAMERS, LengthFramer, LineFramer, RawFramer, make_framer
 from .handlers import EchoService
-from .pools import AsyncFuture, PoolStats, ProcessPool, ThreadPool, WorkerPool
+from .pools import AsyncFuture, AsyncResult, Pool, PoolStats, ProcessPool, ThreadPool, WorkerPool
 from .config import ServerConfig
 from .server import Server, serve
 
@@ -36,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncFuture",
+    "AsyncResult",
     "Client",
     "EchoService",
     "FRAMERS",
@@ -55,6 +56,7 @@ __all__ = [
     "MessageTooLarge",
     "MissingDependency",
     "MuxpoolError",
+    "Pool",
     "PoolBroken",
     "PoolClosed",
     "PoolError",

@@ -13,6 +13,7 @@ import ctypes
 import os
 import pathlib
 import signal
+import sys
 import threading
 import time
 
@@ -187,3 +188,102 @@ def increment_shared(index, times):
 def initialized():
     """True in a worker whose initializer ran."""
     return _shared_array is not None and _shared_lock is not None
+
+
+# --- start-up failures and results that misbehave in the parent -----------------
+
+
+def init_raises(message):
+    raise ValueError(message)
+
+
+def init_hangs(seconds):
+    time.sleep(seconds)  # the hang is the point: startup_timeout must cut it short
+
+
+class ExitOnUnpickle:
+    """Pickles fine in the worker; unpickling it in the parent raises SystemExit."""
+
+    def __reduce__(self):
+        return sys.exit, ("unpickled a SystemExit",)
+
+
+def return_exit_on_unpickle():
+    return ExitOnUnpickle()
+
+
+def big_result(size):
+    return bytes(size)
+
+
+# --- the lesson's shared state: objects made with the top-level multiprocessing API ---
+
+_shared = {}
+
+
+def init_positional(*objects):
+    _shared["objects"] = objects
+
+
+def bump_value(times):
+    value = _shared["objects"][0]
+    for _ in range(times):
+        with value.get_lock():
+            value.value += 1
+    return os.getpid()
+
+
+def bump_array_under(index, times):
+    """``array[index] += 1`` under the handed-over lock (taken twice if it is an RLock)."""
+    array, lock = _shared["objects"]
+    reentrant = type(lock).__name__ == "RLock"
+    for _ in range(times):
+        with lock:
+            if reentrant:
+                with lock:
+                    array[index] += 1
+            else:
+                array[index] += 1
+    return os.getpid()
+
+
+def put_on_queue(item):
+    _shared["objects"][0].put((item, os.getpid()))
+    return os.getpid()
+
+
+def bump_dict(key, times):
+    mapping, lock = _shared["objects"]
+    for _ in range(times):
+        with lock:
+            mapping[key] = mapping.get(key, 0) + 1
+    return os.getpid()
+
+
+# --- the tasks of CPython's _TestPool (Lib/test/_test_multiprocessing.py) --------------
+
+
+def sqr(x, wait=0.0):
+    time.sleep(wait)
+    return x * x
+
+
+def mul(x, y):
+    return x * y
+
+
+def raising():
+    raise KeyError("key")
+
+
+def unpickleable_result():
+    return lambda: 42
+
+
+def raise_large_valuerror(wait):
+    time.sleep(wait)
+    raise ValueError("x" * 1024 ** 2)
+
+
+def traceback_raiser():
+    raise RuntimeError(123)  # some comment

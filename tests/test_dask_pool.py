@@ -61,8 +61,8 @@ def pools():
     """Makes DaskPools and always terminates and joins them."""
     made = []
 
-    def make(*args, **kwargs):
-        pool = DaskPool(*args, **kwargs)
+    def make(*args, pool_class=DaskPool, **kwargs):
+        pool = pool_class(*args, **kwargs)
         made.append(pool)
         return pool
 
@@ -280,3 +280,44 @@ def test_without_dask_the_error_says_what_to_install():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("dask |")
     assert "pip install 'muxpool[dask]'" in out.stdout
+
+
+# --- a failure in the pool's own machinery ----------------------------------------------------
+
+
+class FragileDaskPool(DaskPool):
+    """A DaskPool whose housekeeper fails on the next batch of results once armed (fault injection)."""
+
+    def __init__(self, *args, **kwargs):
+        self.armed = False
+        super().__init__(*args, **kwargs)
+
+    def _deliver_ready(self, ready):
+        if self.armed:
+            raise RuntimeError("injected housekeeper failure")
+        super()._deliver_ready(ready)
+
+
+def test_a_housekeeper_failure_breaks_the_pool(pools, client, tmp_path, caplog):
+    from muxpool import PoolBroken
+
+    pool = pools(client=client, pool_class=FragileDaskPool)
+    assert pool.submit(pool_tasks.square, 2).result(timeout=30) == 4
+    started, release = tmp_path / "started", tmp_path / "release"
+    try:
+        blocked = pool.submit(pool_tasks.block_on_files, str(started), str(release))
+        wait_until(started.exists, 30, what="the blocker to start")
+        pending = [blocked] + [pool.submit(pool_tasks.square, i) for i in range(3)]
+        pool.armed = True
+        quick = pool.submit(pool_tasks.square, 9)  # its result reaches the housekeeper, which fails
+        for fut in [quick, *pending]:
+            exc = fut.exception(timeout=30)
+            assert isinstance(exc, PoolBroken) and "injected" in str(exc.__cause__), repr(exc)
+        with pytest.raises(PoolBroken):
+            pool.submit(pool_tasks.square, 1)
+        pool.close()
+        assert pool.join(10)
+        assert len([r for r in caplog.records if "broken" in r.getMessage()]) == 1
+        assert client.submit(pool_tasks.square, 5).result(timeout=30) == 25  # the client is not ours
+    finally:
+        release.touch()

@@ -494,6 +494,51 @@ def test_a_raising_callback_is_logged_and_the_pool_keeps_working(pool_factory, c
     assert good == [(True, 3)]
 
 
+@pytest.mark.parametrize("raised", [SystemExit, KeyboardInterrupt, GeneratorExit])
+def test_a_callback_raising_a_base_exception_is_logged_and_harms_nothing(pool_factory, caplog, raised):
+    """SystemExit from a run callback, a future's done-callback or an
+    apply_async callback: logged, the task's outcome delivered, the pool serves on."""
+    caplog.set_level(logging.ERROR, logger="muxpool")
+    pool = pool_factory(1)
+    calls = []
+
+    def bad(*args):
+        calls.append(args)
+        raise raised("from a callback")
+
+    pool.run(pool_tasks.square, (2,), bad)
+    fut = pool.submit(pool_tasks.square, 3)
+    fut.add_done_callback(bad)
+    applied = pool.apply_async(pool_tasks.square, (4,), callback=bad)
+    pool_factory.wait_until(lambda: len(calls) == 3, what="the three callbacks")
+    assert fut.result(timeout=10) == 9 and applied.get(timeout=10) == 16
+    assert pool.submit(pool_tasks.square, 5).result(timeout=10) == 25
+    pool_factory.wait_until(lambda: len([r for r in caplog.records if r.exc_info]) >= 3,
+                            what="three logged callback errors")
+    pool.close()
+    assert pool.join(10)
+
+
+def test_terminate_during_map_ends_the_map(pool_factory):
+    kit = pool_factory
+    pool = kit(2)
+    seen = []
+
+    def consume():
+        try:
+            for value in pool.map(pool_tasks.identity, itertools.count()):
+                seen.append(value)
+        except (CancelledError, PoolClosed) as exc:
+            return exc
+        return None
+
+    consumer = kit.spawn(consume)
+    kit.wait_until(lambda: len(seen) > 20, what="map to produce")
+    pool.terminate()
+    assert isinstance(consumer.join(10), (CancelledError, PoolClosed))
+    assert pool.join(10)
+
+
 def test_a_callback_may_submit_more_work(pool_factory):
     # The crawler pattern: each result schedules the next task from its callback.
     pool = pool_factory(2)
@@ -784,6 +829,24 @@ def test_apply_and_apply_async(pool_factory):
 
     r3 = pool.apply_async(pool_tasks.echo, kwds={"a": 1})
     assert r3.get(timeout=10) == ((), {"a": 1})
+
+
+def test_apply_async_callbacks_run_before_get_returns(pool_factory):
+    """multiprocessing.Pool's order: the callback has run when get() returns."""
+    pool = pool_factory(2)
+
+    def slowly(into):
+        # The callback takes a while (and lets other threads run): get() must still wait for it.
+        return lambda value: (time.sleep(0.02), into.append(value))
+
+    for i in range(5):
+        got, errors = [], []
+        assert pool.apply_async(pool_tasks.square, (i,), callback=slowly(got)).get(timeout=10) == i * i
+        assert got == [i * i]
+        bad = pool.apply_async(pool_tasks.fail, ("no",), error_callback=slowly(errors))
+        with pytest.raises(ValueError):
+            bad.get(timeout=10)
+        assert len(errors) == 1 and isinstance(errors[0], ValueError)
 
 
 def test_apply_async_ready_and_wait_on_a_pending_task(pool_factory):

@@ -357,11 +357,11 @@ def test_initializer_runs_in_replacement_workers(make_pool):
     assert array[0] == 5
 
 
-# --- multiprocessing.Pool code moves over by changing the import -----------------------------------
+# --- ProcessPool keeps multiprocessing.Pool's apply/apply_async (muxpool.Pool is the full drop-in) ---
 
 
 def test_multiprocessing_pool_style_code():
-    from muxpool import ProcessPool as Pool  # was: from multiprocessing import Pool
+    from muxpool import ProcessPool as Pool  # its multiprocessing-style subset; muxpool.Pool is the drop-in
 
     got, errors = [], []
     with Pool(2) as pool:

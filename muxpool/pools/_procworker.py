@@ -3,23 +3,39 @@
 Wire format, both directions: a 4-byte big-endian length, then an 8-byte task
 id, then a pickle. Parent to worker: ``(func, args, kwargs)``; an empty frame
 means "exit". Worker to parent: ``(ok, value, traceback_text)``; id 0 is the
-"initializer done" notice. The worker answers each task before reading the
+"initializer done" notice and ``INIT_FAILED_ID`` carries ``(exception,
+traceback_text)`` of an initializer that raised, just before the worker exits.
+The worker answers each task before reading the
 next, so the parent always knows which task was running when a worker died.
+
+A worker must not outlive the pool's process, even one killed by SIGKILL.
+An idle worker sees EOF on its task pipe; a busy one has a thread that polls
+its result pipe, whose write end reports an error once the parent's read end
+is gone (``os._exit`` then). That covers ``forkserver``, whose server outlives
+the parent while any worker lives (each holds its "alive" fd). With ``fork``
+and ``spawn`` the kernel also kills the worker when the thread that started
+it dies (``PR_SET_PDEATHSIG``, Linux), even while a C call holds the GIL.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
+import select
 import signal
 import struct
 import sys
+import threading
 import traceback
 
 from ..errors import RemoteError, SerializationError
+from . import _pickling
 
 HEADER = struct.Struct("!IQ")  # frame length (counting the id), task id
 READY_ID = 0
+INIT_FAILED_ID = (1 << 64) - 1
+_PR_SET_PDEATHSIG = 1
 
 
 def encode_frame(task_id: int, payload: bytes) -> bytes:
@@ -45,7 +61,8 @@ def _outcome(task: bytes) -> tuple:
     try:
         func, args, kwargs = pickle.loads(task)
     except BaseException as exc:  # noqa: BLE001
-        err = SerializationError("arguments", f"cannot unpickle in the worker: {exc!r}")
+        hint = _pickling.worker_unpickling_hint(exc)
+        err = SerializationError("arguments", f"cannot unpickle in the worker: {exc!r}{hint}")
         return (False, err, traceback.format_exc())
     try:
         value = func(*args, **kwargs) if kwargs else func(*args)
@@ -54,14 +71,38 @@ def _outcome(task: bytes) -> tuple:
     return (True, value, None)
 
 
-def _encode_outcome(task_id: int, outcome: tuple) -> bytes:
+def _encode_outcome(task_id: int, outcome: tuple) -> tuple[bytes, bytes]:
+    """The frame as (header, payload): a large result is not copied to prepend the header."""
     try:
-        return encode_frame(task_id, pickle.dumps(outcome, pickle.HIGHEST_PROTOCOL))
-    except Exception as exc:
+        payload = pickle.dumps(outcome, pickle.HIGHEST_PROTOCOL)
+        return HEADER.pack(len(payload) + 8, task_id), payload
+    except BaseException as exc:  # noqa: BLE001 - a __reduce__ raising SystemExit fails the task only
         ok, _value, tb = outcome
         what = "result" if ok else "exception"
         err = SerializationError("result", f"cannot pickle the task's {what}: {exc!r}")
-        return encode_frame(task_id, pickle.dumps((False, err, tb)))
+        payload = pickle.dumps((False, err, tb))
+        return HEADER.pack(len(payload) + 8, task_id), payload
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel for SIGKILL when our parent dies (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # no prctl: the result pipe's watcher still stops the worker
+
+
+def _watch_parent(result_fd: int) -> None:
+    """Exit when the parent's end of the result pipe closes (the parent died)."""
+    poller = select.poll()
+    poller.register(result_fd, 0)  # POLLERR and POLLHUP are always reported
+    while True:
+        for _fd, events in poller.poll():
+            if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                os._exit(3)
 
 
 def worker_main(task_conn, result_conn, initializer, initargs, max_tasks) -> None:
@@ -71,12 +112,16 @@ def worker_main(task_conn, result_conn, initializer, initargs, max_tasks) -> Non
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     reader = os.fdopen(task_conn.fileno(), "rb", buffering=65536, closefd=False)
     result_fd = result_conn.fileno()
+    _die_with_parent()
+    threading.Thread(target=_watch_parent, args=(result_fd,), name="parent-watch", daemon=True).start()
     if initializer is not None:
         try:
             initializer(*initargs)
-        except BaseException:
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, then exit
             traceback.print_exc()
             sys.stderr.flush()
+            report = (_portable_exception(exc), traceback.format_exc())
+            _write_all(result_fd, encode_frame(INIT_FAILED_ID, pickle.dumps(report)))
             os._exit(2)
     _write_all(result_fd, encode_frame(READY_ID, b""))
     done = 0
@@ -90,6 +135,10 @@ def worker_main(task_conn, result_conn, initializer, initargs, max_tasks) -> Non
         task = reader.read(size - 8)
         outcome = _outcome(task)
         del task
-        _write_all(result_fd, _encode_outcome(task_id, outcome))
+        header, payload = _encode_outcome(task_id, outcome)
+        _write_all(result_fd, header + payload if len(payload) < 65536 else header)
+        if len(payload) >= 65536:
+            _write_all(result_fd, payload)
+        del payload
         del outcome
         done += 1

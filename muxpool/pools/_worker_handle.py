@@ -13,7 +13,9 @@ import collections
 import fcntl
 import multiprocessing
 import os
+import time
 
+from ..errors import RemoteTraceback, WorkerCrashed
 from . import _procworker
 
 HEADER = _procworker.HEADER
@@ -40,7 +42,8 @@ class Task:
 
 class WorkerHandle:
     __slots__ = ("process", "pid", "task_fd", "result_fd", "conns", "inbuf", "outbuf",
-                 "inflight", "sent", "ready", "doomed", "retiring")
+                 "inflight", "sent", "ready", "doomed", "retiring", "started_at", "init_error",
+                 "startup_expired", "big", "big_id", "big_filled")
 
     def __init__(self, ctx, name: str, initializer, initargs: tuple, max_tasks: int | None):
         task_r, task_w = ctx.Pipe(duplex=False)
@@ -48,6 +51,7 @@ class WorkerHandle:
         self.process = ctx.Process(
             target=_procworker.worker_main, name=name, daemon=True,
             args=(task_r, result_w, initializer, initargs, max_tasks))
+        self.started_at = time.monotonic()
         self.process.start()
         task_r.close()  # the child's ends: EOF must reach each side when the other goes
         result_w.close()
@@ -65,6 +69,10 @@ class WorkerHandle:
         self.ready = False      # its initializer has run
         self.doomed = False     # killed on purpose: its tasks are already settled
         self.retiring = max_tasks == 0
+        self.init_error: tuple | None = None  # (exception, traceback text) if its initializer raised
+        self.startup_expired = False  # killed for overrunning startup_timeout
+        self.big: bytearray | None = None  # a frame larger than the pipe, being filled
+        self.big_id = self.big_filled = 0
 
     def write(self, frame: bytes) -> bool:
         """Send without blocking; True when some bytes now wait for :meth:`flush`."""
@@ -94,26 +102,48 @@ class WorkerHandle:
 
     def read_frames(self) -> tuple[list[tuple[int, bytes]], bool]:
         """The complete ``(task_id, payload)`` frames that arrived, and whether EOF was seen."""
+        frames: list = []
         eof = False
         try:
-            while chunk := os.read(self.result_fd, PIPE_SIZE):
-                self.inbuf += chunk
-                if len(chunk) < PIPE_SIZE:
+            while True:
+                if self.big is not None:  # a large frame is read straight into its own buffer
+                    n = os.readv(self.result_fd, [memoryview(self.big)[self.big_filled:]])
+                    self.big_filled += n
+                    if self.big_filled == len(self.big):
+                        frames.append((self.big_id, self.big))
+                        self.big = None
+                    if n == 0:
+                        eof = True
+                        break
+                    continue
+                chunk = os.read(self.result_fd, PIPE_SIZE)
+                if not chunk:
+                    eof = True
                     break
-            else:
-                eof = True
+                self.inbuf += chunk
+                self._cut_frames(frames)
+                if len(chunk) < PIPE_SIZE and self.big is None:
+                    break
         except OSError:
             pass  # BlockingIOError: nothing more for now
-        buf, pos, frames = self.inbuf, 0, []
+        return frames, eof
+
+    def _cut_frames(self, frames: list) -> None:
+        buf, pos = self.inbuf, 0
         while len(buf) - pos >= HEADER.size:
             size, task_id = HEADER.unpack_from(buf, pos)
-            end = pos + 4 + size
+            start, end = pos + HEADER.size, pos + 4 + size
             if len(buf) < end:
+                if size > PIPE_SIZE:  # too big to grow inbuf for: one allocation, no copies
+                    self.big, self.big_id = bytearray(end - start), task_id
+                    self.big_filled = len(buf) - start
+                    self.big[:self.big_filled] = memoryview(buf)[start:]
+                    pos = len(buf)
                 break
-            frames.append((task_id, bytes(buf[pos + HEADER.size:end])))
+            with memoryview(buf) as view:
+                frames.append((task_id, bytes(view[start:end])))
             pos = end
         del buf[:pos]
-        return frames, eof
 
     def close(self) -> None:
         self.process.join()
@@ -129,6 +159,26 @@ def _grow_pipe(fd: int) -> None:
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             pass  # above /proc/sys/fs/pipe-max-size for this user: keep the default
+
+
+def startup_failed(worker: WorkerHandle, startup_timeout: float) -> WorkerCrashed:
+    """The error for tasks of a pool whose workers keep failing to start: it
+    names the cause (the initializer's exception is its ``__cause__``)."""
+    if worker.init_error is not None:
+        exc, tb_text = worker.init_error
+        exc.__cause__ = RemoteTraceback(tb_text)
+        why = f"its initializer raised {exc!r}"
+    elif worker.startup_expired:
+        exc = None
+        why = f"its start-up (the initializer) took longer than startup_timeout={startup_timeout} s"
+    else:
+        exc = None
+        why = f"it exited during start-up with code {worker.process.exitcode}"
+    err = WorkerCrashed(worker.pid, worker.process.exitcode)
+    # WorkerCrashed's own text speaks of "this task"; no task ran here.
+    err.args = (f"worker process {worker.pid} could not start: {why}",)
+    err.__cause__ = exc
+    return err
 
 
 def default_start_method() -> str:

@@ -42,11 +42,34 @@ class PoolStats:
     completed: int
     failed: int
     cancelled: int
+    #: tasks failed with ``TaskTimeout`` whose thread still ran on (thread pools), or
+    #: that were interrupted (greenlets); counted in ``failed`` too
+    timed_out: int = 0
 
 
 class AsyncFuture(Future):
     """A ``Future`` that also answers ``multiprocessing.pool.AsyncResult``'s
-    questions, so code written for ``apply_async`` moves over unchanged."""
+    questions. As there, ``apply_async``'s ``callback``/``error_callback`` run
+    before the result is set, so they have run when ``get()`` returns."""
+
+    apply_callbacks: tuple | None = None  # (callback, error_callback), set per instance
+
+    def set_result(self, result: Any) -> None:
+        self._run_apply_callback(0, result)
+        super().set_result(result)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        self._run_apply_callback(1, exception)
+        super().set_exception(exception)
+
+    def _run_apply_callback(self, which: int, value: Any) -> None:
+        callbacks, self.apply_callbacks = self.apply_callbacks, None
+        if callbacks is None or callbacks[which] is None or self.cancelled():
+            return
+        try:
+            callbacks[which](value)
+        except BaseException:  # noqa: BLE001 - never into the pool's thread
+            log.exception("apply_async callback %r raised", callbacks[which])
 
     def get(self, timeout: float | None = None) -> Any:
         return self.result(timeout)
@@ -85,7 +108,7 @@ def deliver(fut: Future | None, callback: Callback | None, ok: bool, value: Any)
 
 def settle_future(fut: Future, ok: bool, value: Any) -> None:
     """Set a future's outcome. Its done-callbacks run here: ``Future`` logs their
-    ``Exception``\ s, but a ``SystemExit`` or other ``BaseException`` would
+    ``Exception``s, but a ``SystemExit`` or other ``BaseException`` would
     escape into the pool's thread, so it is logged here instead."""
     try:
         if ok:
@@ -213,18 +236,7 @@ class WorkerPool:
                     error_callback: Callable[[BaseException], Any] | None = None) -> AsyncFuture:
         fut = self.async_future_class()
         if callback is not None or error_callback is not None:
-            def on_done(f: Future) -> None:
-                if f.cancelled():
-                    return
-                exc = f.exception()
-                try:
-                    if exc is None and callback is not None:
-                        callback(f.result())
-                    elif exc is not None and error_callback is not None:
-                        error_callback(exc)
-                except BaseException:  # noqa: BLE001 - never into the pool's thread
-                    log.exception("apply_async callback raised")
-            fut.add_done_callback(on_done)
+            fut.apply_callbacks = (callback, error_callback)
         self._schedule(func, tuple(args), kwds or None, fut, None, None, None)
         return fut
 

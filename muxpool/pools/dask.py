@@ -29,7 +29,12 @@ failed, the rest as cancelled). A worker process that dies
 is replaced by its nanny; Dask reschedules the tasks it held on other workers
 and fails a task with ``distributed.KilledWorker`` only once workers died
 running it more than ``distributed.scheduler.allowed-failures`` times (3 by
-default). Either way the pool keeps serving and nothing hangs.
+default). Either way the pool keeps serving and nothing hangs. If the
+housekeeper itself fails, the pool is broken: every task in flight and every
+later submission fails with ``PoolBroken`` (the failure as its ``__cause__``).
+
+A cluster the pool starts ignores Ctrl-C in its workers (:mod:`._dask_worker`):
+a SIGINT to the terminal's process group must not kill them under the pool.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingDependency("DaskPool", "dask") from exc
 
-from .base import WorkerPool, PoolStats, cancel_task, closed_error, deliver
+from .base import PoolStats, WorkerPool, broken_error, cancel_task, closed_error, deliver
 
 log = logging.getLogger("muxpool.pools.dask")
 
@@ -60,6 +65,9 @@ log = logging.getLogger("muxpool.pools.dask")
 #: dashboard, on port 8787 by default; a random loopback port instead leaves
 #: 8787 to a real dashboard and lets several clusters start without a warning.
 LOOPBACK_HTTP = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
+
+#: Run in each worker of a cluster the pool starts: Ctrl-C must not kill them.
+WORKER_PRELOAD = "muxpool.pools._dask_worker"
 
 #: How long ``stats()`` may reuse the scheduler's thread count (one round trip).
 _WORKERS_CACHE_SECONDS = 1.0
@@ -155,7 +163,7 @@ class DaskPool(WorkerPool):
         else:
             self._cluster = distributed.LocalCluster(
                 n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                dashboard_address=None, scheduler_kwargs=LOOPBACK_HTTP)
+                dashboard_address=None, scheduler_kwargs=LOOPBACK_HTTP, preload=[WORKER_PRELOAD])
             try:
                 self._client = distributed.Client(self._cluster, set_as_default=False)
             except BaseException:
@@ -180,6 +188,7 @@ class DaskPool(WorkerPool):
         self._counts = {"completed": 0, "failed": 0, "cancelled": 0}
         self._closed = False
         self._terminated = False
+        self._broken: BaseException | None = None  # what broke the housekeeper
         self._housekeeper: threading.Thread | None = None
         self._finished = threading.Event()
 
@@ -187,7 +196,7 @@ class DaskPool(WorkerPool):
 
     def _schedule(self, func, args, kwargs, fut, callback, timeout, task_timeout) -> None:
         if self._closed:
-            raise closed_error(self.name)
+            raise broken_error(self.name, self._broken) if self._broken else closed_error(self.name)
         slots = self._slots
         if slots is not None and not slots.acquire(timeout=timeout):
             raise QueueFull(self.max_queue, timeout)
@@ -197,7 +206,7 @@ class DaskPool(WorkerPool):
             if self._closed:
                 if slots is not None:
                     slots.release()
-                raise closed_error(self.name)
+                raise broken_error(self.name, self._broken) if self._broken else closed_error(self.name)
             self._inflight[task] = None
             self._start_housekeeper_locked()
         try:
@@ -324,6 +333,8 @@ class DaskPool(WorkerPool):
         try:
             while self._housekeep_once():
                 pass
+        except BaseException as exc:  # noqa: BLE001 - the pool breaks; nothing is left waiting
+            self._break(exc)
         finally:
             self._close_client_and_cluster()
             self._finished.set()
@@ -355,6 +366,24 @@ class DaskPool(WorkerPool):
             deliver(task.fut, task.callback, False, TaskTimeout(task.limit))
         self._cancel_on_scheduler(cancels)
         return True
+
+    def _break(self, cause: BaseException) -> None:
+        """The housekeeper failed: every task in flight fails with ``PoolBroken``,
+        later submissions raise it, and the cluster the pool owns is closed."""
+        log.error("%s: the housekeeper failed; the pool is broken", self.name, exc_info=cause)
+        with self._lock:
+            self._broken = cause
+            self._closed = self._terminated = True
+            tasks = list(self._inflight)
+            cancels, self._to_cancel = self._to_cancel, []
+            for task in tasks:
+                self._settle_locked(task, "failed")
+                if task.dask_future is not None:
+                    cancels.append(task.dask_future)
+                    task.dask_future = None
+        for task in tasks:
+            deliver(task.fut, task.callback, False, broken_error(self.name, cause))
+        self._cancel_on_scheduler(cancels)
 
     def _cancel_on_scheduler(self, dask_futures: list) -> None:
         if not dask_futures:

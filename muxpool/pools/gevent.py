@@ -5,13 +5,16 @@ gevent object, the pool belongs to the thread whose hub runs it: submit from
 greenlets of that thread. Its futures wait cooperatively, so ``fut.result()``
 works without monkey-patching; ``concurrent.futures.wait``/``as_completed``
 block the hub unless ``threading`` is monkey-patched.
+
+``task_timeout`` interrupts the task's greenlet with ``TaskTimeout`` at the
+deadline (at its next cooperative wait); the greenlet then serves on.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future
 
-from ..errors import MissingDependency
+from ..errors import MissingDependency, TaskTimeout
 
 try:
     import gevent
@@ -21,7 +24,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingDependency("GeventPool", "gevent") from exc
 
-from .base import AsyncFuture
+from .base import AsyncFuture, deliver
 from .queued import QueuePool, Runtime
 
 
@@ -72,5 +75,30 @@ class GeventPool(QueuePool):
     async_future_class = GeventAsyncFuture
 
     def __init__(self, max_workers: int, max_queue: int | None = None, *,
-                 idle_timeout: float | None = 10.0, name: str | None = None):
-        super().__init__(max_workers, max_queue, idle_timeout=idle_timeout, name=name)
+                 idle_timeout: float | None = 10.0, task_timeout: float | None = None,
+                 name: str | None = None):
+        super().__init__(max_workers, max_queue, idle_timeout=idle_timeout,
+                         task_timeout=task_timeout, name=name)
+
+    def _run_with_deadline(self, tally, func, args, kwargs, fut, callback, limit) -> bool:
+        """A greenlet can be interrupted: ``TaskTimeout`` is raised inside the task
+        at its first cooperative wait past the deadline (a task that never yields
+        cannot be interrupted, and nothing else runs meanwhile either)."""
+        expired = TaskTimeout(limit)
+        try:
+            with gevent.Timeout(limit, expired):
+                value = func(*args, **kwargs) if kwargs else func(*args)
+        except BaseException as exc:  # noqa: BLE001 - delivered, not swallowed
+            ok, value = False, exc
+            if exc is expired:
+                with self._lock:
+                    self._timed_out += 1
+        else:
+            ok = True
+        if ok:
+            tally.completed += 1
+        else:
+            tally.failed += 1
+        tally.current = None
+        deliver(fut, callback, ok, value)
+        return True

@@ -16,18 +16,33 @@ passes on before it exits, so it always queues behind the accepted work.
 
 What differs between threads and greenlets (the queue, the semaphore, how a
 worker starts) comes from a small ``Runtime``.
+
+``task_timeout``: a thread cannot be stopped, so at the deadline the task's
+future fails with ``TaskTimeout`` (from :mod:`._deadlines`' thread), the
+thread is *abandoned* — it leaves the worker count, so a replacement can start,
+finishes the call in the background, discards its result and exits.
+GeventPool interrupts the greenlet instead (see :mod:`.gevent`).
+
+A failure in the workers' own bookkeeping (not in a task or a callback, which
+are caught) breaks the pool: the task in hand and every queued one fail with
+``PoolBroken``, later submissions raise it, and ``join()`` returns.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import PoolError, QueueFull
-from .base import WorkerPool, PoolStats, call_callback, cancel_task, closed_error
+from ..errors import PoolError, QueueFull, TaskTimeout
+from ._deadlines import Deadlines
+from .base import (PoolStats, WorkerPool, broken_error, call_callback, cancel_task, closed_error, deliver,
+                   settle_future)
+
+log = logging.getLogger("muxpool.pools")
 
 _STOP = object()
 
@@ -62,10 +77,12 @@ THREADS = Runtime(
 class _Tally:
     """A worker's own counters: written by that worker only, summed by stats()."""
 
-    __slots__ = ("completed", "failed", "cancelled")
+    __slots__ = ("completed", "failed", "cancelled", "current", "abandoned")
 
     def __init__(self) -> None:
         self.completed = self.failed = self.cancelled = 0
+        self.current = None  # the queue item in hand, while its outcome is not delivered
+        self.abandoned = False  # its task timed out: it leaves the pool when the call returns
 
 
 class QueuePool(WorkerPool):
@@ -75,7 +92,8 @@ class QueuePool(WorkerPool):
     kind = "QueuePool"
 
     def __init__(self, max_workers: int, max_queue: int | None = None, *,
-                 idle_timeout: float | None = 10.0, name: str | None = None):
+                 idle_timeout: float | None = 10.0, task_timeout: float | None = None,
+                 name: str | None = None):
         if max_workers < 1:
             raise ValueError("max_workers must be >= 1")
         if max_queue is not None and max_queue < 1:
@@ -83,6 +101,7 @@ class QueuePool(WorkerPool):
         self.max_workers = max_workers
         self.max_queue = max_queue
         self.idle_timeout = idle_timeout
+        self.task_timeout = task_timeout
         self.name = name or f"{self.kind}-{id(self):x}"
         rt = self.runtime
         self._queue = rt.make_queue()
@@ -94,6 +113,9 @@ class QueuePool(WorkerPool):
         self._serial = 0
         self._closed = False
         self._retired = _Tally()  # counters of workers that have exited
+        self._timed_out = 0
+        self._broken: BaseException | None = None
+        self._deadlines: Deadlines | None = None
 
     # --- submitting ------------------------------------------------------------
 
@@ -105,8 +127,9 @@ class QueuePool(WorkerPool):
             if self._closed:
                 if slots is not None:
                     slots.release()
-                raise closed_error(self.name)
-            self._queue.put((func, args, kwargs, fut, callback))
+                raise broken_error(self.name, self._broken) if self._broken else closed_error(self.name)
+            limit = self.task_timeout if task_timeout is None else task_timeout
+            self._queue.put((func, args, kwargs, fut, callback, limit))
             if len(self._idle) < self._queue.qsize() and len(self._workers) < self.max_workers:
                 self._start_worker_locked()
 
@@ -120,6 +143,12 @@ class QueuePool(WorkerPool):
     # --- the worker --------------------------------------------------------------
 
     def _work(self, tally: _Tally) -> None:
+        try:
+            self._work_loop(tally)
+        except BaseException as exc:  # noqa: BLE001 - tasks and callbacks are caught inside
+            self._break(tally, exc)
+
+    def _work_loop(self, tally: _Tally) -> None:
         get_nowait = self._queue.get_nowait
         empty = self.runtime.empty
         slots = self._slots
@@ -134,30 +163,107 @@ class QueuePool(WorkerPool):
                 return
             if item is None:
                 return  # idled out and retired
+            tally.current = item
             if slots is not None:
                 slots.release()
-            func, args, kwargs, fut, callback = item
+            func, args, kwargs, fut, callback, limit = item
             del item
             if fut is not None and not fut.set_running_or_notify_cancel():
                 tally.cancelled += 1
+                tally.current = None
+                continue
+            if limit is not None:
+                if not self._run_with_deadline(tally, func, args, kwargs, fut, callback, limit):
+                    return  # abandoned: it timed out, and the pool has moved on without it
                 continue
             try:
                 value = func(*args, **kwargs) if kwargs else func(*args)
             except BaseException as exc:  # noqa: BLE001 - delivered, not swallowed
                 tally.failed += 1
                 if fut is not None:
-                    fut.set_exception(exc)
+                    settle_future(fut, False, exc)
                 if callback is not None:
                     call_callback(callback, False, exc)
                 del exc
             else:
                 tally.completed += 1
                 if fut is not None:
-                    fut.set_result(value)
+                    settle_future(fut, True, value)
                 if callback is not None:
                     call_callback(callback, True, value)
                 del value
+            tally.current = None
             del func, args, kwargs, fut, callback
+
+    # --- task_timeout ----------------------------------------------------------------
+
+    def _run_with_deadline(self, tally, func, args, kwargs, fut, callback, limit) -> bool:
+        """Run one task under ``limit``; False if it timed out (this worker is abandoned)."""
+        claim = threading.Lock()  # whoever takes it first delivers: the worker or the deadline
+        entry = self._deadline_thread().add(
+            limit, lambda: self._expire(tally, claim, fut, callback, limit))
+        try:
+            outcome = True, (func(*args, **kwargs) if kwargs else func(*args))
+        except BaseException as exc:  # noqa: BLE001 - delivered, not swallowed
+            outcome = False, exc
+        if not claim.acquire(False):
+            tally.current = None
+            return False  # the result is discarded: the caller already has TaskTimeout
+        Deadlines.cancel(entry)
+        if outcome[0]:
+            tally.completed += 1
+        else:
+            tally.failed += 1
+        tally.current = None
+        deliver(fut, callback, *outcome)
+        return True
+
+    def _deadline_thread(self) -> Deadlines:
+        if self._deadlines is None:
+            with self._lock:
+                if self._deadlines is None:
+                    self._deadlines = Deadlines(self.name)
+        return self._deadlines
+
+    def _expire(self, tally: _Tally, claim, fut, callback, limit: float) -> None:
+        if not claim.acquire(False):
+            return  # the task finished first
+        with self._lock:
+            self._timed_out += 1
+            tally.failed += 1
+            tally.abandoned = True
+            handle = self._workers.get(tally)
+            self._retire_locked(tally)  # it no longer counts; join() does not wait for it
+            if handle is not None and handle in self._handles:
+                self._handles.remove(handle)
+            if self._queue.qsize() > len(self._idle) and len(self._workers) < self.max_workers \
+                    and not self._closed:
+                self._start_worker_locked()
+        deliver(fut, callback, False, TaskTimeout(limit))
+
+    # --- a broken pool --------------------------------------------------------------
+
+    def _break(self, tally: _Tally, cause: BaseException) -> None:
+        """A worker's bookkeeping failed: fail what it held and everything queued."""
+        with self._lock:
+            first = self._broken is None
+            if first:
+                self._broken = cause
+            self._closed = True
+            failed = [tally.current] if tally.current is not None else []
+            tally.current = None
+            try:
+                failed += self._drain_locked()
+            except BaseException:  # noqa: BLE001 - the queue itself may be what broke
+                log.debug("%s: draining a broken queue failed", self.name, exc_info=True)
+            self._queue.put(_STOP)  # the other workers finish their task and exit
+            tally.failed += len(failed)
+            self._retire_locked(tally)
+        if first:
+            log.error("%s: a worker's bookkeeping failed; the pool is broken", self.name,
+                      exc_info=cause)
+        for _func, _args, _kwargs, fut, callback, _limit in failed:
+            deliver(fut, callback, False, broken_error(self.name, cause))
 
     def _wait_idle(self, tally: _Tally) -> Any:
         """Block for the next task as an idle worker; ``None`` means retired."""
@@ -208,7 +314,7 @@ class QueuePool(WorkerPool):
                 self._retired.cancelled += len(dropped)
             if cancel or not already:
                 self._queue.put(_STOP)
-        for _func, _args, _kwargs, fut, callback in dropped:
+        for _func, _args, _kwargs, fut, callback, _limit in dropped:
             cancel_task(fut, callback)
 
     def _drain_locked(self) -> list:
@@ -254,7 +360,8 @@ class QueuePool(WorkerPool):
             failed = sum(t.failed for t in totals)
             cancelled = sum(t.cancelled for t in totals)
         return PoolStats(workers=workers, idle=idle, busy=workers - idle, queued=max(0, queued),
-                         completed=completed, failed=failed, cancelled=cancelled)
+                         completed=completed, failed=failed, cancelled=cancelled,
+                         timed_out=self._timed_out)
 
     def _completion_signal(self):
         return self.runtime.make_event()
