@@ -1,10 +1,14 @@
-# Every target sets up .venv first, so a fresh clone needs only python3.
+# Every target sets up a virtualenv first, so a fresh clone needs only python3.
+# PYTHON picks the interpreter; any other than the default python3 gets a venv of
+# its own (.venv-3.13, say), so the suite runs on each Python side by side:
+#   PYTHON=$(pyenv prefix 3.13.0)/bin/python3 make test
 PYTHON ?= python3
-VENV   := .venv
+PYVER  := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+VENV   ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-$(PYVER))
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test bench bench-pools bench-idle soak clean
+.PHONY: setup serve test test-fast bench bench-pools bench-idle soak clean
 
 setup: $(STAMP)
 
@@ -17,8 +21,14 @@ $(STAMP): pyproject.toml
 serve: setup
 	$(BIN)/muxpool serve $(SERVE_ARGS)
 
+# Everything: what CI runs.
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The edit-test loop: all but the reliability suites that start servers on every
+# engine (marked slow in tests/conftest.py); `make test` still runs everything.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/engines.py
@@ -35,4 +45,4 @@ bench-idle: setup
 	$(BIN)/python benchmarks/idle_connections.py --markdown docs/idle-connections.md
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf .venv .venv-* build *.egg-info .pytest_cache .hypothesis

@@ -22,7 +22,6 @@ import errno
 import contextlib
 import itertools
 import logging
-import os
 import signal
 import socket
 import ssl

@@ -32,3 +32,15 @@ def tls_files(tmp_path_factory):
     client_context = ssl.create_default_context()
     ca.configure_trust(client_context)
     return certfile, client_context
+
+
+# The suites that start `muxpool serve` on every engine, or meet hostile clients by
+# the hundred: minutes of the whole run. `make test-fast` leaves them out.
+_SLOW_MODULES = {"test_reliability", "test_hostile_at_scale", "test_lossless_close", "test_overload",
+                 "test_reload", "test_stop_signals", "test_drain_under_load", "test_engines"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__ in _SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

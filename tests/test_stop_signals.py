@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from reliability_helpers import cli_server, needs_gevent, stop
-from test_lossless_close import GREETING, Lines
+from test_lossless_close import Lines
 from test_server_conformance import DEADLINE, wait_for
 
 pytestmark = pytest.mark.timeout(90)
