@@ -307,10 +307,12 @@ def test_threadpool_serves_workers_connections_at_once_and_the_rest_wait(make_se
 
 
 def test_handler_sees_server_address_client_address_and_call_order(make_server, clients, engine,
-                                                                   tmp_path):
+                                                                   tmp_path, monkeypatch):
     record = tmp_path / "record.jsonl"
-    handler = type("RecordingHandler", (RecordingHandler,), {"record_path": str(record)})
-    srv = make_server(handler, engine)
+    # The environment, not a subclass made here: prefork workers started from this
+    # multi-threaded process come from a fork server, so the handler must be importable.
+    monkeypatch.setenv(compat_handlers.RECORD_ENV, str(record))
+    srv = make_server(RecordingHandler, engine)
     client = clients(srv.address)
     client_address = client.sock.getsockname()
     client.send(b"x")

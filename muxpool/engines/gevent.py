@@ -14,12 +14,24 @@ engine refuses to start, with that advice.
 
 A watchdog thread (gevent's monitor) logs any handler that keeps the hub busy
 longer than ``loop_stall_warning`` seconds (default 0.5) — the sign of CPU
-work or of a call the patching does not cover.
+work or of a call the patching does not cover. It is a real thread, started
+with asynchronous signals blocked: a SIGTERM the kernel handed to it would
+trip Python's flag while the hub, the only thread that runs handlers, slept
+on in epoll, and the server would never drain.
+
+gevent checks for signals in its hub (its loop's prepare callback), so a
+Python signal handler runs there when a signal interrupts the hub's wait —
+and nothing may block in the hub: a handler that logs, when the log handler's
+lock is held by another thread (the monitor writing a report), raised
+``BlockingSwitchOutError`` instead of starting the drain. While the engine
+runs, the SIGTERM, SIGINT and SIGHUP handlers in place are run in a greenlet
+of their own when they are called in the hub.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 
 from ..errors import MissingDependency
 
@@ -30,6 +42,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingDependency("the gevent engine", "gevent") from exc
 
+from . import _signals
 from .base import Engine
 
 log = logging.getLogger("muxpool.server")
@@ -49,18 +62,25 @@ class GeventEngine(Engine):
                 "or put `from gevent import monkey; monkey.patch_all()` first in your main module")
         super().__init__(config)
         self._watchdog = None
+        self._wrapped: dict[int, tuple] = {}
 
     def start(self, server) -> None:
+        self._wrapped = _handlers_off_the_hub()
         if not self.config.loop_stall_warning:
             return
         gevent.config.max_blocking_time = self.config.loop_stall_warning
         gevent.config.monitor_thread = True
         gevent.events.subscribers.append(self._on_event)
-        self._watchdog = gevent.get_hub().start_periodic_monitoring_thread()
+        with _signals.blocked():  # the thread inherits this mask: signals go to the hub's thread
+            self._watchdog = gevent.get_hub().start_periodic_monitoring_thread()
 
     def stop(self, wait: bool = True) -> None:
         if self._on_event in gevent.events.subscribers:
             gevent.events.subscribers.remove(self._on_event)
+        for signum, (handler, off_hub) in self._wrapped.items():
+            if signal.getsignal(signum) is off_hub:  # else someone replaced it since: theirs now
+                signal.signal(signum, handler)
+        self._wrapped = {}
 
     def _on_event(self, event) -> None:
         if isinstance(event, gevent.events.EventLoopBlocked):
@@ -73,3 +93,32 @@ class GeventEngine(Engine):
 
     def describe(self) -> str:
         return "a greenlet per connection"
+
+
+_SERVER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _handlers_off_the_hub() -> dict[int, tuple]:
+    """Wrap the Python handlers of the server's signals so that, called in the hub, they
+    run in a new greenlet instead, where they may wait. Returns ``{signum: (handler,
+    wrapper)}`` for :meth:`GeventEngine.stop` to undo."""
+    wrapped: dict[int, tuple] = {}
+    for signum in _SERVER_SIGNALS:
+        handler = signal.getsignal(signum)
+        # default_int_handler raises KeyboardInterrupt, which gevent already hands to
+        # the main greenlet; in a greenlet of its own it would end only that greenlet.
+        if not callable(handler) or handler is signal.default_int_handler:
+            continue
+
+        def off_hub(signum, frame, handler=handler):
+            if gevent.getcurrent() is gevent.get_hub():
+                gevent.spawn(handler, signum, None)
+            else:
+                handler(signum, frame)
+
+        try:
+            signal.signal(signum, off_hub)
+        except ValueError:  # not the main thread: its handlers are not ours to touch
+            break
+        wrapped[signum] = (handler, off_hub)
+    return wrapped

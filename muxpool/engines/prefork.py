@@ -22,23 +22,28 @@ the number of cores), and from then on only supervises — boring and explicit:
   fires while the loop turns.
 
 The supervisor runs on the server's multiplexer: each worker's exit arrives
-as a readable pidfd (Linux), so no SIGCHLD handler is needed and the parent
-may supervise from any thread; SIGHUP is hooked when it runs on the main
-thread. The supervisor starts no thread of its own, so forking stays safe.
+as a readable pidfd or process sentinel, so no SIGCHLD handler is needed and
+the parent may supervise from any thread; SIGHUP is hooked when it runs on the
+main thread. It forks a worker itself only while its process runs no other
+thread (the CLI's case: the supervisor is the main thread, alone, and starts
+no thread of its own); otherwise — a ``Server(engine="prefork").start()`` on a
+background thread — the workers come from a fork server
+(:mod:`muxpool.engines._prefork_worker` says why and how).
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing.connection
 import os
 import signal
 import threading
 import time
-from dataclasses import replace
 from multiprocessing.sharedctypes import RawArray
 
 from ..multiplexer import EVENT_READ
 from ..stats import format_line
+from . import _prefork_worker as workers
 from .base import Engine
 
 log = logging.getLogger("muxpool.server")
@@ -46,23 +51,13 @@ log = logging.getLogger("muxpool.server")
 # Per worker slot: connections served, messages handled, open connections, handler
 # p50 and p99 in microseconds over the last stats interval, queued messages, and
 # the heartbeat: time.monotonic_ns() (one clock for every process) when its loop last ran.
-_FIELDS = 7
-_HEARTBEAT = 6
+_FIELDS = workers.FIELDS
+_HEARTBEAT = workers.HEARTBEAT
 _YOUNG = 1.0  # seconds: a worker dying younger than this counts toward back-off
-# Held back across fork until the worker's own handlers are in place.
-_WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 _MAX_BACKOFF = 5.0
+_STARTUP_GRACE = 10.0  # seconds a worker may take to start before worker_timeout applies
 
-
-class _Worker:
-    __slots__ = ("pid", "slot", "started", "retiring", "pidfd")
-
-    def __init__(self, pid: int, slot: int):
-        self.pid = pid
-        self.slot = slot
-        self.started = time.monotonic()
-        self.retiring = False
-        self.pidfd = os.pidfd_open(pid)
+Worker = workers.ForkedWorker | workers.ServedWorker
 
 
 class PreforkEngine(Engine):
@@ -78,13 +73,16 @@ class PreforkEngine(Engine):
         super().__init__(config)
         self.can_block = config.worker_engine != "loop"  # what its workers can run
         self.processes = config.processes or os.cpu_count() or 1
-        self.workers: dict[int, _Worker] = {}
+        self.workers: dict[int, Worker] = {}
         self.shared = RawArray("q", self.processes * 2 * _FIELDS)  # room for a rolling restart
         self._free_slots = list(range(self.processes * 2))
         self._draining = False
         self._failures = 0
         self._server = None
         self._retired_totals = [0, 0]  # connections and messages of workers that have exited
+        # Set once a worker had to come from the fork server: from then on every one does,
+        # so no forked child inherits the fork server's pipes to the others.
+        self._app_pickle: bytes | None = None
 
     def describe(self) -> str:
         return f"{self.processes} worker processes running {self.config.worker_engine}"
@@ -92,9 +90,21 @@ class PreforkEngine(Engine):
     # --- the parent --------------------------------------------------------------
 
     def supervise(self, server, ready=lambda: None) -> None:
-        """Fork the workers, call ``ready()``, then supervise until drained."""
+        """Start the workers, call ``ready()``, then supervise until drained.
+
+        Raises ``TypeError`` before starting any worker when they must come from the
+        fork server (this process runs other threads) and the app cannot be pickled,
+        or an ``ssl_context`` was given without ``certfile``.
+        """
         self._server = server
         mux = server.mux
+        if workers.thread_count() > 1:
+            try:
+                self._app_pickle = workers.app_pickle_for_fork_server(server.app, self.config,
+                                                                      server.ssl_context)
+            except TypeError:
+                ready()  # Server.start() waits for this: let it return; the error ends the thread
+                raise
         previous = {}
         if threading.current_thread() is threading.main_thread():
             previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: mux.defer(self.reload))
@@ -111,25 +121,45 @@ class PreforkEngine(Engine):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.kill_all()
-            self._reap()
+            self._reap_when_gone()
 
     def _spawn(self) -> None:
         slot = self._free_slots.pop(0)
         for field in range(_FIELDS):
             self.shared[slot * _FIELDS + field] = 0
-        self.shared[slot * _FIELDS + _HEARTBEAT] = time.monotonic_ns()  # time to start up
+        if self._app_pickle is None and workers.thread_count() > 1:
+            # A thread appeared since supervise() looked (a caller's, a library's).
+            self._app_pickle = workers.app_pickle_for_fork_server(self._server.app, self.config,
+                                                                  self._server.ssl_context)
+        try:
+            if self._app_pickle is None:
+                worker = self._fork(slot)
+            else:
+                worker = workers.start_served(self._app_pickle, self._server.listener, self.config,
+                                              self.shared, slot, self._heartbeat_period_or_default())
+        except BaseException:
+            self._free_slots.insert(0, slot)
+            raise
+        self.workers[worker.pid] = worker
+        self._server.mux.register(worker.sentinel, EVENT_READ, lambda _mask: self._reap())
+        log.info("prefork worker %d started", worker.pid)
+
+    def _fork(self, slot: int) -> workers.ForkedWorker:
+        """Fork a worker: only ever from a process with no other thread."""
+        parent = os.getpid()
         # A SIGTERM that reached a worker before its own handler was installed
         # would run the parent's handler there, to no effect, and be lost: the
         # worker then served on until drain_timeout ran out. Blocked across the
         # fork, it waits until the worker can take it.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, workers.WORKER_SIGNALS)
         pid = -1
         try:
             pid = os.fork()
             if pid == 0:  # the worker: never returns into the parent's code
                 code = 1
                 try:
-                    self._run_worker(slot, mask)
+                    workers.die_with_parent(parent)
+                    self._run_forked(slot, mask)
                     code = 0
                 except BaseException:
                     log.exception("prefork worker %d failed", os.getpid())
@@ -138,35 +168,45 @@ class PreforkEngine(Engine):
         finally:
             if pid != 0:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        worker = self.workers[pid] = _Worker(pid, slot)
-        self._server.mux.register(worker.pidfd, EVENT_READ, lambda _mask: self._reap())
-        log.info("prefork worker %d started", pid)
+        return workers.ForkedWorker(pid, slot)
+
+    def _run_forked(self, slot: int, mask: set) -> None:
+        parent = self._server
+        parent.mux.close()  # the parent's epoll and wakeup fds, inherited: not ours
+        for other in self.workers.values():
+            other.close()
+        workers.serve(parent.app, parent.listener, parent.ssl_context, self.config, self.shared,
+                      slot, self._heartbeat_period_or_default(), mask=mask)
 
     def _reap(self) -> None:
-        # Our own workers only, by pid: other children of this process are not ours to reap.
+        # Our own workers only: other children of this process are not ours to reap.
         for worker in list(self.workers.values()):
-            try:
-                pid, status = os.waitpid(worker.pid, os.WNOHANG)
-            except ChildProcessError:
-                pid, status = worker.pid, 0
-            if pid == 0:
+            code = worker.exit_status()
+            if code is None:
                 continue
             del self.workers[worker.pid]
-            self._server.mux.unregister(worker.pidfd)
-            os.close(worker.pidfd)
+            self._server.mux.unregister(worker.sentinel)
+            worker.close()
             for field in (0, 1):  # the counters; the other fields are gauges
                 self._retired_totals[field] += self.shared[worker.slot * _FIELDS + field]
             self._free_slots.append(worker.slot)
-            self._on_exit(worker, status)
+            self._on_exit(worker, code)
         if self._draining and not self.workers:
             self._server.mux.stop()
 
-    def _on_exit(self, worker: _Worker, status: int) -> None:
+    def _reap_when_gone(self, timeout: float = 5.0) -> None:
+        """After kill_all: wait (on each worker's sentinel) until every worker is reaped."""
+        deadline = time.monotonic() + timeout
+        while self.workers and time.monotonic() < deadline:
+            sentinels = [w.sentinel for w in self.workers.values()]
+            multiprocessing.connection.wait(sentinels, max(0.0, deadline - time.monotonic()))
+            self._reap()
+
+    def _on_exit(self, worker: Worker, code: int) -> None:
         if self._draining or worker.retiring:
             log.info("prefork worker %d exited", worker.pid)
             return
-        how = (f"killed by {signal.Signals(-os.waitstatus_to_exitcode(status)).name}"
-               if os.WIFSIGNALED(status) else f"exited with {os.waitstatus_to_exitcode(status)}")
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
         young = time.monotonic() - worker.started < _YOUNG
         self._failures = self._failures + 1 if young else 0
         delay = min(_MAX_BACKOFF, 0.1 * 2 ** (self._failures - 1)) if self._failures else 0.0
@@ -177,6 +217,9 @@ class PreforkEngine(Engine):
         else:
             self._spawn()
 
+    def _heartbeat_period_or_default(self) -> float:
+        return self._heartbeat_period() if self.config.worker_timeout else 0.5
+
     def _heartbeat_period(self) -> float:
         return min(0.5, self.config.worker_timeout / 4)
 
@@ -184,8 +227,12 @@ class PreforkEngine(Engine):
         """Kill a worker whose loop is stuck; _on_exit replaces it as any dead worker."""
         now, limit = time.monotonic_ns(), self.config.worker_timeout
         for worker in list(self.workers.values()):
-            silent = (now - self.shared[worker.slot * _FIELDS + _HEARTBEAT]) / 1e9
-            if silent > limit and not worker.retiring and not self._draining:
+            beat = self.shared[worker.slot * _FIELDS + _HEARTBEAT]
+            # No beat yet: still starting up (importing the app, from the fork server
+            # too), which may take longer than a loop may stall.
+            silent = (now - beat) / 1e9 if beat else time.monotonic() - worker.started
+            if silent > (limit if beat else max(limit, _STARTUP_GRACE)) \
+                    and not worker.retiring and not self._draining:
                 log.error("prefork worker %d: its event loop has not run for %.1f s "
                           "(worker_timeout=%s s); killing it", worker.pid, silent, limit)
                 self._signal(worker.pid, signal.SIGKILL)
@@ -201,7 +248,7 @@ class PreforkEngine(Engine):
         log.info("reloading %d prefork workers one by one", len(old))
         self._replace_next(old)
 
-    def _replace_next(self, old: list[_Worker]) -> None:
+    def _replace_next(self, old: list[Worker]) -> None:
         if not old or self._draining:
             return
         worker = old.pop(0)
@@ -235,7 +282,7 @@ class PreforkEngine(Engine):
         except ProcessLookupError:
             pass
 
-    def _slot(self, worker: _Worker) -> list[int]:
+    def _slot(self, worker: Worker) -> list[int]:
         return list(self.shared[worker.slot * _FIELDS:(worker.slot + 1) * _FIELDS])
 
     def totals(self) -> tuple[int, int]:
@@ -262,39 +309,3 @@ class PreforkEngine(Engine):
             max((s[4] for s in slots), default=0) / 1000, sum(s[5] for s in slots)))
         self._server.mux.call_later(self.config.stats_interval, self._report)
 
-    # --- a worker ----------------------------------------------------------------------
-
-    def _run_worker(self, slot: int, mask: set) -> None:
-        from ..server import Server
-
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides
-        parent = self._server
-        parent.mux.close()  # the parent's epoll and wakeup fds, inherited: not ours
-        for other in self.workers.values():
-            os.close(other.pidfd)
-        config = replace(self.config, engine=self.config.worker_engine)
-        worker = Server(parent.app, listener=parent.listener, ssl_context=parent.ssl_context,
-                        **vars(config))
-        signal.signal(signal.SIGTERM, lambda *_: worker.shutdown(wait=False))
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a SIGTERM held back arrives now
-        shared, base = self.shared, slot * _FIELDS
-
-        period = self._heartbeat_period() if self.config.worker_timeout else 0.5
-
-        def publish_totals():  # on the worker's loop, so it is also the loop's heartbeat
-            shared[base] = worker.stats.connections_total
-            shared[base + 1] = worker.stats.messages_total
-            shared[base + _HEARTBEAT] = time.monotonic_ns()
-            worker.mux.call_later(period, publish_totals)
-
-        def publish_interval(connections: int, queued: int) -> None:  # instead of logging
-            _rate, p50, p99 = worker.stats.snapshot()
-            shared[base + 2], shared[base + 3] = connections, int(p50 * 1000)
-            shared[base + 4], shared[base + 5] = int(p99 * 1000), queued
-
-        worker.report_stats = publish_interval
-        worker.mux.call_later(period, publish_totals)
-        worker.serve_forever()
-        shared[base] = worker.stats.connections_total
-        shared[base + 1] = worker.stats.messages_total
