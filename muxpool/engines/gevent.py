@@ -95,7 +95,7 @@ class GeventEngine(Engine):
         return "a greenlet per connection"
 
 
-_SERVER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_SERVER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
 
 
 def _handlers_off_the_hub() -> dict[int, tuple]:
