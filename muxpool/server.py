@@ -184,11 +184,29 @@ class Server:
             self._stopped.set()
 
     def start(self) -> "Server":
-        """Serve on a background thread; returns once the server accepts."""
-        self._thread = threading.Thread(target=self.serve_forever, name="muxpool-server", daemon=True)
+        """Serve on a background thread; returns once the server accepts, or
+        raises what stopped it from starting (an unpicklable app for prefork's
+        fork server, say)."""
+        self._thread = threading.Thread(target=self._serve_in_thread, name="muxpool-server", daemon=True)
         self._thread.start()
         self._serving.wait()
+        if self._failure is not None:
+            self._thread.join()
+            raise self._failure
         return self
+
+    _failure: BaseException | None = None
+
+    def _serve_in_thread(self) -> None:
+        try:
+            self.serve_forever()
+        except BaseException as exc:  # noqa: BLE001 - handed to start(), or logged once serving
+            if self._serving.is_set():
+                log.exception("the server stopped on an error")
+            else:
+                self._failure = exc
+        finally:
+            self._serving.set()  # start() must not wait for a server that will never serve
 
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
         """Drain and stop. Safe from any thread, a handler included (which
@@ -244,6 +262,8 @@ class Server:
     def _arm_drain_deadline(self) -> None:
         if self.config.engine == "gevent":
             return  # its threads are greenlets on the hub they would watch: its own timer it is
+        if getattr(self.engine, "supervises", False):
+            return  # prefork's supervisor runs no handler, and must stay single-threaded to fork
         with self._deadline_lock:
             if self._deadline_armed:
                 return
