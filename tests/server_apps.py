@@ -13,6 +13,7 @@ test. Create the app *before* the server starts, so the workers inherit it.
 
 from __future__ import annotations
 
+import copyreg
 import itertools
 import json
 import multiprocessing
@@ -34,14 +35,20 @@ def _gevent_patched() -> bool:
     return monkey is not None and monkey.is_module_patched("threading")
 
 
+# A prefork server started from a test (a process with threads) gets its workers from
+# the fork server, which takes only semaphores made in its own context; forked workers
+# inherit them just as well.
+_FORK_SERVER = multiprocessing.get_context("forkserver")
+
+
 def shared_event():
     """An Event the test can wait on while a forked worker sets it.
 
-    A ``multiprocessing.Event`` (semaphores in shared memory, inherited across
-    fork); a ``threading.Event`` in a gevent-patched process, where blocking on
+    A ``multiprocessing.Event`` (semaphores in shared memory, handed to prefork
+    workers); a ``threading.Event`` in a gevent-patched process, where blocking on
     a semaphore would freeze the hub (and no engine there forks).
     """
-    return threading.Event() if _gevent_patched() else multiprocessing.Event()
+    return threading.Event() if _gevent_patched() else _FORK_SERVER.Event()
 
 
 class _LocalValue:
@@ -55,7 +62,7 @@ class _LocalValue:
 
 def shared_value(typecode: str, value):
     """A ``multiprocessing.Value`` (``.value``, ``.get_lock()``); local under gevent."""
-    return _LocalValue(value) if _gevent_patched() else multiprocessing.Value(typecode, value)
+    return _LocalValue(value) if _gevent_patched() else _FORK_SERVER.Value(typecode, value)
 
 
 # --- function handlers -------------------------------------------------------
@@ -230,6 +237,14 @@ class TwoReplies(Greeter):
         return b"second: " + message
 
 
+class _RecordingClass(type):
+    """A class made by :func:`recording_class` pickles as a call to it, so a prefork
+    worker the fork server starts (which gets its app pickled) makes the same class."""
+
+
+copyreg.pickle(_RecordingClass, lambda cls: (recording_class, (cls.record_path,)))
+
+
 def recording_class(path):
     """A handler class whose every instance records its disconnects in the file ``path``.
 
@@ -238,9 +253,11 @@ def recording_class(path):
     "error": null or repr}``; ``instance`` is unique per instance, in any process.
     Read them back with :func:`read_records`.
     """
-    serial = itertools.count(1)  # each forked worker continues its own copy; the pid tells them apart
+    serial = itertools.count(1)  # each worker continues its own copy; the pid tells them apart
 
-    class Recording(Greeter):
+    class Recording(Greeter, metaclass=_RecordingClass):
+        record_path = path
+
         def __init__(self):
             self.token = f"{os.getpid()}:{next(serial)}"
 

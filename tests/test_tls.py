@@ -39,10 +39,20 @@ def client_ssl(ca):
     return context
 
 
+@pytest.fixture(scope="module")
+def server_pem(ca, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tls") / "server.pem"
+    ca.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(str(path))
+    return str(path)
+
+
 @pytest.fixture(params=ENGINES)
-def tls_server(request, server_ssl):
-    options = {"processes": 2, "worker_engine": "threadpool"} if request.param == "prefork" else {}
-    srv = Server(port=0, engine=request.param, framing="line", ssl_context=server_ssl,
+def tls_server(request, server_ssl, server_pem):
+    # prefork from this multi-threaded process starts its workers through a fork server,
+    # which cannot hand them an SSLContext: each worker builds its own from certfile.
+    options = ({"processes": 2, "worker_engine": "threadpool", "certfile": server_pem}
+               if request.param == "prefork" else {"ssl_context": server_ssl})
+    srv = Server(port=0, engine=request.param, framing="line",
                  tls_handshake_timeout=0.5, **options).start()
     yield srv
     srv.shutdown(timeout=10)

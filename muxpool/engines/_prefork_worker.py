@@ -33,6 +33,8 @@ import time
 from dataclasses import replace
 
 from ..multiplexer import EVENT_READ
+from . import _worker_logs as worker_logs
+from ._worker_logs import LogForwarder
 
 FIELDS = 7  # per worker slot in the shared array; see prefork.py
 HEARTBEAT = 6
@@ -120,63 +122,85 @@ def die_with_parent(parent: int) -> None:
 class ServedWorker:
     """A worker forked by ``multiprocessing``'s fork server: watched through its sentinel."""
 
-    __slots__ = ("pid", "process", "retiring", "sentinel", "slot", "started")
+    __slots__ = ("logs", "pid", "process", "retiring", "sentinel", "slot", "started")
 
-    def __init__(self, process: multiprocessing.process.BaseProcess, slot: int):
+    def __init__(self, process: multiprocessing.process.BaseProcess, slot: int, logs: LogForwarder):
         self.process = process
         self.pid = process.pid
         self.slot = slot
         self.started = time.monotonic()
         self.retiring = False
         self.sentinel = process.sentinel
+        self.logs = logs
 
     def exit_status(self) -> int | None:
         return self.process.exitcode
 
     def close(self) -> None:
+        self.logs.forward()  # what it logged on its way out
+        self.logs.close()
         self.process.close()
 
 
-def start_served(app_pickle: bytes, listener, config, shared, slot: int, period: float) -> ServedWorker:
+def start_served(app, listener, config, shared, slot: int, period: float) -> ServedWorker:
+    """Start a worker through the fork server. Raises ``TypeError`` naming the fix when
+    the app cannot be pickled (the other arguments always can)."""
     context = multiprocessing.get_context("forkserver")
     # daemon: should the supervisor's process exit with a worker left, multiprocessing
-    # terminates it rather than waiting for it at exit.
+    # terminates it rather than waiting for it at exit. The environment comes first:
+    # unpickled before the app, so the app's module loads with the supervisor's.
+    logs = LogForwarder()
     process = context.Process(target=_served_main, name=f"muxpool-prefork-{slot}", daemon=True,
-                              args=(app_pickle, listener, config, shared, slot, period, dict(os.environ)))
-    process.start()
-    return ServedWorker(process, slot)
+                              args=(_Environment(os.environ), logs.writer, worker_logs.levels(),
+                                    app, listener, config, shared, slot, period))
+    try:
+        try:
+            process.start()
+        finally:
+            logs.writer.close()  # the worker's copy only: EOF once it exits
+    except (pickle.PicklingError, TypeError, AttributeError, RuntimeError) as exc:
+        raise TypeError(
+            f"prefork: this process runs other threads, so its workers start through a fork "
+            f"server and the app must be picklable, and {app!r} is not ({exc}): define it at "
+            f"module level (a function, a class, or an instance of a module-level class; "
+            f"multiprocessing objects it holds from multiprocessing.get_context('forkserver')), "
+            f"or run the server on the main thread of a process with no other thread "
+            f"(`muxpool serve module:app --engine prefork`)") from exc
+    return ServedWorker(process, slot, logs)
 
 
-def _served_main(app_pickle: bytes, listener, config, shared, slot: int, period: float,
-                 environ: dict) -> None:
-    # The fork server was started with the environment of its first use; a worker
-    # runs with its supervisor's, as a forked one would, before the app's module loads.
-    os.environ.clear()
-    os.environ.update(environ)
+def _served_main(environ: dict, log_socket, log_levels: dict, app, listener, config, shared,
+                 slot: int, period: float) -> None:
     multiprocessing.current_process().daemon = False  # a handler may start processes of its own
-    app = pickle.loads(app_pickle)
+    worker_logs.send_logs_to(log_socket, log_levels)
     # certfile: the worker builds its own context (an SSLContext cannot be pickled).
     serve(app, listener, None, config, shared, slot, period,
           parent_gone_fd=multiprocessing.parent_process().sentinel)
 
 
-def app_pickle_for_fork_server(app, config, ssl_context) -> bytes:
-    """The app, pickled for workers the fork server starts; a clear error when it cannot be."""
+class _Environment(dict):
+    """The supervisor's environment, put in place in the worker as it is unpickled: the
+    fork server was started with the environment of its first use, a forked worker
+    would see its parent's."""
+
+    def __reduce__(self):
+        return _set_environment, (dict(self),)
+
+
+def _set_environment(environ: dict) -> dict:
+    os.environ.clear()
+    os.environ.update(environ)
+    return environ
+
+
+def check_fork_server_can_serve(config, ssl_context) -> None:
+    """An ``ssl_context`` object cannot reach a worker the fork server starts."""
     if ssl_context is not None and not config.certfile:
         raise TypeError(
             "prefork: this process runs other threads, so its workers start through a fork "
             "server, which cannot hand them an ssl.SSLContext object: pass certfile= (and "
             "keyfile=) so each worker builds its own, or run the server on the main thread of "
             "a process with no other thread (`muxpool serve ... --engine prefork`)")
-    try:
-        return pickle.dumps(app)
-    except Exception as exc:
-        raise TypeError(
-            f"prefork: this process runs other threads, so its workers start through a fork "
-            f"server and the app must be picklable, and {app!r} is not ({exc}): define it at "
-            f"module level (a function, a class, or an instance of a module-level class), or "
-            f"run the server on the main thread of a process with no other thread "
-            f"(`muxpool serve module:app --engine prefork`)") from exc
 
 
 def thread_count() -> int:

@@ -82,7 +82,7 @@ class PreforkEngine(Engine):
         self._retired_totals = [0, 0]  # connections and messages of workers that have exited
         # Set once a worker had to come from the fork server: from then on every one does,
         # so no forked child inherits the fork server's pipes to the others.
-        self._app_pickle: bytes | None = None
+        self._fork_server = False
 
     def describe(self) -> str:
         return f"{self.processes} worker processes running {self.config.worker_engine}"
@@ -92,25 +92,22 @@ class PreforkEngine(Engine):
     def supervise(self, server, ready=lambda: None) -> None:
         """Start the workers, call ``ready()``, then supervise until drained.
 
-        Raises ``TypeError`` before starting any worker when they must come from the
-        fork server (this process runs other threads) and the app cannot be pickled,
-        or an ``ssl_context`` was given without ``certfile``.
+        Raises ``TypeError`` (naming the fix) when the workers must come from the fork
+        server (this process runs other threads) and the app cannot be pickled, or an
+        ``ssl_context`` was given without ``certfile``.
         """
         self._server = server
         mux = server.mux
-        if workers.thread_count() > 1:
-            try:
-                self._app_pickle = workers.app_pickle_for_fork_server(server.app, self.config,
-                                                                      server.ssl_context)
-            except TypeError:
-                ready()  # Server.start() waits for this: let it return; the error ends the thread
-                raise
         previous = {}
         if threading.current_thread() is threading.main_thread():
             previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: mux.defer(self.reload))
         try:
-            for _ in range(self.processes):
-                self._spawn()
+            try:
+                for _ in range(self.processes):
+                    self._spawn()
+            except TypeError:  # the app or ssl_context cannot reach a worker: said in the error
+                ready()  # Server.start() waits for this: let it return; the error ends the thread
+                raise
             ready()  # only now: a socket the caller opens after start() is not copied into a worker
             if self.config.stats_interval:
                 mux.call_later(self.config.stats_interval, self._report)
@@ -127,21 +124,23 @@ class PreforkEngine(Engine):
         slot = self._free_slots.pop(0)
         for field in range(_FIELDS):
             self.shared[slot * _FIELDS + field] = 0
-        if self._app_pickle is None and workers.thread_count() > 1:
-            # A thread appeared since supervise() looked (a caller's, a library's).
-            self._app_pickle = workers.app_pickle_for_fork_server(self._server.app, self.config,
-                                                                  self._server.ssl_context)
         try:
-            if self._app_pickle is None:
+            if not self._fork_server and workers.thread_count() > 1:
+                workers.check_fork_server_can_serve(self.config, self._server.ssl_context)
+                self._fork_server = True
+            if not self._fork_server:
                 worker = self._fork(slot)
             else:
-                worker = workers.start_served(self._app_pickle, self._server.listener, self.config,
+                worker = workers.start_served(self._server.app, self._server.listener, self.config,
                                               self.shared, slot, self._heartbeat_period_or_default())
         except BaseException:
             self._free_slots.insert(0, slot)
             raise
         self.workers[worker.pid] = worker
         self._server.mux.register(worker.sentinel, EVENT_READ, lambda _mask: self._reap())
+        if isinstance(worker, workers.ServedWorker):
+            self._server.mux.register(worker.logs.reader, EVENT_READ,
+                                      lambda _mask: worker.logs.forward())
         log.info("prefork worker %d started", worker.pid)
 
     def _fork(self, slot: int) -> workers.ForkedWorker:
@@ -186,6 +185,8 @@ class PreforkEngine(Engine):
                 continue
             del self.workers[worker.pid]
             self._server.mux.unregister(worker.sentinel)
+            if isinstance(worker, workers.ServedWorker):
+                self._server.mux.unregister(worker.logs.reader)
             worker.close()
             for field in (0, 1):  # the counters; the other fields are gauges
                 self._retired_totals[field] += self.shared[worker.slot * _FIELDS + field]

@@ -175,7 +175,8 @@ class ProcessPoolMachinery(WorkerPool):
         with self._lock:
             deadlines = [w.inflight[0].started + w.inflight[0].task_timeout
                          for w in self._workers.values()
-                         if w.inflight and w.inflight[0].task_timeout is not None and not w.doomed]
+                         if w.inflight and w.inflight[0].task_timeout is not None and not w.doomed
+                         and w.ready]  # a starting worker has startup_timeout instead
             if self._starting:
                 deadlines += [w.started_at + self.startup_timeout for w in self._workers.values()
                               if not w.ready and not w.doomed]
@@ -225,6 +226,8 @@ class ProcessPoolMachinery(WorkerPool):
                 worker.ready = True
                 self._starting -= 1
                 self._startup_failures = 0
+                if worker.inflight:  # its task_timeout counts from now, not from the start-up
+                    worker.inflight[0].started = now
             elif task_id == _procworker.INIT_FAILED_ID:
                 worker.init_error = pickle.loads(payload)
             else:
@@ -307,7 +310,7 @@ class ProcessPoolMachinery(WorkerPool):
                     worker.doomed = worker.startup_expired = True
                     worker.process.kill()
         for worker in self._workers.values():
-            if worker.doomed or not worker.inflight:
+            if worker.doomed or not worker.inflight or not worker.ready:
                 continue
             task = worker.inflight[0]
             if task.task_timeout is not None and now - task.started >= task.task_timeout:

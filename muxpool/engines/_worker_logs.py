@@ -1,0 +1,104 @@
+"""Log records from a prefork worker the fork server started, handed to its supervisor.
+
+A forked worker inherits its parent's logging (handlers, levels, caplog in a
+test) and writes where the parent writes. A worker the fork server starts
+inherits none of it: its records would go nowhere. Instead it sends each
+record over a socket pair, as ``logging.handlers.SocketHandler`` does (a
+4-byte length, then the pickled record), and the supervisor's multiplexer
+reads them and hands them to its own loggers — no thread on either side.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import pickle
+import socket
+import struct
+
+_LENGTH = struct.Struct(">L")
+_READ_SIZE = 65536
+
+
+class LogForwarder:
+    """The supervisor's end: :meth:`forward` when readable (and once more at exit)."""
+
+    def __init__(self) -> None:
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self._buffer = bytearray()
+
+    def forward(self) -> None:
+        """Read what has arrived and log each whole record in this process."""
+        while True:
+            try:
+                data = self.reader.recv(_READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # reset: the worker is gone
+                data = b""
+            if not data:
+                break
+            self._buffer += data
+        buffer = self._buffer
+        while len(buffer) >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(buffer)
+            if len(buffer) < _LENGTH.size + size:
+                break
+            record = logging.makeLogRecord(pickle.loads(buffer[_LENGTH.size:_LENGTH.size + size]))
+            del buffer[:_LENGTH.size + size]
+            logging.getLogger(record.name).handle(record)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer.close()
+
+
+def levels() -> dict[str, int]:
+    """The levels set on this process's loggers, for a worker to apply as its own."""
+    found = {"": logging.getLogger().level}
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET:
+            found[name] = logger.level
+    return found
+
+
+def send_logs_to(sock: socket.socket, wanted: dict[str, int]) -> None:
+    """In the worker: every record goes to the supervisor, filtered by its levels."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(_ToSupervisor(sock))
+    for name, level in wanted.items():
+        logging.getLogger(name or None).setLevel(level)
+
+
+class _ToSupervisor(logging.handlers.SocketHandler):
+    def __init__(self, sock: socket.socket):
+        super().__init__(None, None)
+        sock.setblocking(True)
+        self.sock = sock
+
+    def makeSocket(self, timeout=1):
+        raise OSError("the supervisor's end of the log socket is closed")
+
+    def makePickle(self, record: logging.LogRecord) -> bytes:
+        """As SocketHandler's, but the exception travels too when it pickles (its
+        traceback, which cannot, travels as exc_text): handlers may look at its type."""
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        fields = dict(record.__dict__, msg=record.getMessage(), args=None, exc_info=None)
+        fields.pop("message", None)
+        if exc is not None and _picklable(exc):
+            fields["exc_info"] = (type(exc), exc, None)
+        data = pickle.dumps(fields, 1)
+        return _LENGTH.pack(len(data)) + data
+
+
+def _picklable(obj) -> bool:
+    try:
+        pickle.dumps(obj)
+    except Exception:  # noqa: BLE001 - whatever pickling raises, the text still travels
+        return False
+    return True
