@@ -57,23 +57,29 @@ def _os_error(exc: OSError, args: argparse.Namespace | None) -> tuple[str, int]:
     unix = getattr(args, "unix_path", None)
     where = unix or _address(getattr(args, "host", "127.0.0.1"), getattr(args, "port", 8088))
     if isinstance(exc, socket.gaierror) or (exc.errno or 0) < 0:  # getaddrinfo's EAI_* are negative
-        strerror = (exc.strerror or str(exc)).partition(" (while attempting")[0]
-        return (f"cannot resolve --host {getattr(args, 'host', '?')}: {strerror} "
+        return (f"cannot resolve --host {getattr(args, 'host', '?')}: {_strerror(exc)} "
                 "(give an IP address, or a name this machine resolves)"), USAGE
+    # The kernel's own words where they exist: scripts (and this repo's tests) look for them.
     fixes = {
-        errno.EADDRINUSE: ("address already in use", "stop the server using it, or pick another "
-                           + ("--unix path" if unix else "--port; --port 0 picks a free one")),
-        errno.EACCES: ("permission denied", "pick a path you may write" if unix else
-                       "ports below 1024 need privileges: pick --port 1024 or above"),
-        errno.EADDRNOTAVAIL: ("no such address on this machine",
-                              "give --host 127.0.0.1, 0.0.0.0, :: or an address of this machine"),
-        errno.EEXIST: ("the path exists and is not a socket", "remove it, or pick another --unix path"),
-        errno.ENOENT: ("its folder does not exist", "create the folder, or pick another --unix path"),
+        errno.EADDRINUSE: "stop the server using it, or pick another "
+                          + ("--unix path" if unix else "--port; --port 0 picks a free one"),
+        errno.EACCES: "pick a path you may write" if unix else
+                      "ports below 1024 need privileges: pick --port 1024 or above",
+        errno.EADDRNOTAVAIL: "give --host 127.0.0.1, 0.0.0.0, :: or an address of this machine",
+        errno.EEXIST: "remove it, or pick another --unix path",
+        errno.ENOENT: "create its folder, or pick another --unix path",
     }
+    problems = {errno.EEXIST: "the path exists and is not a socket",
+                errno.ENOENT: "its folder does not exist"}
     if exc.errno in fixes and getattr(args, "command", None) == "serve":
-        problem, fix = fixes[exc.errno]
-        return f"cannot listen on {where}: {problem} ({fix})", RUNTIME
-    return f"{exc.strerror or exc} (--debug shows where it happened)", RUNTIME
+        problem = problems.get(exc.errno) or _strerror(exc)
+        return f"cannot listen on {where}: {problem} ({fixes[exc.errno]})", RUNTIME
+    return f"{_strerror(exc)} (--debug shows where it happened)", RUNTIME
+
+
+def _strerror(exc: OSError) -> str:
+    # socket.create_server appends "(while attempting to bind on address ...)": we say where.
+    return (exc.strerror or str(exc)).partition(" (while attempting")[0]
 
 
 def _address(host: str, port: Any) -> str:
