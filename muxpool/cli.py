@@ -73,6 +73,13 @@ class Parser(argparse.ArgumentParser):
         raise UserError(message, f"see {self.prog} --help")
 
 
+def _log_level(text: str) -> str:
+    if text.upper() not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a level: choose debug, info, warning, "
+                                         "error or critical")
+    return text.upper()
+
+
 def _flag_type(default: Any):
     if isinstance(default, int):
         return int
@@ -118,8 +125,8 @@ def add_serve(commands) -> None:
                         "workers for --pool dask (default 2)")
     parser.add_argument("--dask-address", help="with --pool dask: an existing scheduler, "
                         "e.g. tcp://10.0.0.5:8786 (default: a LocalCluster on 127.0.0.1)")
-    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=_LOG_LEVELS,
-                        help="logging level (default INFO)")
+    parser.add_argument("--log-level", default="INFO", type=_log_level,
+                        help="logging level: debug, info, warning, error or critical (default info)")
     parser.set_defaults(func=run_serve)
 
 

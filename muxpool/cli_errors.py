@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import re
 import socket
 import ssl
 import traceback
@@ -44,7 +45,8 @@ def explain(exc: BaseException, args: argparse.Namespace | None) -> tuple[str, i
         need = str(exc).partition(": pip install")[0]
         return f"{need}, which is not installed (pip install 'muxpool[{exc.extra}]')", USAGE
     if isinstance(exc, ssl.SSLError):
-        return (f"cannot load the TLS certificate: {exc.reason or exc} (give --certfile a PEM "
+        reason = re.sub(r" \(_ssl\.c:\d+\)$", "", str(exc))  # where in CPython's C: no help here
+        return (f"cannot load the TLS certificate: {reason} (give --certfile a PEM "
                 "certificate chain, and --keyfile its private key if it is not in that file)"), USAGE
     if isinstance(exc, OSError):
         return _os_error(exc, args)
