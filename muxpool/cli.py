@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import ssl
 import sys
 from dataclasses import fields
 from typing import Any
@@ -240,6 +241,8 @@ def add_client(commands) -> None:
     parser.add_argument("--no-greeting", action="store_true", help="the server sends no greeting")
     parser.add_argument("--tls", action="store_true", help="connect with TLS")
     parser.add_argument("--cafile", help="trust this CA (PEM) for --tls instead of the system's")
+    parser.add_argument("--timeout", type=positive(float), default=10.0,
+                        help="seconds to wait for the greeting and for each reply (default 10)")
     parser.set_defaults(func=run_client)
 
 
@@ -250,13 +253,20 @@ def run_client(args: argparse.Namespace) -> int:
     if args.cafile and not os.path.isfile(args.cafile):
         raise UserError(f"--cafile {args.cafile} does not exist", "give the CA certificate's PEM file")
     client = Client(host, port, framing=args.framing, unix_path=args.unix_path,
-                    greeting=not args.no_greeting, tls=args.tls or bool(args.cafile), cafile=args.cafile)
+                    greeting=not args.no_greeting, tls=args.tls or bool(args.cafile), cafile=args.cafile,
+                    timeout=args.timeout)
     where = args.unix_path or f"{host}:{port}"
     try:
         return interactive(client)
     except TimeoutError as exc:
-        raise UserError(f"{where} sent no greeting in time ({exc})",
-                        "a function handler sends none: add --no-greeting", code=1) from exc
+        if client.greeting is None and not args.no_greeting:
+            raise UserError(f"{where} sent no greeting in {client.timeout:g} s",
+                            "a function handler sends none: add --no-greeting", code=1) from exc
+        raise UserError(f"{where} sent no reply in {client.timeout:g} s",
+                        "check --framing: it must be the server's", code=1) from exc
+    except ssl.SSLError as exc:
+        raise UserError(f"no TLS with {where}: {exc.reason or exc}",
+                        "drop --tls for a plain server, or serve with --certfile", code=1) from exc
     except OSError as exc:
         raise UserError(f"cannot talk to {where}: {exc.strerror or exc}",
                         "is the server running there? start one with muxpool serve", code=1) from exc

@@ -307,6 +307,23 @@ def test_app_dir(workdir, tmp_path):
         assert ask(port, b"there") == b"ok: there\n"
 
 
+# Mistakes against a running server (myapp:handle, line framing, on {port}).
+SERVED_CASES = {
+    "client greeting": Case("client :{port} --framing line --timeout 0.3", 1, "muxpool: error: "
+                            "127.0.0.1:{port} sent no greeting in 0.3 s (a function handler sends "
+                            "none: add --no-greeting)"),
+    "client tls": Case("client :{port} --tls", 1, "muxpool: error: no TLS with 127.0.0.1:{port}: "
+                       "WRONG_VERSION_NUMBER (drop --tls for a plain server, or serve with --certfile)"),
+}
+
+
+def test_client_mistakes_against_a_function_handler(workdir):
+    with serving(["myapp:handle", "--framing", "line"], workdir) as port:
+        for case in SERVED_CASES.values():
+            code, _out, err = run(case.command.format(port=port).split(), workdir)
+            assert (code, err.strip()) == (case.code, case.line.format(port=port)), err
+
+
 # --- README's "Common mistakes" quotes these cases -------------------------------------
 
 
@@ -327,7 +344,7 @@ def readme_mistakes() -> list[tuple[str, str]]:
 def test_readme_common_mistakes_quotes_every_case_as_the_command_prints_it():
     quoted = readme_mistakes()
     expected = [(case.command.format(**README_VALUES), case.line.format(**README_VALUES))
-                for case in CASES.values()]
+                for case in [*CASES.values(), *SERVED_CASES.values()]]
     missing = [pair for pair in expected if pair not in quoted]
     unknown = [pair for pair in quoted if pair not in expected]
     assert not missing, f"README lacks: {missing}"

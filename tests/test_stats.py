@@ -1,7 +1,7 @@
 """The ``--stats-interval`` line against a known load, on every engine.
 
 Each engine serves a handler that sleeps 5 ms under the real ``muxpool serve``
-(gevent in its own patched process), four clients send 50 requests each, and
+(gevent in its own patched process), two clients send 100 requests each, and
 the stats lines the server logs must add up to about those 200 messages with
 a handler p50 of about 5 ms. ``threaded`` and ``gevent`` once logged
 ``messages/s=0 p50=0.00ms`` whatever the load.
@@ -20,8 +20,8 @@ from reliability_helpers import cli_server, needs_gevent
 pytestmark = pytest.mark.timeout(60)
 
 ENGINES = ["loop", "threadpool", "threaded", "prefork", "prefork-threaded", "gevent"]
-INTERVAL = 0.5
-CLIENTS, REQUESTS, SLEEP_MS = 4, 50, 5
+INTERVAL = 0.2
+CLIENTS, REQUESTS, SLEEP_MS = 2, 100, 5
 LINE = re.compile(r"messages/s=(\d+) handler p50=([\d.]+)ms p99=([\d.]+)ms")
 APP = f"""
 import time
@@ -67,7 +67,11 @@ def test_stats_line_matches_a_known_load(engine, tmp_path):
         while True:
             lines = stats(served.log())
             counted = sum(rate for rate, _ in lines) * INTERVAL
-            if counted >= 0.9 * CLIENTS * REQUESTS and lines[-1][0] == 0 or time.monotonic() > deadline:
+            settled = counted >= 0.9 * CLIENTS * REQUESTS and lines[-1][0] == 0
+            # prefork's p50 may show a line or two after its messages (see below)
+            if settled and (any(p50 for _, p50 in lines) or not engine.startswith("prefork")):
+                break
+            if time.monotonic() > deadline:
                 break
             served.check_running()
             time.sleep(0.05)  # polling the server's log file, with a deadline
