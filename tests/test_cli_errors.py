@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -266,8 +267,9 @@ def test_invalid_options_fail_when_the_server_is_made():
 
 
 @contextlib.contextmanager
-def serving(args: list[str], cwd: pathlib.Path, module: str = "muxpool.cli"):
-    """``muxpool serve ARGS --port P`` until it accepts; always killed on the way out."""
+def serving(args: list[str], cwd: pathlib.Path, module: str = "muxpool.cli", log: list | None = None):
+    """``muxpool serve ARGS --port P`` until it accepts; always killed on the way out.
+    With ``log``, the body may end the server (SIGTERM) and its stderr is appended."""
     port = closed_port()
     proc = subprocess.Popen([sys.executable, "-m", module, "serve", *args, "--port", str(port)],
                             cwd=cwd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -283,11 +285,16 @@ def serving(args: list[str], cwd: pathlib.Path, module: str = "muxpool.cli"):
                     proc.kill()
                     pytest.fail(f"the server did not start: {proc.communicate()[1]}")
                 time.sleep(0.05)  # a fresh interpreter starting: only the port can tell
-        yield port
+        yield port if log is None else (port, proc)
     finally:
+        if log is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)  # the body sent SIGTERM: let it drain and log its last line
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        err = proc.communicate()[1]
+        if log is not None:
+            log.append(err)
 
 
 def ask(port: int, message: bytes) -> bytes:
@@ -322,6 +329,34 @@ def test_client_mistakes_against_a_function_handler(workdir):
         for case in SERVED_CASES.values():
             code, _out, err = run(case.command.format(port=port).split(), workdir)
             assert (code, err.strip()) == (case.code, case.line.format(port=port)), err
+
+
+# --- the serve log line ---------------------------------------------------------------
+
+
+def test_serve_log_says_tls_and_counts_connections_in_english(workdir, tls_files):
+    certfile, client_context = tls_files
+    log: list = []
+    with serving(["--certfile", str(certfile)], workdir, log=log) as (port, proc):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with client_context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+                assert sock.recv(100) == b"Hello client-side"
+        proc.send_signal(signal.SIGTERM)
+    assert re.search(r"serving the echo service on 127\.0\.0\.1:\d+ over TLS \(engine=threadpool, "
+                     r"32 handler threads, framing=raw\)", log[0]), log[0]
+    assert "muxpool stopped (2 connections served)" in log[0], log[0]  # the readiness probe, the client
+
+
+def test_serve_log_names_no_framing_for_a_socketserver_handler(workdir):
+    (workdir / "tcp_app.py").write_text(
+        "import socketserver\n\n\nclass Upper(socketserver.BaseRequestHandler):\n"
+        "    def handle(self):\n        self.request.sendall(self.request.recv(100).upper())\n")
+    log: list = []
+    with serving(["tcp_app:Upper", "--engine", "threaded"], workdir, log=log) as (port, proc):
+        proc.send_signal(signal.SIGTERM)
+    assert re.search(r"serving Upper on 127\.0\.0\.1:\d+ \(engine=threaded, a thread per connection, "
+                     r"at most 10000\)", log[0]), log[0]
+    assert "muxpool stopped (1 connection served)" in log[0], log[0]  # the readiness probe's
 
 
 # --- README's "Common mistakes" quotes these cases -------------------------------------
