@@ -144,9 +144,16 @@ def _check_compared_app(args: argparse.Namespace) -> None:
     """The workload, or the app and its signature, here, once: not in every compared server."""
     if args.app:
         from .cli import _is_request_handler, _load
-        from .handlers import resolve_handler
+        from .handlers import AppError, resolve_handler
 
-        app = _load(args.app, None)
+        try:
+            app = _load(args.app, None)
+        except AppError as exc:
+            if "--app-dir" not in str(exc):
+                raise
+            # bench has no --app-dir: the servers it starts import from the working directory
+            raise UserError(str(exc).replace(", or give --app-dir FOLDER)", ")").rpartition(" (")[0],
+                            "run muxpool bench from the folder that holds the module") from exc
         if not _is_request_handler(app):
             resolve_handler(app)
         return

@@ -37,7 +37,10 @@ def explain(exc: BaseException, args: argparse.Namespace | None) -> tuple[str, i
         return str(exc), exc.code
     if isinstance(exc, ConfigError):
         flag = "--unix" if exc.option == "unix_path" else "--" + exc.option.replace("_", "-")
-        given = flag if isinstance(exc.value, bool) else f"{flag} {exc.value}"
+        value = exc.value
+        if isinstance(value, str) and (not value or " " in value):
+            value = repr(value)  # as it would be typed: --busy-message ''
+        given = flag if isinstance(value, bool) else f"{flag} {value}"
         return f"{given} {exc.problem} ({exc.fix})", USAGE
     if isinstance(exc, (AppError, HandlerError)):
         return str(exc), USAGE

@@ -81,7 +81,7 @@ class ServerConfig:
         for name in ("unix_path", "certfile", "keyfile", "busy_message"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
-                raise ConfigError(name, value, "is not a non-empty string", "give a string, or None")
+                raise ConfigError(name, value, "is empty", "give some text, or leave the option out")
         for name in ("certfile", "keyfile"):
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):

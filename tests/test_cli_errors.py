@@ -76,6 +76,9 @@ CASES = {
     "unix folder missing": Case("serve --unix /nonexistent/muxpool.sock", 1, "muxpool: error: cannot "
                                 "listen on /nonexistent/muxpool.sock: its folder does not exist "
                                 "(create its folder, or pick another --unix path)"),
+    "unix path a file": Case("serve --unix myapp.py", 1, "muxpool: error: cannot listen on myapp.py: "
+                             "the path exists and is not a socket (remove it, or pick another --unix "
+                             "path)"),
     "no attribute": Case("serve os:nosuchattr", 2, "muxpool: error: os has no attribute 'nosuchattr' "
                          "(check the name after ':'; give a function handle(message, conn) or a "
                          "class with on_message(self, conn, message))"),
@@ -140,6 +143,8 @@ CASES = {
                            "is out of range (give a size in bytes, 1 or more)"),
     "negative timeout": Case("serve --idle-timeout -5", 2, "muxpool: error: --idle-timeout -5.0 is "
                              "out of range (give seconds, or 0 for never)"),
+    "empty busy message": Case("serve --busy-message=", 2, "muxpool: error: --busy-message '' is "
+                               "empty (give some text, or leave the option out)"),
     "dualstack on IPv4": Case("serve --dualstack", 2, "muxpool: error: --dualstack needs an IPv6 "
                               "host, not '127.0.0.1' (listen on host '::' to accept IPv4 and IPv6)"),
     "client refused": Case("client :{closed}", 1, "muxpool: error: cannot talk to 127.0.0.1:{closed}: "
@@ -169,6 +174,9 @@ CASES = {
     "compare address": Case("bench --compare :8088", 2, "muxpool: error: --compare starts its own "
                             "servers, so it takes no address (drop the address, or drop --compare to "
                             "load an existing server)"),
+    "compare no module": Case("bench --compare --app mymodule:handle", 2, "muxpool: error: no module "
+                              "named 'mymodule' in {dir} or on the Python path (run muxpool bench "
+                              "from the folder that holds the module)"),
     "compare app": Case("bench --compare --app myapp:one_arg", 2, "muxpool: error: handler "
                         "one_arg(message) cannot be called as one_arg(message, conn) (define it as def "
                         "one_arg(message, conn): the function form takes the message first; a class's "
