@@ -26,7 +26,7 @@ import pytest
 
 from muxpool import Server
 from muxpool.config import ServerConfig
-from muxpool.handlers import HandlerError
+from muxpool.handlers import HandlerError, resolve_handler
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -269,6 +269,30 @@ def test_invalid_options_fail_when_the_server_is_made():
     with pytest.raises(HandlerError, match=r"one_arg\(message\) cannot be called as one_arg\(message, conn\)"):
         Server(one_arg, port=0)
     ServerConfig(idle_timeout=0, stats_interval=None, workers=1)  # the edges that are allowed
+
+
+def test_handler_forms_checked_by_signature():
+    class Static:
+        @staticmethod
+        def on_message(conn, message):
+            return message
+
+    class Leaving:
+        def on_message(self, conn, message):
+            return message
+
+        def on_disconnect(self, conn):  # missing error
+            pass
+
+    resolve_handler(Static)
+    resolve_handler(Static())
+    resolve_handler(max)  # a builtin without a signature: allowed
+    resolve_handler(lambda *args: None)
+    with pytest.raises(HandlerError, match=r"Leaving\.on_disconnect\(self, conn\) cannot be called as "
+                                           r"on_disconnect\(conn, error\)"):
+        resolve_handler(Leaving)
+    with pytest.raises(HandlerError, match=r"on_disconnect\(conn\) cannot be called"):
+        resolve_handler(Leaving())
 
 
 # --- apps load like gunicorn's ---------------------------------------------------------
