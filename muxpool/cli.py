@@ -3,24 +3,32 @@
 ``serve`` flags are generated from :class:`~muxpool.config.ServerConfig`, so a
 new server option is a new flag with the same name (``max_connections`` →
 ``--max-connections``).
+
+A mistake the user can fix is one line on stderr, ``muxpool: error: <what>
+(<how to fix>)``, and an exit code: 2 for usage and configuration (nothing
+ran), 1 for a failure at run time (the port is taken). ``--debug`` or
+``MUXPOOL_DEBUG=1`` shows the traceback instead (:mod:`muxpool.cli_errors`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import ssl
 import sys
 from dataclasses import fields
 from typing import Any
 
 from . import __version__
+from .cli_errors import UserError, explain, import_failure, positive
+from .config import WORKER_ENGINES, ServerConfig
 from .engines import ENGINES
 from .framing import FRAMERS
-from .config import ServerConfig
 
 _HELP = {
     "host": "address to listen on (default 127.0.0.1; '::' for IPv6)",
-    "port": "TCP port (default 8088)",
+    "port": "TCP port (default 8088; 0 picks a free one)",
     "unix_path": "listen on this Unix socket path instead of TCP",
     "dualstack": "with an IPv6 host, accept IPv4 too",
     "engine": "where handlers run (default threadpool: safe for any handler)",
@@ -51,11 +59,29 @@ _HELP = {
     "busy_message": "at --max-connections, send this (framed) to a client before closing it "
                     "(default: close it with no message)",
 }
+_OPTIONAL_SECONDS = ("idle_timeout", "write_timeout", "handler_timeout", "stats_interval",
+                     "loop_stall_warning", "worker_timeout")
+_NONE_DEFAULT_TYPES = {"workers": int, "processes": int, "unix_path": str, "certfile": str,
+                       "keyfile": str, "busy_message": str}
+_CHOICES = {"engine": list(ENGINES), "worker_engine": list(WORKER_ENGINES), "framing": list(FRAMERS)}
+_LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors in the command's one-line form."""
+
+    def error(self, message: str):
+        raise UserError(message, f"see {self.prog} --help")
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a level: choose debug, info, warning, "
+                                         "error or critical")
+    return text.upper()
 
 
 def _flag_type(default: Any):
-    if isinstance(default, bool):
-        return None
     if isinstance(default, int):
         return int
     if isinstance(default, float):
@@ -67,59 +93,59 @@ def _optional_number(kind):
     def parse(text: str):
         value = kind(text)
         return None if value == 0 else value
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid float value"
     return parse
 
 
 def add_serve(commands) -> None:
     parser = commands.add_parser("serve", help="serve an app (default: the lesson's echo service)",
                                  description="Serve APP ('module:attr': a function "
-                                 "handle(message, conn) or a handler class) on one engine.")
+                                 "handle(message, conn) or a class with on_message(self, conn, "
+                                 "message)) on one engine. The module is imported from the "
+                                 "working directory (or --app-dir).")
     parser.add_argument("app", nargs="?", help="module:attr (default: the built-in echo service)")
+    parser.add_argument("--app-dir", help="import the app's module from this folder "
+                        "(default: the working directory)")
     for field in fields(ServerConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if field.name == "unix_path":
-            flag = "--unix"
+        flag = "--unix" if field.name == "unix_path" else "--" + field.name.replace("_", "-")
         if isinstance(field.default, bool):
             parser.add_argument(flag, dest=field.name, action="store_true", help=_HELP[field.name])
             continue
         kind = _flag_type(field.default)
         if field.default is None:
-            kind = {"workers": int, "processes": int, "unix_path": str, "certfile": str,
-                    "keyfile": str, "busy_message": str}.get(field.name, float)
-        if field.name in ("idle_timeout", "write_timeout", "handler_timeout", "stats_interval",
-                          "loop_stall_warning", "worker_timeout"):
+            kind = _NONE_DEFAULT_TYPES.get(field.name, float)
+        if field.name in _OPTIONAL_SECONDS:
             kind = _optional_number(float)
-        kwargs: dict[str, Any] = {"dest": field.name, "type": kind, "default": field.default,
-                                  "help": _HELP[field.name]}
-        if field.name == "engine":
-            kwargs["choices"] = list(ENGINES)
-        if field.name == "worker_engine":
-            kwargs["choices"] = ["loop", "threadpool", "threaded"]
-        if field.name == "framing":
-            kwargs["choices"] = list(FRAMERS)
-        parser.add_argument(flag, **kwargs)
+        parser.add_argument(flag, dest=field.name, type=kind, default=field.default,
+                            choices=_CHOICES.get(field.name), help=_HELP[field.name])
     parser.add_argument("--pool", choices=["process", "dask"],
                         help="threadpool engine: run each message's handler in this pool instead "
                         "(the handler must be picklable; connects/disconnects stay local)")
-    parser.add_argument("--pool-workers", type=int, help="processes for --pool process / "
-                        "local Dask workers for --pool dask (default: cores / 2)")
+    parser.add_argument("--pool-workers", type=positive(int),
+                        help="processes for --pool process (default: one per core) / local Dask "
+                        "workers for --pool dask (default 2)")
     parser.add_argument("--dask-address", help="with --pool dask: an existing scheduler, "
                         "e.g. tcp://10.0.0.5:8786 (default: a LocalCluster on 127.0.0.1)")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-level", default="INFO", type=_log_level,
+                        help="logging level: debug, info, warning, error or critical (default info)")
     parser.set_defaults(func=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .handlers import load_app
+    from .handlers import resolve_handler
     from .server import serve
 
+    _check_serve_flags(args)
+    options = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
+    ServerConfig(**options)  # every value checked before anything starts
     if args.engine == "gevent":
         from .engines import patch_for_gevent
 
         patch_for_gevent()  # first: before the app's module imports socket or threading
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-    app = load_app(args.app) if args.app else None
-    options = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    app = _load(args.app, args.app_dir) if args.app else None
+    if app is not None and not _is_request_handler(app):
+        resolve_handler(app)  # a wrong signature is refused now, not at every message
     pool = _offload_pool(args)
     try:
         serve(app, pool=pool, **options)
@@ -128,6 +154,48 @@ def run_serve(args: argparse.Namespace) -> int:
             pool.close()
             pool.join(30)
     return 0
+
+
+def _load(spec: str, app_dir: str | None) -> Any:
+    from .handlers import AppError, load_app
+
+    try:
+        return load_app(spec, app_dir)
+    except AppError:
+        raise
+    except Exception as exc:  # the module's own code raised (SyntaxError included)
+        raise import_failure(spec, exc) from exc
+
+
+def _is_request_handler(app: Any) -> bool:
+    from .compat import is_request_handler
+
+    return is_request_handler(app)
+
+
+def _check_serve_flags(args: argparse.Namespace) -> None:
+    """Flags that would be silently ignored with the engine chosen."""
+    prefork = args.engine == "prefork"
+    threadpool = args.engine == "threadpool" or (prefork and args.worker_engine == "threadpool")
+    if args.processes is not None and not prefork:
+        raise UserError(f"--processes applies to the prefork engine, not {args.engine}",
+                        "add --engine prefork, or drop --processes")
+    if args.worker_engine != "threadpool" and not prefork:
+        raise UserError(f"--worker-engine applies to the prefork engine, not {args.engine}",
+                        "add --engine prefork, or drop --worker-engine")
+    if args.workers is not None and not threadpool:
+        raise UserError(f"--workers sizes the threadpool engine's threads, and {args.engine} has none",
+                        "add --engine threadpool, or drop --workers")
+    if args.pool and args.engine != "threadpool":
+        raise UserError(f"--pool offloads handlers from the threadpool engine; the {args.engine} "
+                        "engine runs them itself", "use --engine threadpool with --pool, or drop --pool")
+    if args.pool_workers is not None and not args.pool:
+        raise UserError("--pool-workers sizes --pool", "add --pool process or --pool dask, or drop it")
+    if args.dask_address and args.pool != "dask":
+        raise UserError("--dask-address is for --pool dask", "add --pool dask, or drop --dask-address")
+    if args.app_dir is not None and not os.path.isdir(args.app_dir):
+        raise UserError(f"--app-dir {args.app_dir} is not a folder", "give the folder that holds "
+                        "the app's module")
 
 
 def _offload_pool(args: argparse.Namespace):
@@ -145,16 +213,24 @@ def _offload_pool(args: argparse.Namespace):
 
 
 def parse_address(text: str | None, default_port: int = 8088) -> tuple[str, int]:
-    """``HOST:PORT``, ``HOST``, ``:PORT`` or ``[V6]:PORT``."""
+    """``HOST:PORT``, ``HOST``, ``:PORT`` or ``[V6]:PORT``; :class:`UserError` if it is none of them."""
     if not text:
         return "127.0.0.1", default_port
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
-        return host, int(rest.lstrip(":") or default_port)
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        return text, default_port
-    return host or "127.0.0.1", int(port)
+        port = rest.lstrip(":") or str(default_port)
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            host, port = text, str(default_port)
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not 0 < number < 65536:
+        raise UserError(f"{text!r} has no valid port: {port!r}",
+                        "give HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8088")
+    return host or "127.0.0.1", number
 
 
 def add_client(commands) -> None:
@@ -165,6 +241,8 @@ def add_client(commands) -> None:
     parser.add_argument("--no-greeting", action="store_true", help="the server sends no greeting")
     parser.add_argument("--tls", action="store_true", help="connect with TLS")
     parser.add_argument("--cafile", help="trust this CA (PEM) for --tls instead of the system's")
+    parser.add_argument("--timeout", type=positive(float), default=10.0,
+                        help="seconds to wait for the greeting and for each reply (default 10)")
     parser.set_defaults(func=run_client)
 
 
@@ -172,138 +250,78 @@ def run_client(args: argparse.Namespace) -> int:
     from .client import Client, interactive
 
     host, port = parse_address(args.address)
+    if args.cafile and not os.path.isfile(args.cafile):
+        raise UserError(f"--cafile {args.cafile} does not exist", "give the CA certificate's PEM file")
     client = Client(host, port, framing=args.framing, unix_path=args.unix_path,
-                    greeting=not args.no_greeting, tls=args.tls or bool(args.cafile), cafile=args.cafile)
+                    greeting=not args.no_greeting, tls=args.tls or bool(args.cafile), cafile=args.cafile,
+                    timeout=args.timeout)
+    where = args.unix_path or f"{host}:{port}"
     try:
         return interactive(client)
+    except TimeoutError as exc:
+        if client.greeting is None and not args.no_greeting:
+            raise UserError(f"{where} sent no greeting in {client.timeout:g} s",
+                            "a function handler sends none: add --no-greeting", code=1) from exc
+        raise UserError(f"{where} sent no reply in {client.timeout:g} s",
+                        "check --framing: it must be the server's", code=1) from exc
+    except ssl.SSLError as exc:
+        raise UserError(f"no TLS with {where}: {exc.reason or exc}",
+                        "drop --tls for a plain server, or serve with --certfile", code=1) from exc
     except OSError as exc:
-        print(f"muxpool client: {exc}", file=sys.stderr)
-        return 1
+        raise UserError(f"cannot talk to {where}: {exc.strerror or exc}",
+                        "is the server running there? start one with muxpool serve", code=1) from exc
 
 
 def add_bench(commands) -> None:
+    from .cli_bench import add_bench_flags
+
     parser = commands.add_parser("bench", help="load-test a server (or compare engines)",
                                  description="Drive HOST:PORT with many connections and "
                                  "report requests/s, latency percentiles and errors.")
-    parser.add_argument("address", nargs="?", help="HOST:PORT (default 127.0.0.1:8088)")
-    parser.add_argument("-c", "--connections", type=int, default=50)
-    parser.add_argument("-d", "--duration", type=float, default=10.0, help="seconds measured")
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
-    parser.add_argument("-s", "--size", type=int, default=64, help="message bytes")
-    parser.add_argument("--framing", choices=list(FRAMERS), default="raw")
-    parser.add_argument("--greeting-bytes", default="17",
-                        help="bytes the server greets with (the lesson's service: 17; 0: none; "
-                        "auto: whatever arrives first)")
-    parser.add_argument("--pipeline", type=int, default=1, help="requests in flight per connection")
-    parser.add_argument("--rate", type=float, help="open loop: total requests/s on a fixed schedule")
-    parser.add_argument("-p", "--processes", type=int, help="generator processes (default: cores)")
-    parser.add_argument("--reply-prefix", default="response: ",
-                        help="expected reply = prefix + message ('' for a plain echo)")
-    parser.add_argument("--no-verify", action="store_true", help="do not check reply bytes")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds before a reply counts as lost")
-    parser.add_argument("--unix", dest="unix_path", help="a Unix socket path instead of HOST:PORT")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--per-connection", action="store_true",
-                        help="also report each connection: local port, requests sent and answered, "
-                        "how it ended (open, eof, reset, an error) and what was in flight then")
-    group = parser.add_argument_group("comparing engines (--compare)")
-    group.add_argument("--compare", action="store_true",
-                       help="start the app under each engine and reference server, load each the same")
-    group.add_argument("--app", help="module:attr to compare (default: the workload)")
-    group.add_argument("--workload", default="echo", help="echo, io:MS or cpu:MS (default echo)")
-    group.add_argument("--engines", help="comma-separated muxpool engines (default: all)")
-    group.add_argument("--references", help="comma-separated reference servers "
-                       "(default: asyncio, uvloop, gevent, socketserver where installed; 'none')")
-    group.add_argument("--repeat", type=int, default=3, help="runs per server (default 3)")
-    group.add_argument("--workers", type=int, help="handler threads for the threadpool engine")
-    group.add_argument("--out", default="bench-results", help="folder for JSON and PNG (default bench-results)")
+    add_bench_flags(parser)
     parser.set_defaults(func=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    import json
+    from .cli_bench import run_bench as run
 
-    from .loadtest import run_load
-    from .loadtest.report import live_progress, render
-
-    if args.compare:
-        return run_compare(args)
-    spec = _load_spec(args)
-    show = not args.json and sys.stderr.isatty()
-    with live_progress(spec.warmup + spec.duration, "bench", enabled=show) as on_progress:
-        report = run_load(spec, args.processes, on_progress=on_progress)
-    if args.json:
-        print(json.dumps(report.as_dict(), indent=2))
-    else:
-        render(report)
-    return 0 if report.requests and not report.error_total else 1
-
-
-def run_compare(args: argparse.Namespace) -> int:
-    import pathlib
-
-    from .loadtest.compare import available_servers, compare
-    from .loadtest.report import render_comparison
-    from .loadtest.summary import recommend, write_chart, write_json
-
-    spec = _load_spec(args)
-    engines = args.engines.split(",") if args.engines else list(ENGINES)
-    servers = available_servers(engines)
-    if args.references:
-        wanted = [] if args.references == "none" else args.references.split(",")
-        servers = [s for s in servers if s.startswith("muxpool:") or s in wanted]
-    title = (f"{args.app or args.workload}: {spec.connections} connections, {spec.size}-byte "
-             f"{spec.framing} messages, {spec.duration:g} s x {args.repeat}")
-    print(f"comparing {', '.join(servers)} ({title})", file=sys.stderr)
-    rows = compare(servers, spec, workload=args.workload, app=args.app, repeat=args.repeat,
-                   processes=args.processes, workers=args.workers,
-                   on_row=lambda row: print(f"  {row.server}: {row.median_rps():,.0f} requests/s"
-                                            + (f" FAILED {row.failure}" if row.failure else ""),
-                                            file=sys.stderr))
-    render_comparison(rows, title)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = (args.app or args.workload).replace(":", "-").replace("/", "-")
-    write_json(rows, out / f"compare-{stem}.json", {"title": title, "command": " ".join(sys.argv)})
-    charted = write_chart(rows, out / f"compare-{stem}.png", title)
-    print(f"wrote {out / f'compare-{stem}.json'}" + (f" and {out / f'compare-{stem}.png'}" if charted else
-          " (no chart: pip install 'muxpool[bench]' for matplotlib)"))
-    print(recommend(rows, args.app or args.workload))
-    return 0 if all(row.reports and not row.errors for row in rows) else 1
-
-
-def _load_spec(args: argparse.Namespace):
-    from .loadtest import LoadSpec
-
-    host, port = parse_address(args.address)
-    greeting = args.greeting_bytes if args.greeting_bytes == "auto" else int(args.greeting_bytes)
-    spec = LoadSpec(host=host, port=port, connections=args.connections, duration=args.duration,
-                    warmup=args.warmup, size=args.size, framing=args.framing, greeting_bytes=greeting,
-                    pipeline=args.pipeline, rate=args.rate, reply_prefix=args.reply_prefix.encode(),
-                    verify=not args.no_verify, timeout=args.timeout, unix_path=args.unix_path,
-                    per_connection=args.per_connection)
-    return spec
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="muxpool",
-        description="Concurrent network services and worker pools: one handler, any engine.")
+    parser = Parser(prog="muxpool",
+                    description="Concurrent network services and worker pools: one handler, any engine.")
     parser.add_argument("--version", action="version", version=f"muxpool {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (or MUXPOOL_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_serve(commands)
     add_client(commands)
     add_bench(commands)
+    for sub in commands.choices.values():  # accepted after the command too: muxpool serve --debug
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show tracebacks instead of one-line errors (or MUXPOOL_DEBUG=1)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    debug = os.environ.get("MUXPOOL_DEBUG", "") not in ("", "0")
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    return args.func(args)
+    args = None
+    try:
+        args = parser.parse_args(argv)
+        debug = debug or args.debug
+        if args.command is None:
+            parser.print_usage(sys.stderr)
+            raise UserError("no command given", "choose serve, client or bench; muxpool --help says more")
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        line = explain(exc, args)
+        if debug or line is None:
+            raise
+        print(f"muxpool: error: {line[0]}", file=sys.stderr)
+        return line[1]
 
 
 if __name__ == "__main__":

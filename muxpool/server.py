@@ -147,9 +147,7 @@ class Server:
         self._set_accepting(True)
         if self.config.stats_interval:
             self.mux.call_later(self.config.stats_interval, self._report_stats)
-        log.info("muxpool serving %s on %s (engine=%s, %s, framing=%s)", _app_name(self.app),
-                 _format_address(self.address), self.config.engine, self.engine.describe(),
-                 self.config.framing)
+        log.info("muxpool serving %s", _serving(self))
         watchdog = None
         if self.config.loop_stall_warning and not self.engine.watches_its_loop:
             watchdog = LoopWatchdog(self.mux, self.config.loop_stall_warning).start()
@@ -164,14 +162,13 @@ class Server:
             # After a hard stop, handler calls still running are abandoned, not waited for.
             self.engine.stop(wait=not self._stopped_hard)
             self.mux.close()
-            log.info("muxpool stopped (%d connections served)", self.stats.connections_total)
+            served = self.stats.connections_total
+            log.info("muxpool stopped (%d connection%s served)", served, "" if served == 1 else "s")
             self._stopped.set()
 
     def _supervise(self) -> None:
         """Engines that run whole servers in other processes (prefork)."""
-        log.info("muxpool serving %s on %s (engine=%s, %s, framing=%s)", _app_name(self.app),
-                 _format_address(self.address), self.config.engine, self.engine.describe(),
-                 self.config.framing)
+        log.info("muxpool serving %s", _serving(self))
         try:
             with _signals_wake(self.mux):
                 self.engine.supervise(self, ready=self._serving.set)
@@ -622,6 +619,16 @@ def _snapshot(connections: dict) -> list:
         except RuntimeError:  # changed size during iteration
             continue
     return []
+
+
+def _serving(server: Server) -> str:
+    """The startup line: what, where (and whether over TLS), and how."""
+    config = server.config
+    how = [f"engine={config.engine}", server.engine.describe()]
+    if not server.request_handler:  # a socketserver handler reads its socket itself: no framing
+        how.append(f"framing={config.framing}")
+    tls = " over TLS" if server.ssl_context is not None else ""
+    return f"{_app_name(server.app)} on {_format_address(server.address)}{tls} ({', '.join(how)})"
 
 
 def _app_name(app: Any) -> str:

@@ -89,6 +89,8 @@ class StreamConnection:
         self._send_lock = server.engine.make_lock()
         self._calls = 0  # handler calls started; a handler_timeout timer checks it
         self._kernel_timeouts = False
+        # Made here, on the loop thread, which collects it for the stats line.
+        self.tally = server.stats.tally() if server.config.stats_interval else None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.peer}>"
@@ -269,6 +271,8 @@ class StreamConnection:
         handle = session.on_message
         if config.handler_timeout:
             handle = functools.partial(self._timed, handle)
+        if self.tally is not None:  # only then: two clock reads per message
+            handle = functools.partial(_tallied, self.tally.add, handle)
         greeting = self._timed(session.on_connect, self)
         if greeting is not None:
             self._write(encode(greeting))
@@ -437,6 +441,8 @@ class StreamConnection:
 
     def finish(self, error: BaseException | None, ending: str = "abort") -> None:
         self.closed = True
+        if self.tally is not None:
+            self.tally.done = True  # its last count is in: the loop may drop it once collected
         graceful = error is None and not self._aborted
         if graceful and ending != "abort" and not self._write_shut and isinstance(self.sock, ssl.SSLSocket):
             self._send_close_notify()
@@ -456,6 +462,14 @@ class StreamConnection:
             except Exception:
                 log.exception("on_disconnect failed for %s", self.peer)
         self.server.forget_from_any_thread(self)
+
+
+def _tallied(add, handle, conn, message):
+    started = time.perf_counter()
+    try:
+        return handle(conn, message)
+    finally:
+        add(time.perf_counter() - started)
 
 
 def _discard_ready(sock: socket.socket, limit: int = 16) -> None:
