@@ -6,6 +6,9 @@ never imports gevent or dask (``GeventPool`` loads gevent on first use).
 """
 
 from .errors import (
+    AppError,
+    ConfigError,
+    HandlerError,
     ConnectionBroken,
     ConnectionClosed,
     HandlerTimeout,
@@ -35,6 +38,9 @@ from .server import Server, serve
 __version__ = "0.1.0"
 
 __all__ = [
+    "AppError",
+    "ConfigError",
+    "HandlerError",
     "AsyncFuture",
     "AsyncResult",
     "Client",

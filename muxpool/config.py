@@ -11,19 +11,11 @@ import socket
 import stat
 from dataclasses import dataclass, fields
 
+from .errors import ConfigError
 from .framing import DEFAULT_MAX_MESSAGE_SIZE, FRAMERS
 
 _MAX_ENCODED = 0xFFFFFFFF  # the most a 4-byte length prefix can carry
 WORKER_ENGINES = ("loop", "threadpool", "threaded")
-
-
-class ConfigError(ValueError):
-    """An option's value cannot work: ``.option`` names it, ``.problem`` says
-    why and ``.fix`` what to give instead (the CLI reprints it with the flag)."""
-
-    def __init__(self, option: str, value, problem: str, fix: str):
-        self.option, self.value, self.problem, self.fix = option, value, problem, fix
-        super().__init__(f"{option}={value!r} {problem} ({fix})")
 
 
 @dataclass

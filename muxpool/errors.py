@@ -32,6 +32,26 @@ class MuxpoolError(Exception):
         return _rebuild, (type(self), self.args, self.__dict__)
 
 
+# --- configuration and apps --------------------------------------------------
+
+
+class ConfigError(MuxpoolError, ValueError):
+    """An option's value cannot work: ``.option`` names it, ``.problem`` says
+    why and ``.fix`` what to give instead (the CLI reprints it with the flag)."""
+
+    def __init__(self, option: str, value, problem: str, fix: str):
+        self.option, self.value, self.problem, self.fix = option, value, problem, fix
+        super().__init__(f"{option}={value!r} {problem} ({fix})")
+
+
+class HandlerError(MuxpoolError, TypeError):
+    """``app`` is not a handler, or cannot be called the way its form is."""
+
+
+class AppError(MuxpoolError, ValueError):
+    """A ``module:attr`` that does not name anything to import."""
+
+
 # --- pools -----------------------------------------------------------------
 
 

@@ -23,6 +23,8 @@ import sys
 import types
 from typing import Any, Callable
 
+from .errors import AppError, HandlerError
+
 Reply = bytes | bytearray | memoryview | None
 
 
@@ -61,14 +63,6 @@ class FunctionHandler:
 
     def on_message(self, conn, message: bytes) -> Reply:
         return self.fn(message, conn)
-
-
-class HandlerError(TypeError):
-    """``app`` is not a handler, or cannot be called the way its form is."""
-
-
-class AppError(ValueError):
-    """A ``module:attr`` that does not name anything to import."""
 
 
 # The two forms' argument orders differ, and stay so: the function form has
