@@ -185,7 +185,7 @@ class DaskPool(WorkerPool):
         self._timer_ids = itertools.count()
         self._to_cancel: list = []  # Dask futures to cancel on the scheduler
         self._ready: list = []  # (task, Dask future) finished, outcome not fetched yet
-        self._counts = {"completed": 0, "failed": 0, "cancelled": 0}
+        self._counts = {"completed": 0, "failed": 0, "cancelled": 0, "timed_out": 0}
         self._closed = False
         self._terminated = False
         self._broken: BaseException | None = None  # what broke the housekeeper
@@ -350,6 +350,7 @@ class DaskPool(WorkerPool):
                     _deadline, _n, task = heapq.heappop(timers)
                     if not task.settled:
                         self._settle_locked(task, "failed")
+                        self._counts["timed_out"] += 1
                         expired.append(task)
                 cancels, self._to_cancel = self._to_cancel, []
                 for task in expired:
