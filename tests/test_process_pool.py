@@ -332,6 +332,7 @@ def test_close_then_join_stops_every_worker_process(make_pool, tmp_path):
 # --- shared state through the initializer ----------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 @pytest.mark.parametrize("method", ["forkserver", "fork"])
 def test_shared_array_and_lock_through_initializer(make_pool, method):
     ctx = multiprocessing.get_context(method)
