@@ -204,6 +204,7 @@ def test_pool_wide_task_timeout(pools, client):
     assert isinstance(fut.exception(timeout=10), TaskTimeout)
     assert pool.schedule(pool_tasks.sleep_then_return, (1.0, "ok"), task_timeout=30).result(
         timeout=30) == "ok"
+    assert pool.stats().timed_out == 1
 
 
 # --- failures ------------------------------------------------------------------------------

@@ -17,7 +17,11 @@ import pytest
 import pool_tasks
 from muxpool import ProcessPool, WorkerCrashed
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [
+    pytest.mark.timeout(60),
+    # Python 3.12+ warns that forking a threaded process can deadlock: adopting fork is the point here.
+    pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning"),
+]
 
 
 @pytest.fixture

@@ -148,6 +148,7 @@ def test_pool_wide_task_timeout(make_pool):
     assert pool.submit(pool_tasks.sleep_then_return, 0.05, "ok").result(timeout=10) == "ok"
     wait_until(lambda: pool.stats().workers == 2, 10, what="the worker to be replaced")
     assert_pool_serves(pool)
+    assert pool.stats().timed_out == 1
 
 
 def test_per_task_timeout_via_schedule_and_run(make_pool):
@@ -331,6 +332,7 @@ def test_close_then_join_stops_every_worker_process(make_pool, tmp_path):
 # --- shared state through the initializer ----------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 @pytest.mark.parametrize("method", ["forkserver", "fork"])
 def test_shared_array_and_lock_through_initializer(make_pool, method):
     ctx = multiprocessing.get_context(method)

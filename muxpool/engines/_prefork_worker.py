@@ -56,8 +56,12 @@ def serve(app, listener, ssl_context, config, shared, slot: int, period: float,
     if mask is not None:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a SIGTERM held back arrives now
     if parent_gone_fd is not None:
+        def parent_gone(_mask: int) -> None:
+            worker.mux.unregister(parent_gone_fd)  # EOF stays readable: once is enough
+            worker.shutdown(wait=False)
+
         # Readable (EOF) once the supervisor is gone, however it went: drain and exit.
-        worker.mux.register(parent_gone_fd, EVENT_READ, lambda _mask: worker.shutdown(wait=False))
+        worker.mux.register(parent_gone_fd, EVENT_READ, parent_gone)
     base = slot * FIELDS
 
     def publish_totals():  # on the worker's loop, so it is also the loop's heartbeat

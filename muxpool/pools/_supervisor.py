@@ -318,6 +318,7 @@ class ProcessPoolMachinery(WorkerPool):
                 worker.doomed = True
                 worker.process.kill()
                 self._counts["failed"] += 1
+                self._counts["timed_out"] += 1
                 settled.append((task, False, TaskTimeout(task.task_timeout)))
 
     def _maintain_locked(self, settled: list) -> None:

@@ -42,8 +42,9 @@ class PoolStats:
     completed: int
     failed: int
     cancelled: int
-    #: tasks failed with ``TaskTimeout`` whose thread still ran on (thread pools), or
-    #: that were interrupted (greenlets); counted in ``failed`` too
+    #: tasks failed with ``TaskTimeout`` (also counted in ``failed``): their worker
+    #: process was killed, their greenlet interrupted, or, on threads and Dask, the
+    #: call ran on in the background with its result discarded
     timed_out: int = 0
 
 

@@ -102,7 +102,7 @@ class ProcessPool(ProcessPoolMachinery):
         self._handoff: list = []  # outcomes collected by _harvest_locked, delivered by the supervisor
         self._last_harvest = 0.0
         self._needs_upkeep = True  # worker exits, close, terminate: the supervisor looks again
-        self._counts = {"completed": 0, "failed": 0, "cancelled": 0}
+        self._counts = {"completed": 0, "failed": 0, "cancelled": 0, "timed_out": 0}
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
