@@ -49,6 +49,7 @@ _MAX_ENCODED = 0xFFFFFFFF  # the most a 4-byte length prefix can carry
 _DEADLINE_GRACE = 0.25  # s past drain_timeout before the deadline thread steps in for a stuck loop
 _REJECT_LOG_EVERY = 10.0  # s between log lines about connections closed at max_connections
 _SHARED_FULL_PAUSE = 0.05  # s a full prefork worker leaves the shared queue to the others
+_SHARED_FULL_WAIT_MAX = 0.5  # s at most, while they say they have room (what they say may be stale)
 
 
 class Server:
@@ -107,6 +108,12 @@ class Server:
                             if config.busy_message else None)
         self._rejected_unlogged = 0
         self._rejecting = False
+        self._full_since: float | None = None
+        # A prefork worker's: do the other workers have room? (their open
+        # connections, through the supervisor's shared array) and a callback
+        # to publish its own count.
+        self.others_have_room: Any = None
+        self.on_connection_count: Any = None
         self._reject_logged_at = -_REJECT_LOG_EVERY
         self._address = self.listener.getsockname()
         self.stats = ServerStats()
@@ -326,6 +333,8 @@ class Server:
                 # A prefork worker shares the queue: another worker may have room,
                 # so leave it to them for a moment, then close what is still waiting.
                 self._set_accepting(False)
+                if self._full_since is None:
+                    self._full_since = time.monotonic()
                 self.mux.call_later(_SHARED_FULL_PAUSE, self._reject_waiting)
                 return
             try:
@@ -348,6 +357,12 @@ class Server:
                 self._add_connection(sock, peer)
 
     def _reject_waiting(self) -> None:
+        waited = time.monotonic() - (self._full_since or 0.0)
+        if (self.others_have_room is not None and waited < _SHARED_FULL_WAIT_MAX
+                and len(self.connections) >= self.config.max_connections and self.others_have_room()):
+            self.mux.call_later(_SHARED_FULL_PAUSE, self._reject_waiting)  # theirs to take
+            return
+        self._full_since = None
         self._rejecting = True  # until the queue is empty
         self._set_accepting(True)
 
@@ -379,6 +394,8 @@ class Server:
             kind = RequestHandlerConnection if self.request_handler else StreamConnection
             stream = kind(self, sock, peer, next(self._ids))
             self.connections[id(stream)] = stream
+            if self.on_connection_count is not None:
+                self.on_connection_count(len(self.connections))
             self.stats.connections_total += 1
             if self.ssl_context is not None:  # the whole handshake, not each read, is timed
                 stream.tls_timer = self.mux.call_later(self.config.tls_handshake_timeout,
@@ -387,6 +404,8 @@ class Server:
             return
         conn = Connection(self, sock, peer, next(self._ids))
         self.connections[id(conn)] = conn
+        if self.on_connection_count is not None:
+            self.on_connection_count(len(self.connections))
         self.stats.connections_total += 1
         conn.update_interest()
         if self.config.idle_timeout:
@@ -424,7 +443,10 @@ class Server:
                       conn.linger_timer):
             if timer is not None:
                 timer.cancel()
+        if self.on_connection_count is not None:
+            self.on_connection_count(len(self.connections))
         if not self._accepting and not self._draining and len(self.connections) < self.config.max_connections:
+            self._full_since = None
             self._set_accepting(True)
         self._stop_if_drained()
 

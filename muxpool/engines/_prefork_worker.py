@@ -63,6 +63,7 @@ def serve(app, listener, ssl_context, config, shared, slot: int, period: float,
         # Readable (EOF) once the supervisor is gone, however it went: drain and exit.
         worker.mux.register(parent_gone_fd, EVENT_READ, parent_gone)
     base = slot * FIELDS
+    _share_room(worker, shared, slot, period)
 
     def publish_totals():  # on the worker's loop, so it is also the loop's heartbeat
         shared[base] = worker.stats.connections_total
@@ -80,6 +81,29 @@ def serve(app, listener, ssl_context, config, shared, slot: int, period: float,
     worker.serve_forever()
     shared[base] = worker.stats.connections_total
     shared[base + 1] = worker.stats.messages_total
+
+
+def _share_room(worker, shared, slot: int, period: float) -> None:
+    """Each worker publishes its open connections; a full one asks whether a live
+    sibling has room before it closes a waiting client (Server._reject_waiting):
+    the kernel hands a connection to whichever worker accepts first."""
+    limit, base = worker.config.max_connections, slot * FIELDS
+    slots = len(shared) // FIELDS
+
+    def count(n: int) -> None:
+        shared[base + 2] = n
+
+    def others_have_room() -> bool:
+        now = time.monotonic_ns()
+        for other in range(slots):
+            at = other * FIELDS
+            alive = now - shared[at + HEARTBEAT] < (2 * period + 1) * 1e9
+            if other != slot and shared[at + HEARTBEAT] and alive and shared[at + 2] < limit:
+                return True
+        return False
+
+    worker.on_connection_count = count
+    worker.others_have_room = others_have_room
 
 
 # --- fork -------------------------------------------------------------------------------
