@@ -7,6 +7,10 @@ PYVER  := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2]
 VENV   ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-$(PYVER))
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The suite runs on two pytest workers: its tests mostly wait on sockets and
+# subprocesses, and every timing in it holds with a CPU hog on each core.
+# PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: setup serve test test-fast bench bench-pools bench-idle soak clean
 
@@ -23,12 +27,12 @@ serve: setup
 
 # Everything: what CI runs.
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # The edit-test loop: all but the reliability suites that start servers on every
 # engine (marked slow in tests/conftest.py); `make test` still runs everything.
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/engines.py
