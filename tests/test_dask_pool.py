@@ -19,6 +19,7 @@ from concurrent.futures import CancelledError
 
 import pool_tasks
 import pytest
+from pool_support import made_pools, wait_until
 from processes import process_exists
 
 from muxpool import PoolClosed, RemoteTraceback, SerializationError, TaskTimeout
@@ -58,26 +59,7 @@ def client(cluster):
 
 @pytest.fixture
 def pools():
-    """Makes DaskPools and always terminates and joins them."""
-    made = []
-
-    def make(*args, pool_class=DaskPool, **kwargs):
-        pool = pool_class(*args, **kwargs)
-        made.append(pool)
-        return pool
-
-    yield make
-    for pool in made:
-        pool.terminate()
-        assert pool.join(30), f"{pool!r} did not finish"
-
-
-def wait_until(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
+    yield from made_pools(DaskPool, 30)
 
 
 def accepts(address: str) -> bool:

@@ -17,9 +17,10 @@ import sys
 import threading
 import time
 
-import pytest
-
 import pool_tasks
+import pytest
+from pool_support import made_pools
+
 from muxpool import PoolBroken, TaskTimeout, ThreadPool
 from muxpool.pools.queued import THREADS, Runtime
 
@@ -49,17 +50,7 @@ class FragileThreadPool(ThreadPool):
 
 @pytest.fixture
 def thread_pools():
-    made = []
-
-    def make(*args, pool_class=ThreadPool, **kwargs):
-        pool = pool_class(*args, **kwargs)
-        made.append(pool)
-        return pool
-
-    yield make
-    for pool in made:
-        pool.terminate()
-        assert pool.join(10), f"{pool!r} did not stop"
+    yield from made_pools(ThreadPool, 10)
 
 
 def test_a_bookkeeping_failure_breaks_the_thread_pool(thread_pools, caplog):

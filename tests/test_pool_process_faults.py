@@ -17,9 +17,10 @@ import sys
 import threading
 import time
 
-import pytest
-
 import pool_tasks
+import pytest
+from pool_support import made_pools, wait_until
+
 from muxpool import PoolBroken, ProcessPool, SerializationError, WorkerCrashed
 from muxpool.errors import PoolClosed
 
@@ -30,26 +31,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture
 def make_pool():
-    """Make ProcessPools; always terminate and join them at teardown."""
-    pools = []
-
-    def make(*args, pool_class=ProcessPool, **kwargs):
-        pool = pool_class(*args, **kwargs)
-        pools.append(pool)
-        return pool
-
-    yield make
-    for pool in pools:
-        pool.terminate()
-        assert pool.join(10), f"{pool!r} did not stop"
-
-
-def wait_until(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
+    yield from made_pools(ProcessPool, 10)
 
 
 def gone(pid):

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import multiprocessing
 
-import pytest
-
 import pool_tasks
+import pytest
+from pool_support import made_pools
+
 from muxpool import ProcessPool, WorkerCrashed
 
 pytestmark = [
@@ -26,17 +27,7 @@ pytestmark = [
 
 @pytest.fixture
 def make_pool():
-    pools = []
-
-    def make(*args, **kwargs):
-        pool = ProcessPool(*args, **kwargs)
-        pools.append(pool)
-        return pool
-
-    yield make
-    for pool in pools:
-        pool.terminate()
-        assert pool.join(10), f"{pool!r} did not stop"
+    yield from made_pools(ProcessPool, 10)
 
 
 def run_across_a_crash(pool, func, calls):

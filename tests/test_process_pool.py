@@ -15,9 +15,10 @@ import signal
 import threading
 import time
 
-import pytest
-
 import pool_tasks
+import pytest
+from pool_support import made_pools, wait_until
+
 from muxpool import ProcessPool
 from muxpool.errors import (
     PoolClosed,
@@ -33,32 +34,7 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture
 def make_pool():
-    """Make ProcessPools; always terminate and join them at teardown."""
-    pools = []
-
-    def make(*args, **kwargs):
-        pool = ProcessPool(*args, **kwargs)
-        pools.append(pool)
-        return pool
-
-    yield make
-    problems = []
-    for pool in pools:
-        try:
-            pool.terminate()
-            if not pool.join(10):
-                problems.append(f"{pool!r}: join(10) returned False after terminate()")
-        except Exception as exc:
-            problems.append(f"teardown of {pool!r} raised {exc!r}")
-    assert not problems, problems
-
-
-def wait_until(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
+    yield from made_pools(ProcessPool, 10)
 
 
 def pid_alive(pid: int) -> bool:
