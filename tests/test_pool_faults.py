@@ -135,7 +135,10 @@ def test_gevent_pool_task_timeout_interrupts_the_greenlet():
 # --- Ctrl-C while the caller waits ------------------------------------------------------------
 
 INTERRUPTED = """
-import pathlib, sys, time
+import pathlib, signal, sys, time
+# A shell that runs a job in the background starts it with SIGINT ignored, and
+# Python then keeps it so: this test is about Ctrl-C, so Ctrl-C must raise here.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import pool_tasks
 kind, tmp = sys.argv[1], pathlib.Path(sys.argv[2])
 started, release = tmp / "started", tmp / "release"
