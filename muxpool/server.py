@@ -604,7 +604,8 @@ class StopSignals:
     def _stop_now(self) -> None:
         server = self.server
         server.stop_now()
-        if server.mux.in_loop_thread() and server.mux.ticks % 2 == 0:
+        # (On gevent this handler runs in a greenlet of its own: raising would end only it.)
+        if server.config.engine != "gevent" and server.mux.in_loop_thread() and server.mux.ticks % 2 == 0:
             # The loop is inside a callback — a handler that may never return —
             # so it would never get to run stop_now: unwind it from here.
             raise _StopNow
