@@ -169,10 +169,25 @@ def _env(record: pathlib.Path) -> dict:
     return env
 
 
-@pytest.mark.timeout(120)
+ATTEMPTS = 3  # a SIGTERM that found nothing in flight (the client starved of CPU) proves nothing: again
+
+
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("engine", list(ENGINE_ARGS))
 def test_sigterm_under_load_answers_every_request_taken_in(engine, tmp_path, server_factory):
-    record = tmp_path / "handled.jsonl"
+    for attempt in range(ATTEMPTS):
+        after_term = _drain_under_load(engine, tmp_path / f"attempt{attempt}", server_factory)
+        # loop runs handlers on the thread that takes the signal, so whether one is
+        # mid-call when it lands is luck (0-49 replies after it here): not asserted.
+        if engine == "loop" or after_term > 0:
+            return
+    pytest.fail(f"{engine}: no reply after the SIGTERM in {ATTEMPTS} tries: the drain never had work")
+
+
+def _drain_under_load(engine: str, folder: pathlib.Path, server_factory) -> int:
+    """One run: load, SIGTERM, every check; returns the replies the drain returned after it."""
+    folder.mkdir()
+    record = folder / "handled.jsonl"
     server = server_factory(["drain_apps:CountingSlowEcho", *ENGINE_ARGS[engine], "--framing", "line",
                              "--host", "127.0.0.1", "--port", "0",
                              "--drain-timeout", str(DRAIN_TIMEOUT), "--log-level", "INFO"],
@@ -254,7 +269,4 @@ def test_sigterm_under_load_answers_every_request_taken_in(engine, tmp_path, ser
     assert not problems, f"{engine}: " + "\n".join(problems[:20])
     assert lost == 0
     assert answered == report.requests  # the derived counts agree with the hot loop's own
-    if engine != "loop":
-        # loop runs handlers on the thread that takes the signal, so whether one is
-        # mid-call when it lands is luck (0-49 replies after it here): not asserted.
-        assert after_term > 0, f"{engine}: no reply after the SIGTERM: the drain had nothing to do"
+    return after_term
