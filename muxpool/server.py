@@ -340,7 +340,6 @@ class Server:
             try:
                 sock, peer = self.listener.accept()
             except (BlockingIOError, InterruptedError):
-                self._rejecting = False
                 return
             except ConnectionAbortedError:
                 continue
@@ -357,13 +356,21 @@ class Server:
                 self._add_connection(sock, peer)
 
     def _reject_waiting(self) -> None:
+        if self._draining:
+            return
         waited = time.monotonic() - (self._full_since or 0.0)
         if (self.others_have_room is not None and waited < _SHARED_FULL_WAIT_MAX
                 and len(self.connections) >= self.config.max_connections and self.others_have_room()):
             self.mux.call_later(_SHARED_FULL_PAUSE, self._reject_waiting)  # theirs to take
             return
         self._full_since = None
-        self._rejecting = True  # until the queue is empty
+        # Close what waited, now, in one pass: a flag left for the next readable event
+        # would close a newcomer a sibling with room was about to take.
+        self._rejecting = True
+        try:
+            self._on_accept(EVENT_READ)
+        finally:
+            self._rejecting = False
         self._set_accepting(True)
 
     def _reject(self, sock: socket.socket, peer: Any) -> None:
