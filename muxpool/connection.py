@@ -77,6 +77,7 @@ class Connection:
         self.lingering = False  # our FIN is sent: discarding input until the peer's EOF
         self.heard = False  # a message has arrived (a drain waits for a new client's first)
         self.held: list[bytes] = []  # inline messages waiting for a slow reader to catch up
+        self.timing_message = False  # the call in hand is a message's (what the stats count)
         self.events = 0
         self.last_active = time.monotonic()
         self.write_progress = 0.0

@@ -31,7 +31,7 @@ from typing import Any
 
 from .compat import RequestHandlerConnection, is_request_handler
 from .config import ServerConfig, make_listener, socket_identity, unlink_own_socket
-from .connection import Connection, _call_connect
+from .connection import Connection, _call_connect, _call_disconnect
 from .engines import load_engine
 from .framing import make_framer
 from .handlers import EchoService, resolve_handler
@@ -463,11 +463,15 @@ class Server:
         if self.config.handler_timeout:
             conn.handler_timer = self.mux.call_later(self.config.handler_timeout,
                                                      lambda: self._handler_overdue(conn))
+        # The stats count messages: a greeting or a goodbye is not one (a line's p50
+        # over an interval of disconnects would read 0.01 ms).
+        conn.timing_message = fn is not _call_connect and fn is not _call_disconnect
         self.engine.run(conn, fn, arg)
 
     def handler_done(self, conn: Connection, ok: bool, value: Any, elapsed: float) -> None:
         """Called by engines on the loop thread when a handler call returns."""
-        self.stats.record(elapsed)
+        if conn.timing_message:
+            self.stats.record(elapsed)
         if conn.handler_timer is not None:
             conn.handler_timer.cancel()
             conn.handler_timer = None
