@@ -49,7 +49,6 @@ _MAX_ENCODED = 0xFFFFFFFF  # the most a 4-byte length prefix can carry
 _DEADLINE_GRACE = 0.25  # s past drain_timeout before the deadline thread steps in for a stuck loop
 _REJECT_LOG_EVERY = 10.0  # s between log lines about connections closed at max_connections
 _SHARED_FULL_PAUSE = 0.05  # s a full prefork worker leaves the shared queue to the others
-_REJECT_PASSES = 64  # x _ACCEPTS_PER_EVENT: what one pass of a full worker may close
 _SHARED_FULL_WAIT_MAX = 0.5  # s at most, while they say they have room (what they say may be stale)
 
 
@@ -327,12 +326,10 @@ class Server:
         else:
             self.mux.unregister(self.listener)
 
-    def _on_accept(self, mask: int) -> bool | None:
-        """Accept what waits (at most _ACCEPTS_PER_EVENT); True once the queue is empty."""
+    def _on_accept(self, mask: int) -> None:
         for _ in range(_ACCEPTS_PER_EVENT):
             full = len(self.connections) >= self.config.max_connections
-            if (full and not self._owns_listener and not self._rejecting
-                    and (self.others_have_room is None or self.others_have_room())):
+            if full and not self._owns_listener and not self._rejecting:
                 # A prefork worker shares the queue: another worker may have room,
                 # so leave it to them for a moment, then close what is still waiting.
                 self._set_accepting(False)
@@ -343,7 +340,7 @@ class Server:
             try:
                 sock, peer = self.listener.accept()
             except (BlockingIOError, InterruptedError):
-                return True
+                return
             except ConnectionAbortedError:
                 continue
             except OSError as exc:
@@ -371,9 +368,7 @@ class Server:
         # would close a newcomer a sibling with room was about to take.
         self._rejecting = True
         try:
-            for _ in range(_REJECT_PASSES):  # to the end of the queue: a slow close strands clients
-                if self._on_accept(EVENT_READ):
-                    break
+            self._on_accept(EVENT_READ)
         finally:
             self._rejecting = False
         self._set_accepting(True)
