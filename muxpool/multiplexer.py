@@ -73,6 +73,7 @@ class Multiplexer:
         self._running = False
         self._stopping = False
         self.thread_id: int | None = None
+        self.native_thread_id: int | None = None  # the kernel's id, for /proc
         # Odd while waiting in select() (or not running), even while running
         # callbacks: a watchdog thread reads it (muxpool.watchdog).
         self.ticks = 1
@@ -148,6 +149,7 @@ class Multiplexer:
     def run(self) -> None:
         """Serve until :meth:`stop`. Callbacks that raise are logged, never fatal."""
         self.thread_id = threading.get_ident()
+        self.native_thread_id = threading.get_native_id()
         self._running = True
         select = self._selector.select
         try:

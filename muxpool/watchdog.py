@@ -14,7 +14,10 @@ loop two integer increments per iteration and nothing per message. A loop
 thread that cannot get the GIL (CPU-bound handler threads on ``threadpool``)
 looks the same, and is reported too: its clients wait just as long. When
 the watchdog itself did not run for a while (the whole process paused, on a
-busy machine), the stall is not blamed on the loop.
+busy machine), the stall is not blamed on the loop. Nor is the time the loop
+thread spent runnable but waiting for a CPU (Linux's per-thread schedstat):
+on a machine with more busy threads than cores that is the machine's doing,
+and no handler can be moved to fix it.
 
 The gevent engine uses gevent's own monitor of its hub instead.
 """
@@ -22,6 +25,7 @@ The gevent engine uses gevent's own monitor of its hub instead.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -30,6 +34,18 @@ import traceback
 log = logging.getLogger("muxpool.server")
 
 REPORT_EVERY = 10.0  # seconds: later stalls meanwhile are counted, not each logged
+
+
+def run_queue_wait(native_thread_id: int | None) -> float:
+    """Seconds the thread has spent runnable but waiting for a CPU, or 0.0
+    where the kernel does not say (not Linux, no schedstat)."""
+    if native_thread_id is None:
+        return 0.0
+    try:
+        with open(f"/proc/{os.getpid()}/task/{native_thread_id}/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 class LoopWatchdog:
@@ -56,6 +72,7 @@ class LoopWatchdog:
         # seen within ``after`` + ``period``.
         period = self.after / 10
         seen, seen_at, stalled = -1, 0.0, False
+        waited_at_seen = 0.0  # the loop thread's run-queue wait when last seen moving
         last_report, unreported = -REPORT_EVERY, 0
         woke = time.monotonic()
         while not self._stop.wait(period):
@@ -65,14 +82,19 @@ class LoopWatchdog:
                 # This thread did not run either: the whole process was paused
                 # (a busy machine, a debugger), which is not the loop's doing.
                 seen, seen_at = ticks, now
+                waited_at_seen = run_queue_wait(self.mux.native_thread_id)
                 continue
             if ticks != seen or ticks % 2:  # moved, or waiting in select(): not stuck
                 if stalled:
                     log.info("the event loop runs again, after %.2f s stuck", now - seen_at)
                 seen, seen_at, stalled = ticks, now, False
+                waited_at_seen = run_queue_wait(self.mux.native_thread_id)
                 continue
             if stalled or now - seen_at < self.after:
                 continue
+            starved = run_queue_wait(self.mux.native_thread_id) - waited_at_seen
+            if now - seen_at - starved < self.after:
+                continue  # much of it was spent waiting for a CPU: keep watching
             stalled = True
             self.stalls += 1
             if now - last_report < REPORT_EVERY:

@@ -142,7 +142,11 @@ def test_connect_close_churn_leaks_no_file_descriptor(engine, kind, tmp_path, re
     every process serving, return to their baseline, and it still serves."""
     needs_gevent(engine)
     churn = CHURNS[kind]
-    options, ctx = list(churn.options), None
+    # The warnings that count here are the ones churn causes. A stalled loop has
+    # its own tests (test_loop_watchdog); with three serving processes, eight client
+    # threads and another test worker on two cores, the scheduler alone can hold a
+    # loop thread back for half a second.
+    options, ctx = list(churn.options) + ["--loop-stall-warning", "2"], None
     if kind.startswith("tls"):
         certfile, ctx = request.getfixturevalue("tls_files")
         options += ["--certfile", str(certfile)]
@@ -200,7 +204,7 @@ def test_connect_close_churn_leaks_no_file_descriptor(engine, kind, tmp_path, re
         if churn.closed_by_server:  # the server closed them, for the reason under test
             assert logged >= churn.cycles, f"only {logged} of {churn.cycles} closes logged"
         if churn.clean:
-            assert warnings == 0, _log_records(server.log())[:3]
+            assert warnings == 0, server.log()[-4000:]
         server.check_running()
         churn.cycle(address, 0, ctx)  # still serving
 
