@@ -38,7 +38,11 @@ class ServerConfig:
     write_timeout: float | None = 30.0
     handler_timeout: float | None = None
     drain_timeout: float = 10.0
-    backlog: int = 1024
+    # Deep enough that a burst of thousands of connects is not dropped by the kernel
+    # before the accept loop can serve or close it (a client whose handshake the
+    # kernel completed by SYN cookie, then dropped, waits with no one to tell it);
+    # the kernel caps it at net.core.somaxconn.
+    backlog: int = 4096
     reuse_port: bool = False
     stats_interval: float | None = None
     certfile: str | None = None

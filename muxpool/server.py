@@ -49,6 +49,7 @@ _MAX_ENCODED = 0xFFFFFFFF  # the most a 4-byte length prefix can carry
 _DEADLINE_GRACE = 0.25  # s past drain_timeout before the deadline thread steps in for a stuck loop
 _REJECT_LOG_EVERY = 10.0  # s between log lines about connections closed at max_connections
 _SHARED_FULL_PAUSE = 0.05  # s a full prefork worker leaves the shared queue to the others
+_REJECT_PASSES = 64  # x _ACCEPTS_PER_EVENT: the most one reject pass closes before the loop runs on
 _SHARED_FULL_WAIT_MAX = 0.5  # s at most, while they say they have room (what they say may be stale)
 
 
@@ -112,7 +113,7 @@ class Server:
         # A prefork worker's: do the other workers have room? (their open
         # connections, through the supervisor's shared array) and a callback
         # to publish its own count.
-        self.others_have_room: Any = None
+        self.sibling_room: Any = None  # prefork: Callable[[], bool | None]
         self.on_connection_count: Any = None
         self._reject_logged_at = -_REJECT_LOG_EVERY
         self._address = self.listener.getsockname()
@@ -326,21 +327,16 @@ class Server:
         else:
             self.mux.unregister(self.listener)
 
-    def _on_accept(self, mask: int) -> None:
+    def _on_accept(self, mask: int) -> bool:
+        """Accept what waits, at most _ACCEPTS_PER_EVENT; True once the queue is empty."""
         for _ in range(_ACCEPTS_PER_EVENT):
             full = len(self.connections) >= self.config.max_connections
-            if full and not self._owns_listener and not self._rejecting:
-                # A prefork worker shares the queue: another worker may have room,
-                # so leave it to them for a moment, then close what is still waiting.
-                self._set_accepting(False)
-                if self._full_since is None:
-                    self._full_since = time.monotonic()
-                self.mux.call_later(_SHARED_FULL_PAUSE, self._reject_waiting)
-                return
+            if full and self._leave_to_siblings():
+                return False
             try:
                 sock, peer = self.listener.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                return True
             except ConnectionAbortedError:
                 continue
             except OSError as exc:
@@ -348,27 +344,45 @@ class Server:
                     log.error("accept failed (%s); pausing accepts for 0.1 s", exc)
                     self._set_accepting(False)
                     self.mux.call_later(0.1, lambda: self._set_accepting(True))
-                    return
+                    return False
                 raise
             if full:
                 self._reject(sock, peer)
             else:
                 self._add_connection(sock, peer)
+        return False
+
+    def _leave_to_siblings(self) -> bool:
+        """A full prefork worker shares the listen queue: while a sibling may have
+        room, stop accepting for a moment and let it take what waits. When every
+        sibling says it is full there is no one to wait for: close at once."""
+        if self._owns_listener or self._rejecting or self.sibling_room is None:
+            return False
+        if self.sibling_room() is False:
+            return False
+        self._set_accepting(False)
+        if self._full_since is None:
+            self._full_since = time.monotonic()
+        self.mux.call_later(_SHARED_FULL_PAUSE, self._reject_waiting)
+        return True
 
     def _reject_waiting(self) -> None:
         if self._draining:
             return
         waited = time.monotonic() - (self._full_since or 0.0)
-        if (self.others_have_room is not None and waited < _SHARED_FULL_WAIT_MAX
-                and len(self.connections) >= self.config.max_connections and self.others_have_room()):
+        if (waited < _SHARED_FULL_WAIT_MAX and len(self.connections) >= self.config.max_connections
+                and self.sibling_room() is not False):
             self.mux.call_later(_SHARED_FULL_PAUSE, self._reject_waiting)  # theirs to take
             return
         self._full_since = None
-        # Close what waited, now, in one pass: a flag left for the next readable event
-        # would close a newcomer a sibling with room was about to take.
+        # Close what waited, now, to the end of the queue: a flag left for the next
+        # readable event would close a newcomer a sibling with room was about to
+        # take, and one batch per pause strands clients in a large burst.
         self._rejecting = True
         try:
-            self._on_accept(EVENT_READ)
+            for _ in range(_REJECT_PASSES):
+                if self._on_accept(EVENT_READ):
+                    break
         finally:
             self._rejecting = False
         self._set_accepting(True)

@@ -645,3 +645,35 @@ def test_a_stuck_handler_on_a_threadpool_worker_leaves_the_worker_alive(
         assert client.receive() == b"released: block"
     assert workers(srv) == before
     assert not any("has not run" in r.getMessage() for r in caplog.records)
+
+
+def test_a_full_worker_knows_when_a_sibling_has_room_is_full_or_cannot_say():
+    """What a full worker reads from the shared array decides whether it leaves a
+    waiting client to a sibling (room, or cannot say) or closes it at once (every
+    sibling full): waiting for siblings that are all full strands a burst in the
+    listen queue, and closing while one is still starting refuses clients it could take."""
+    from multiprocessing.sharedctypes import RawArray
+    from types import SimpleNamespace
+
+    from muxpool.engines import _prefork_worker as workers
+
+    fields, limit, period = workers.FIELDS, 5, 0.5
+    shared = RawArray("q", 3 * fields)  # three slots; slot 2 is free
+    worker = SimpleNamespace(config=SimpleNamespace(max_connections=limit))
+    workers._share_room(worker, shared, 0, period)
+
+    def sibling(open_connections: int, beat: int) -> None:
+        shared[fields + 2], shared[fields + workers.HEARTBEAT] = open_connections, beat
+
+    sibling(0, workers.STARTING)
+    assert worker.sibling_room() is None  # its loop has not run yet: it may take them soon
+    sibling(limit - 1, time.monotonic_ns())
+    assert worker.sibling_room() is True
+    sibling(limit, time.monotonic_ns())
+    assert worker.sibling_room() is False  # every sibling full: close at once
+    sibling(0, time.monotonic_ns() - int(10 * period * 1e9))
+    assert worker.sibling_room() is None  # silent for a while: no one can say
+    sibling(0, workers.UNUSED)
+    assert worker.sibling_room() is False  # no sibling at all
+    worker.on_connection_count(3)
+    assert shared[2] == 3

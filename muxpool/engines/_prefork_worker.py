@@ -38,6 +38,9 @@ from ._worker_logs import LogForwarder
 
 FIELDS = 7  # per worker slot in the shared array; see prefork.py
 HEARTBEAT = 6
+# What the heartbeat field holds before a worker's first beat: a free slot, or a
+# worker the supervisor has started whose loop has not run yet.
+UNUSED, STARTING = 0, 1
 # Held back across fork until the worker's own handlers are in place.
 WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 _PR_SET_PDEATHSIG = 1
@@ -85,25 +88,31 @@ def serve(app, listener, ssl_context, config, shared, slot: int, period: float,
 
 def _share_room(worker, shared, slot: int, period: float) -> None:
     """Each worker publishes its open connections; a full one asks whether a live
-    sibling has room before it closes a waiting client (Server._reject_waiting):
-    the kernel hands a connection to whichever worker accepts first."""
+    sibling has room before it closes a waiting client (Server._on_accept): the
+    kernel hands a connection to whichever worker accepts first."""
     limit, base = worker.config.max_connections, slot * FIELDS
     slots = len(shared) // FIELDS
 
     def count(n: int) -> None:
         shared[base + 2] = n
 
-    def others_have_room() -> bool:
-        now = time.monotonic_ns()
+    def sibling_room() -> bool | None:
+        """True if a live sibling has room, False if every sibling is full, None if
+        one cannot say (still starting, or its loop has not beaten lately)."""
+        now, unknown = time.monotonic_ns(), False
         for other in range(slots):
             at = other * FIELDS
-            alive = now - shared[at + HEARTBEAT] < (2 * period + 1) * 1e9
-            if other != slot and shared[at + HEARTBEAT] and alive and shared[at + 2] < limit:
+            beat = shared[at + HEARTBEAT]
+            if other == slot or beat == UNUSED:
+                continue
+            if beat == STARTING or now - beat >= (2 * period + 1) * 1e9:
+                unknown = True
+            elif shared[at + 2] < limit:
                 return True
-        return False
+        return None if unknown else False
 
     worker.on_connection_count = count
-    worker.others_have_room = others_have_room
+    worker.sibling_room = sibling_room
 
 
 # --- fork -------------------------------------------------------------------------------

@@ -124,6 +124,7 @@ class PreforkEngine(Engine):
         slot = self._free_slots.pop(0)
         for field in range(_FIELDS):
             self.shared[slot * _FIELDS + field] = 0
+        self.shared[slot * _FIELDS + _HEARTBEAT] = workers.STARTING
         try:
             if not self._fork_server and workers.thread_count() > 1:
                 workers.check_fork_server_can_serve(self.config, self._server.ssl_context)
@@ -134,6 +135,7 @@ class PreforkEngine(Engine):
                 worker = workers.start_served(self._server.app, self._server.listener, self.config,
                                               self.shared, slot, self._heartbeat_period_or_default())
         except BaseException:
+            self.shared[slot * _FIELDS + _HEARTBEAT] = workers.UNUSED
             self._free_slots.insert(0, slot)
             raise
         self.workers[worker.pid] = worker
@@ -190,6 +192,7 @@ class PreforkEngine(Engine):
             worker.close()
             for field in (0, 1):  # the counters; the other fields are gauges
                 self._retired_totals[field] += self.shared[worker.slot * _FIELDS + field]
+            self.shared[worker.slot * _FIELDS + _HEARTBEAT] = workers.UNUSED  # no sibling to wait for
             self._free_slots.append(worker.slot)
             self._on_exit(worker, code)
         if self._draining and not self.workers:
@@ -231,8 +234,9 @@ class PreforkEngine(Engine):
             beat = self.shared[worker.slot * _FIELDS + _HEARTBEAT]
             # No beat yet: still starting up (importing the app, from the fork server
             # too), which may take longer than a loop may stall.
-            silent = (now - beat) / 1e9 if beat else time.monotonic() - worker.started
-            if silent > (limit if beat else max(limit, _STARTUP_GRACE)) \
+            started = beat > workers.STARTING
+            silent = (now - beat) / 1e9 if started else time.monotonic() - worker.started
+            if silent > (limit if started else max(limit, _STARTUP_GRACE)) \
                     and not worker.retiring and not self._draining:
                 log.error("prefork worker %d: its event loop has not run for %.1f s "
                           "(worker_timeout=%s s); killing it", worker.pid, silent, limit)

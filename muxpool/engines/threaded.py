@@ -10,6 +10,7 @@ many mostly idle clients, ``threadpool`` holds them with no thread each.
 
 from __future__ import annotations
 
+import queue
 import signal
 import threading
 
@@ -28,8 +29,27 @@ class ThreadedEngine(Engine):
     can_block = True
     kernel_timeouts = True  # real threads: SO_RCVTIMEO/SO_SNDTIMEO, no poll per recv
 
+    def start(self, server) -> None:
+        # Thread.start() waits until the new thread runs, which with hundreds of
+        # threads wanting the GIL can take a switch interval (5 ms) each: on the
+        # loop thread that stalls accepting, and in a burst the listen queue
+        # overflows. The loop hands the start to this thread instead.
+        self._starts: queue.SimpleQueue = queue.SimpleQueue()
+        self._starter = threading.Thread(target=_with_signals_blocked, args=(self._start_threads,),
+                                         name="muxpool-thread-starter", daemon=True)
+        self._starter.start()
+
     def spawn(self, fn, name: str) -> None:
-        threading.Thread(target=_with_signals_blocked, args=(fn,), name=name, daemon=True).start()
+        self._starts.put((fn, name))
+
+    def _start_threads(self) -> None:
+        # Started from here, connection threads inherit its blocked signals.
+        while (job := self._starts.get()) is not None:
+            fn, name = job
+            threading.Thread(target=fn, name=name, daemon=True).start()
+
+    def stop(self, wait: bool = True) -> None:
+        self._starts.put(None)  # after the connections it was given, which the server has closed
 
     def describe(self) -> str:
         return f"a thread per connection, at most {self.config.max_connections}"
