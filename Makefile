@@ -7,6 +7,7 @@ PYVER  := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2]
 VENV   ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-$(PYVER))
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
 # The suite runs on two pytest workers: its tests mostly wait on sockets and
 # subprocesses, and every timing in it holds with a CPU hog on each core.
 # PYTEST_WORKERS=0 runs it in one process.
@@ -16,13 +17,18 @@ PYTEST_WORKERS ?= 2
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Serving needs the package alone; the tests and benchmarks need the rest.
+$(SERVE_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(SERVE_STAMP)
+
+$(STAMP): $(SERVE_STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,gevent,dask]'
 	touch $(STAMP)
 
-serve: setup
+serve: $(SERVE_STAMP)
 	$(BIN)/muxpool serve $(SERVE_ARGS)
 
 # Everything: what CI runs.
