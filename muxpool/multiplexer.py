@@ -73,6 +73,7 @@ class Multiplexer:
         self._running = False
         self._stopping = False
         self._wakeup_sent = False  # see defer()
+        self._keys_changed = False  # a callback modified or unregistered an fd: see run()
         self.thread_id: int | None = None
         self.native_thread_id: int | None = None  # the kernel's id, for /proc
         # Odd while waiting in select() (or not running), even while running
@@ -86,12 +87,14 @@ class Multiplexer:
 
     def modify(self, fileobj, events: int, callback: Callable[[int], object]) -> None:
         self._selector.modify(fileobj, events, callback)
+        self._keys_changed = True
 
     def unregister(self, fileobj) -> None:
         try:
             self._selector.unregister(fileobj)
         except (KeyError, ValueError):
             pass  # already gone: closing twice is not an error
+        self._keys_changed = True
 
     def call_later(self, delay: float, fn: Callable[[], object]) -> Timer:
         timer = Timer(time.monotonic() + delay, fn, self)
@@ -156,11 +159,18 @@ class Multiplexer:
         self.native_thread_id = threading.get_native_id()
         self._running = True
         select = self._selector.select
+        keys = self._selector.get_map()
         try:
             while not self._stopping:
                 events = select(self._timeout())
                 self.ticks += 1
+                self._keys_changed = False
                 for key, mask in events:
+                    # An earlier callback of this batch may have unregistered
+                    # (and closed) this fd, or swapped its callback: the event
+                    # belongs to a registration that is gone.
+                    if self._keys_changed and keys.get(key.fd) is not key:
+                        continue
                     try:
                         key.data(mask)
                     except Exception:
