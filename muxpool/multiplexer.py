@@ -3,10 +3,10 @@
 Only the loop's own thread touches the selector. Each registration's ``data``
 is the callback ``fn(mask)`` to run when the fd is ready. Other threads hand
 work to the loop with :meth:`Multiplexer.defer`, which queues the function and
-writes one byte to a wakeup socketpair — but only when the queue was empty,
-so a burst of replies costs one wakeup. Each drain runs at most the functions
-that were queued when it started, so a thread that defers in a tight loop
-cannot starve the sockets. Stopping uses the same wakeup: nothing polls.
+writes one byte to a wakeup socketpair — but only when no wakeup is already
+on its way, so a burst of replies costs one wakeup. Each drain runs at most
+the functions that were queued when it started, so a thread that defers in a
+tight loop cannot starve the sockets. Stopping uses the same wakeup: nothing polls.
 
 Timers are a heap of ``(when, seq, handle)``; a cancelled handle stays in the
 heap and is skipped when it comes due, which keeps ``cancel`` O(1). Cancelled
@@ -72,6 +72,8 @@ class Multiplexer:
         self._selector.register(self._wake_r, EVENT_READ, self._on_wakeup)
         self._running = False
         self._stopping = False
+        self._wakeup_sent = False  # see defer()
+        self._keys_changed = False  # a callback modified or unregistered an fd: see run()
         self.thread_id: int | None = None
         self.native_thread_id: int | None = None  # the kernel's id, for /proc
         # Odd while waiting in select() (or not running), even while running
@@ -85,12 +87,14 @@ class Multiplexer:
 
     def modify(self, fileobj, events: int, callback: Callable[[int], object]) -> None:
         self._selector.modify(fileobj, events, callback)
+        self._keys_changed = True
 
     def unregister(self, fileobj) -> None:
         try:
             self._selector.unregister(fileobj)
         except (KeyError, ValueError):
             pass  # already gone: closing twice is not an error
+        self._keys_changed = True
 
     def call_later(self, delay: float, fn: Callable[[], object]) -> Timer:
         timer = Timer(time.monotonic() + delay, fn, self)
@@ -125,12 +129,15 @@ class Multiplexer:
 
     def defer(self, fn: Callable[[], object]) -> None:
         """Run ``fn()`` on the loop thread soon. Safe from any thread."""
-        deferred = self._deferred
-        deferred.append(fn)
-        # Append first, then look: if fn is alone, the loop may be asleep.
-        # If others are queued, the loop has not drained them yet, and it
-        # re-checks the queue after every drain, so fn cannot be missed.
-        if len(deferred) == 1:
+        self._deferred.append(fn)
+        # Append first, then look. "Was fn alone in the queue?" is not enough:
+        # two threads can both append before either looks, both see two, and
+        # neither wakes a sleeping loop. So look at a flag instead: it is set by
+        # whoever sends the wakeup byte, and cleared by the loop just before it
+        # reads the queue; a set flag means that read is still to come, and it
+        # will find fn. A burst of defers still costs one wakeup.
+        if not self._wakeup_sent:
+            self._wakeup_sent = True
             self._wake()
 
     def stop(self) -> None:
@@ -152,17 +159,25 @@ class Multiplexer:
         self.native_thread_id = threading.get_native_id()
         self._running = True
         select = self._selector.select
+        keys = self._selector.get_map()
         try:
             while not self._stopping:
                 events = select(self._timeout())
                 self.ticks += 1
+                self._keys_changed = False
                 for key, mask in events:
+                    # An earlier callback of this batch may have unregistered
+                    # (and closed) this fd, or swapped its callback: the event
+                    # belongs to a registration that is gone.
+                    if self._keys_changed and keys.get(key.fd) is not key:
+                        continue
                     try:
                         key.data(mask)
                     except Exception:
                         log.exception("callback for fd %s failed", key.fd)
                 if self._timers:
                     self._run_due_timers()
+                self._wakeup_sent = False  # before the read of the queue: see defer()
                 if self._deferred:
                     self._run_deferred()
                 self.ticks += 1
