@@ -31,15 +31,17 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=nonnegative(float), default=1.0, help="seconds before measuring")
     parser.add_argument("-s", "--size", type=positive(int), default=64, help="message bytes")
     parser.add_argument("--framing", choices=list(FRAMERS), default="raw")
-    parser.add_argument("--greeting-bytes", default=17, type=_greeting,
-                        help="bytes the server greets with (the lesson's service: 17; 0: none; "
-                        "auto: whatever arrives first)")
+    parser.add_argument("--greeting-bytes", default="auto", type=_greeting,
+                        help="bytes the server greets with (default auto: the first connection "
+                        "waits up to 1 s for what the server sends unasked; the lesson's service: 17; 0: none)")
     parser.add_argument("--pipeline", type=positive(int), default=1, help="requests in flight per connection")
     parser.add_argument("--rate", type=positive(float), help="open loop: total requests/s on a fixed schedule")
     parser.add_argument("-p", "--processes", type=positive(int), help="generator processes (default: cores)")
-    parser.add_argument("--reply-prefix", default="response: ",
-                        help="expected reply = prefix + message ('' for a plain echo)")
-    parser.add_argument("--no-verify", action="store_true", help="do not check reply bytes")
+    parser.add_argument("--reply-prefix",
+                        help="expected reply = prefix + message (default 'response: ', the lesson's "
+                        "service; '' for a plain echo; --compare --app learns the replies from the handler)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="do not check reply bytes (replies still count by their length)")
     parser.add_argument("--timeout", type=positive(float), default=5.0,
                         help="seconds before a reply counts as lost")
     parser.add_argument("--unix", dest="unix_path", help="a Unix socket path instead of HOST:PORT")
@@ -92,7 +94,9 @@ def run_compare(args: argparse.Namespace) -> int:
                         "drop the address, or drop --compare to load an existing server")
     spec = _load_spec(args)
     servers = _compared_servers(args)
-    _check_compared_app(args)
+    app = _check_compared_app(args)
+    if app is not None and args.reply_prefix is None:
+        spec = _learn(app, args.app, spec)
     out = pathlib.Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)  # now: not after minutes of measuring
@@ -140,7 +144,7 @@ def _names(text: str, known, flag: str) -> list[str]:
     return names
 
 
-def _check_compared_app(args: argparse.Namespace) -> None:
+def _check_compared_app(args: argparse.Namespace):
     """The workload, or the app and its signature, here, once: not in every compared server."""
     if args.app:
         from .cli import _is_request_handler, _load
@@ -154,16 +158,28 @@ def _check_compared_app(args: argparse.Namespace) -> None:
             # bench has no --app-dir: the servers it starts import from the working directory
             raise UserError(str(exc).replace(", or give --app-dir FOLDER)", ")").rpartition(" (")[0],
                             "run muxpool bench from the folder that holds the module") from exc
-        if not _is_request_handler(app):
-            resolve_handler(app)
-        return
+        if _is_request_handler(app):
+            return None  # a socketserver handler answers a socket, not a message: nothing to ask
+        resolve_handler(app)
+        return app
     from .loadtest.workloads import make_workload
 
     try:
         make_workload(args.workload)
+        return None
     except ValueError:
         raise UserError(f"--workload {args.workload!r} is not a workload",
                         "give echo, io:MS or cpu:MS, e.g. io:5 for 5 ms of waiting per message") from None
+
+
+def _learn(app, name: str, spec):
+    """The replies (and greeting) the generator expects, from the handler itself."""
+    from .loadtest.learn import LearnError, learn_replies
+
+    try:
+        return learn_replies(app, name, spec, verify=spec.verify)
+    except LearnError as exc:
+        raise UserError(exc.what, exc.fix) from exc
 
 
 def _load_spec(args: argparse.Namespace):
@@ -174,7 +190,8 @@ def _load_spec(args: argparse.Namespace):
     return LoadSpec(host=host, port=port, connections=args.connections, duration=args.duration,
                     warmup=args.warmup, size=args.size, framing=args.framing,
                     greeting_bytes=args.greeting_bytes, pipeline=args.pipeline, rate=args.rate,
-                    reply_prefix=args.reply_prefix.encode(), verify=not args.no_verify,
+                    reply_prefix=(args.reply_prefix if args.reply_prefix is not None else "response: ").encode(),
+                    verify=not args.no_verify,
                     timeout=args.timeout, unix_path=args.unix_path, per_connection=args.per_connection)
 
 
