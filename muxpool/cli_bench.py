@@ -79,7 +79,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(json.dumps(report.as_dict(), indent=2))
     else:
         render(report)
-    return 0 if report.requests and not report.error_total else 1
+    return 0 if report.requests and not report.error_total and not report.warmup_errors else 1
 
 
 def run_compare(args: argparse.Namespace) -> int:

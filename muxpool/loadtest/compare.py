@@ -69,6 +69,10 @@ class Row:
     def errors(self) -> int:
         return sum(r.error_total for r in self.reports)
 
+    @property
+    def warmup_errors(self) -> int:
+        return sum(r.warmup_error_total for r in self.reports)
+
     def median_rps(self) -> float:
         return statistics.median(self.rps) if self.reports else 0.0
 
@@ -78,6 +82,7 @@ class Row:
     def as_dict(self) -> dict:
         return {"server": self.server, "pinned": self.pinned, "failure": self.failure,
                 "requests_per_s": self.rps, "p99_ms": self.p99, "errors": self.errors,
+                "warmup_errors": self.warmup_errors,
                 "median_requests_per_s": self.median_rps(), "median_p99_ms": self.median_p99(),
                 "requests_per_server_cpu_s": self.per_cpu_second,
                 "generator_cpu": [r.generator_cpu for r in self.reports]}
@@ -215,13 +220,17 @@ def _measure(spec: LoadSpec, processes, cpus, server_pid: int) -> tuple[Report, 
     """One load run, with the server's CPU seconds spent during the measured part
     (the warm-up is run first, unmeasured, so the CPU figure covers only what the
     report counts)."""
+    from collections import Counter
     from dataclasses import replace
 
+    warm = None
     if spec.warmup > 0:
-        run_load(replace(spec, duration=spec.warmup, warmup=0), processes, cpus=cpus)
+        warm = run_load(replace(spec, duration=spec.warmup, warmup=0), processes, cpus=cpus)
     before = process_cpu_seconds(server_pid) or 0.0
     report = run_load(replace(spec, warmup=0), processes, cpus=cpus)
     after = process_cpu_seconds(server_pid) or 0.0
+    if warm is not None:  # its errors are the warm-up's: kept apart, never dropped
+        report.warmup_errors = dict(Counter(warm.errors) + Counter(warm.warmup_errors))
     return report, after - before
 
 
