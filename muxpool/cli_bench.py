@@ -121,10 +121,23 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def _compared_servers(args: argparse.Namespace) -> list[str]:
-    from .loadtest.compare import available_servers
+    from .loadtest.compare import all_servers, available_servers, left_out_note, missing_library
 
-    engines = _names(args.engines, ENGINES, "--engines") if args.engines else list(ENGINES)
+    if args.engines:
+        engines = _names(args.engines, ENGINES, "--engines")
+        for engine in engines:  # asked for by name: missing its library is a mistake, not a note
+            need = missing_library(f"muxpool:{engine}")
+            if need:
+                raise UserError(f"--engines {engine}: {need[0]} is not installed here",
+                                f"{need[1]}, or leave it out of --engines")
+    else:
+        engines = list(ENGINES)
     servers = available_servers(engines)
+    defaults = [name for name in all_servers(engines)  # only what the user did not name
+                if not (args.engines if name.startswith("muxpool:") else args.references)]
+    note = left_out_note(defaults)
+    if note:
+        print(note, file=sys.stderr)
     if args.references:
         wanted = [] if args.references == "none" else _names(args.references, REFERENCES, "--references")
         missing = [name for name in wanted if name not in servers]

@@ -11,6 +11,7 @@ so they do not fight for one core; a multi-process server is not pinned.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -26,18 +27,47 @@ from . import LoadSpec, Report, run_load
 MULTI_PROCESS = {"muxpool:prefork"}
 
 
+# The library each server needs beyond the standard library, and how to get it.
+NEEDS = {"muxpool:gevent": ("gevent", "pip install 'muxpool[gevent]'"),
+         "gevent": ("gevent", "pip install 'muxpool[gevent]'"),
+         "uvloop": ("uvloop", "pip install uvloop")}
+
+
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def missing_library(server: str) -> tuple[str, str] | None:
+    """``(library, how to install it)`` when ``server`` cannot run here, else None."""
+    need = NEEDS.get(server)
+    return need if need and not installed(need[0]) else None
+
+
+def all_servers(engines: list[str]) -> list[str]:
+    return [f"muxpool:{e}" for e in engines] + ["asyncio", "uvloop", "gevent", "socketserver"]
+
+
 def available_servers(engines: list[str]) -> list[str]:
-    """muxpool's engines, then every reference server whose library is installed."""
-    names = [f"muxpool:{e}" for e in engines]
-    names.append("asyncio")
-    for optional, name in (("uvloop", "uvloop"), ("gevent", "gevent")):
-        try:
-            __import__(optional)
-            names.append(name)
-        except ImportError:
-            pass
-    names.append("socketserver")
-    return names
+    """muxpool's engines, then the reference servers: those whose library is installed."""
+    return [name for name in all_servers(engines) if missing_library(name) is None]
+
+
+def left_out_note(servers: list[str]) -> str | None:
+    """One line naming which of ``servers`` a comparison leaves out for want of a library."""
+    by_library: dict[str, list[str]] = {}
+    fixes = {}
+    for name in servers:
+        need = missing_library(name)
+        if need:
+            by_library.setdefault(need[0], []).append(name)
+            fixes[need[0]] = need[1]
+    if not by_library:
+        return None
+    return "left out: " + "; ".join(f"{', '.join(names)} ({library} is not installed: {fixes[library]})"
+                                    for library, names in by_library.items())
 
 
 @dataclass
