@@ -86,6 +86,7 @@ def run_compare(args: argparse.Namespace) -> int:
     import pathlib
 
     from .loadtest.compare import compare
+    from .loadtest.progress import CompareProgress
     from .loadtest.report import render_comparison
     from .loadtest.summary import recommend, write_chart, write_json
 
@@ -105,11 +106,9 @@ def run_compare(args: argparse.Namespace) -> int:
     title = (f"{args.app or args.workload}: {spec.connections} connections, {spec.size}-byte "
              f"{spec.framing} messages, {spec.duration:g} s x {args.repeat}")
     print(f"comparing {', '.join(servers)} ({title})", file=sys.stderr)
-    rows = compare(servers, spec, workload=args.workload, app=args.app, repeat=args.repeat,
-                   processes=args.processes, workers=args.workers,
-                   on_row=lambda row: print(f"  {row.server}: {row.median_rps():,.0f} requests/s"
-                                            + (f" FAILED {row.failure}" if row.failure else ""),
-                                            file=sys.stderr))
+    with CompareProgress(servers, args.repeat, spec.warmup + spec.duration) as progress:
+        rows = compare(servers, spec, workload=args.workload, app=args.app, repeat=args.repeat,
+                       processes=args.processes, workers=args.workers, progress=progress)
     render_comparison(rows, title)
     stem = (args.app or args.workload).replace(":", "-").replace("/", "-")
     write_json(rows, out / f"compare-{stem}.json", {"title": title, "command": " ".join(sys.argv)})

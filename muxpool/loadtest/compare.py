@@ -212,23 +212,30 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def compare(servers: list[str], spec: LoadSpec, *, workload: str = "echo", app: str | None = None,
             repeat: int = 3, processes: int | None = None, workers: int | None = None,
-            on_row: Callable[[Row], None] | None = None) -> list[Row]:
+            on_row: Callable[[Row], None] | None = None, progress=None) -> list[Row]:
     """Measure every server ``repeat`` times, in rounds: each round starts each
     server in turn, primes it, measures it once and stops it. On a shared
     machine a slow spell then falls on every server alike, not on whichever
-    one happened to be measured during it. ``on_row`` gets each row when done."""
+    one happened to be measured during it. ``on_row`` gets each row when done;
+    ``progress`` (a :class:`~muxpool.loadtest.progress.CompareProgress`) hears
+    of every run as it starts, runs and ends."""
     rows = [Row(server, pinned=_cpu_plan(server)[2]) for server in servers]
     for round_index in range(repeat):
         for row in rows:
+            if progress is not None:
+                progress.run_started(row.server, round_index)
             if not row.failure:
-                _measure_in_own_process(row, spec, workload, app, processes, workers)
+                _measure_in_own_process(row, spec, workload, app, processes, workers,
+                                        progress.tick if progress is not None else None)
+            if progress is not None:
+                progress.run_done(row, round_index)
             if round_index == repeat - 1 and on_row is not None:
                 on_row(row)
     return rows
 
 
 def _measure_in_own_process(row: Row, spec: LoadSpec, workload: str, app: str | None,
-                            processes: int | None, workers: int | None) -> None:
+                            processes: int | None, workers: int | None, on_progress=None) -> None:
     server_cpus, generator_cpus, _ = _cpu_plan(row.server)
     port = free_port()
     run_spec = _with_port(spec, port)
@@ -237,7 +244,7 @@ def _measure_in_own_process(row: Row, spec: LoadSpec, workload: str, app: str | 
         wait_until_listening(port, proc)
         prime(run_spec)
         generators = processes or (len(generator_cpus) if generator_cpus else None)
-        report, cpu = _measure(run_spec, generators, generator_cpus, proc.pid)
+        report, cpu = _measure(run_spec, generators, generator_cpus, proc.pid, on_progress)
         row.reports.append(report)
         row.server_cpu.append(cpu)
     except Exception as exc:  # one broken server must not sink the whole comparison
@@ -246,18 +253,23 @@ def _measure_in_own_process(row: Row, spec: LoadSpec, workload: str, app: str | 
         stop_server(proc)
 
 
-def _measure(spec: LoadSpec, processes, cpus, server_pid: int) -> tuple[Report, float]:
+def _measure(spec: LoadSpec, processes, cpus, server_pid: int, on_progress=None) -> tuple[Report, float]:
     """One load run, with the server's CPU seconds spent during the measured part
     (the warm-up is run first, unmeasured, so the CPU figure covers only what the
     report counts)."""
     from collections import Counter
     from dataclasses import replace
 
+    def after_warmup(requests: int, seconds: float) -> None:
+        on_progress(requests, spec.warmup + seconds)
+
     warm = None
     if spec.warmup > 0:
-        warm = run_load(replace(spec, duration=spec.warmup, warmup=0), processes, cpus=cpus)
+        warm = run_load(replace(spec, duration=spec.warmup, warmup=0), processes, cpus=cpus,
+                        on_progress=on_progress)
     before = process_cpu_seconds(server_pid) or 0.0
-    report = run_load(replace(spec, warmup=0), processes, cpus=cpus)
+    report = run_load(replace(spec, warmup=0), processes, cpus=cpus,
+                      on_progress=after_warmup if on_progress else None)
     after = process_cpu_seconds(server_pid) or 0.0
     if warm is not None:  # its errors are the warm-up's: kept apart, never dropped
         report.warmup_errors = dict(Counter(warm.errors) + Counter(warm.warmup_errors))
