@@ -20,7 +20,6 @@ import os
 import pty
 import select
 import subprocess
-import sys
 import textwrap
 import time
 
@@ -29,7 +28,6 @@ from bench_servers import CountedEchoServer, WrongReplyServer
 from rich.console import Console
 from test_bench import MUXPOOL, muxpool_server, process_group
 
-from muxpool import Server
 from muxpool.loadtest import LoadSpec, Report, percentiles
 from muxpool.loadtest.compare import Row
 from muxpool.loadtest.generator import Generator
@@ -175,7 +173,7 @@ def test_compare_learns_the_replies_of_any_handler(app_dir):
 
 @pytest.mark.timeout(30)
 def test_compare_refuses_a_handler_whose_reply_it_cannot_learn(app_dir):
-    code, out, err, took = bench(["--compare", "--app", "myservice:stamp", "--out", str(app_dir / "out")],
+    code, out, err, _ = bench(["--compare", "--app", "myservice:stamp", "--out", str(app_dir / "out")],
                                  timeout=20, cwd=app_dir)
     assert code == 2, (out, err)
     lines = err.strip().splitlines()

@@ -32,25 +32,18 @@ from __future__ import annotations
 
 import array
 import collections
-import errno
 import select
 import socket
 import time
 
 from ..framing import make_framer
 from .expect import GREETING_WAIT, RING, detect_greeting, read_greeting, ring
-from .spec import LoadResult, LoadSpec
+from .spec import END_OF_ERROR, END_OPEN, LoadResult, LoadSpec, error_kind, local_port, record
 
 __all__ = ["Generator", "LoadResult", "LoadSpec"]
 
 RECV_SIZE = 65536
 MAX_OPEN_LOOP_IN_FLIGHT = 10_000  # per connection; past it a request counts as "behind"
-
-
-# How a connection ended, in the per-connection records: still open when the run
-# ended, closed by the server (EOF), reset by it, or an error kind of the report.
-END_OPEN, END_EOF, END_RESET = "open", "eof", "reset"
-_END_OF_ERROR = {"closed": END_EOF, "reset": END_RESET}
 
 
 class _Conn:
@@ -109,12 +102,12 @@ class Generator:
         except OSError as exc:
             self.result.errors["connect"] += 1
             if spec.per_connection:
-                self.result.connections.append(_record(None, 0, 0, "connect", 0, repr(exc)))
+                self.result.connections.append(record(None, 0, 0, "connect", 0, repr(exc)))
             return
         sock.setblocking(False)
         conn = _Conn(sock, ring(spec, self.framer, index), index)
         if spec.per_connection:
-            conn.port = _local_port(sock)
+            conn.port = local_port(sock)
         self.conns[sock.fileno()] = conn
         self.epoll.register(sock.fileno(), select.EPOLLIN)
 
@@ -140,7 +133,7 @@ class Generator:
             self.result.warmup_errors[kind] += 1
             self.lost_in_warmup.append(conn.index)
         if self.result.connections is not None:
-            self._record(conn, _END_OF_ERROR.get(kind, kind), detail, unsent)
+            self._record(conn, END_OF_ERROR.get(kind, kind), detail, unsent)
         self.conns.pop(conn.fd, None)
         try:
             self.epoll.unregister(conn.fd)
@@ -170,7 +163,7 @@ class Generator:
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            self._fail(conn, _error_kind(exc), unsent=1, detail=repr(exc))
+            self._fail(conn, error_kind(exc), unsent=1, detail=repr(exc))
             return False
         if sent != len(request):
             conn.outbuf += request[sent:]
@@ -183,7 +176,7 @@ class Generator:
         except BlockingIOError:
             return
         except OSError as exc:
-            self._fail(conn, _error_kind(exc), detail=repr(exc))
+            self._fail(conn, error_kind(exc), detail=repr(exc))
             return
         del conn.outbuf[:sent]
         if not conn.outbuf:
@@ -270,7 +263,7 @@ class Generator:
         answered = requests sent - requests still awaited."""
         in_flight = (1 if conn.want else 0) + len(conn.queue) - unsent
         self.result.connections.append(
-            _record(conn.port, conn.sent, conn.sent - in_flight, end, len(conn.outbuf), detail))
+            record(conn.port, conn.sent, conn.sent - in_flight, end, len(conn.outbuf), detail))
 
     def _count_unanswered(self, now: float) -> None:
         """Requests still waiting at the end count with the age they have reached:
@@ -328,7 +321,7 @@ class Generator:
                 except (BlockingIOError, InterruptedError):
                     continue
                 except OSError as exc:
-                    self._fail(conn, _error_kind(exc), detail=repr(exc))
+                    self._fail(conn, error_kind(exc), detail=repr(exc))
                     continue
                 if not data:
                     self._fail(conn, "closed")
@@ -355,7 +348,7 @@ class Generator:
                     except BlockingIOError:
                         sent = 0
                     except OSError as exc:
-                        self._fail(conn, _error_kind(exc), unsent=1, detail=repr(exc))
+                        self._fail(conn, error_kind(exc), unsent=1, detail=repr(exc))
                         continue
                     if sent != len(request):
                         conn.outbuf += request[sent:]
@@ -401,24 +394,3 @@ class Generator:
             if conn.want and now - conn.sent_at > limit:
                 self._fail(conn, "timeout")
 
-
-def _record(port: int | None, sent: int, answered: int, end: str, unsent_bytes: int,
-            detail: str) -> dict:
-    """A per-connection record (``Report.connections``): ``in_flight`` is what the
-    connection still awaited when it ended; ``unsent_bytes`` what of it never
-    left the generator (a server that stopped reading)."""
-    return {"port": port, "sent": sent, "answered": answered, "in_flight": sent - answered,
-            "end": end, "unsent_bytes": unsent_bytes, "detail": detail}
-
-
-def _local_port(sock: socket.socket) -> int | None:
-    name = sock.getsockname()
-    return name[1] if isinstance(name, tuple) else None
-
-
-def _error_kind(exc: BaseException) -> str:
-    if isinstance(exc, (ConnectionResetError, BrokenPipeError)) or getattr(exc, "errno", None) == errno.ECONNRESET:
-        return "reset"
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    return "socket_error"

@@ -81,7 +81,7 @@ def _table(name: str, sessions, spec: LoadSpec) -> dict[bytes, bytes]:
     expected: dict[bytes, bytes] = {}
     for index in range(spec.connections):
         session, probe = sessions(), _Probe(index)
-        _ask(name, lambda: session.on_connect(probe), probe, greeting=True)
+        _ask(name, lambda s=session, p=probe: s.on_connect(p), probe, greeting=True)
         for slot in range(RING):
             message = body(spec.size, index, slot)
             expected[message] = _reply(name, session, probe, message)

@@ -1,10 +1,12 @@
-"""What a load run is asked to do (:class:`LoadSpec`) and what one generator
-process measured (:class:`LoadResult`)."""
+"""What a load run is asked to do (:class:`LoadSpec`), what one generator
+process measured (:class:`LoadResult`), and how each connection's end is told."""
 
 from __future__ import annotations
 
 import array
 import collections
+import errno
+import socket
 from dataclasses import dataclass, field
 
 
@@ -47,3 +49,31 @@ class LoadResult:
     cpu_seconds: float = 0.0
     unanswered: int = 0  # still in flight at the end: in the latencies with their age so far
     connections: list | None = None  # with LoadSpec.per_connection: one dict per connection
+
+
+# How a connection ended, in the per-connection records: still open when the run
+# ended, closed by the server (EOF), reset by it, or an error kind of the report.
+END_OPEN, END_EOF, END_RESET = "open", "eof", "reset"
+END_OF_ERROR = {"closed": END_EOF, "reset": END_RESET}
+
+
+def record(port: int | None, sent: int, answered: int, end: str, unsent_bytes: int,
+           detail: str) -> dict:
+    """A per-connection record (``Report.connections``): ``in_flight`` is what the
+    connection still awaited when it ended; ``unsent_bytes`` what of it never
+    left the generator (a server that stopped reading)."""
+    return {"port": port, "sent": sent, "answered": answered, "in_flight": sent - answered,
+            "end": end, "unsent_bytes": unsent_bytes, "detail": detail}
+
+
+def local_port(sock: socket.socket) -> int | None:
+    name = sock.getsockname()
+    return name[1] if isinstance(name, tuple) else None
+
+
+def error_kind(exc: BaseException) -> str:
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError)) or getattr(exc, "errno", None) == errno.ECONNRESET:
+        return "reset"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return "socket_error"
