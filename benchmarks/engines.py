@@ -16,7 +16,8 @@ import time
 
 from muxpool.engines import ENGINES
 from muxpool.loadtest import LoadSpec
-from muxpool.loadtest.compare import available_servers, compare
+from muxpool.loadtest.compare import all_servers, available_servers, compare, left_out_note
+from muxpool.loadtest.progress import CompareProgress
 from muxpool.loadtest.summary import machine, markdown_table, recommend, write_chart, write_json
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -44,14 +45,17 @@ def main() -> int:
     DOCS.mkdir(exist_ok=True)
     started = time.monotonic()
     sections = []
+    note = left_out_note(all_servers(list(ENGINES)))  # e.g. no gevent here: say so once, then go on
+    if note:
+        print(note, file=sys.stderr, flush=True)
     for workload, connections, workers, servers, what in WORKLOADS:
         names = servers or available_servers(list(ENGINES))
         names = [n for n in names if n in available_servers(list(ENGINES))]
         spec = LoadSpec(connections=connections, duration=args.duration, warmup=args.warmup)
         print(f"{workload}: {', '.join(names)}", file=sys.stderr, flush=True)
-        rows = compare(names, spec, workload=workload, repeat=args.repeat, workers=workers,
-                       on_row=lambda r: print(f"  {r.server}: {r.median_rps():,.0f}/s {r.failure}",
-                                              file=sys.stderr, flush=True))
+        with CompareProgress(names, args.repeat, spec.warmup + spec.duration) as progress:
+            rows = compare(names, spec, workload=workload, repeat=args.repeat, workers=workers,
+                           progress=progress)
         stem = workload.replace(":", "-")
         write_json(rows, DOCS / f"bench-{stem}.json", {"workload": workload, "connections": connections})
         title = f"{workload}, {connections} connections"

@@ -31,15 +31,17 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=nonnegative(float), default=1.0, help="seconds before measuring")
     parser.add_argument("-s", "--size", type=positive(int), default=64, help="message bytes")
     parser.add_argument("--framing", choices=list(FRAMERS), default="raw")
-    parser.add_argument("--greeting-bytes", default=17, type=_greeting,
-                        help="bytes the server greets with (the lesson's service: 17; 0: none; "
-                        "auto: whatever arrives first)")
+    parser.add_argument("--greeting-bytes", default="auto", type=_greeting,
+                        help="bytes the server greets with (default auto: the first connection "
+                        "waits up to 1 s for what the server sends unasked; the lesson's service: 17; 0: none)")
     parser.add_argument("--pipeline", type=positive(int), default=1, help="requests in flight per connection")
     parser.add_argument("--rate", type=positive(float), help="open loop: total requests/s on a fixed schedule")
     parser.add_argument("-p", "--processes", type=positive(int), help="generator processes (default: cores)")
-    parser.add_argument("--reply-prefix", default="response: ",
-                        help="expected reply = prefix + message ('' for a plain echo)")
-    parser.add_argument("--no-verify", action="store_true", help="do not check reply bytes")
+    parser.add_argument("--reply-prefix",
+                        help="expected reply = prefix + message (default 'response: ', the lesson's "
+                        "service; '' for a plain echo; --compare --app learns the replies from the handler)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="do not check reply bytes (replies still count by their length)")
     parser.add_argument("--timeout", type=positive(float), default=5.0,
                         help="seconds before a reply counts as lost")
     parser.add_argument("--unix", dest="unix_path", help="a Unix socket path instead of HOST:PORT")
@@ -77,13 +79,14 @@ def run_bench(args: argparse.Namespace) -> int:
         print(json.dumps(report.as_dict(), indent=2))
     else:
         render(report)
-    return 0 if report.requests and not report.error_total else 1
+    return 0 if report.requests and not report.error_total and not report.warmup_errors else 1
 
 
 def run_compare(args: argparse.Namespace) -> int:
     import pathlib
 
     from .loadtest.compare import compare
+    from .loadtest.progress import CompareProgress
     from .loadtest.report import render_comparison
     from .loadtest.summary import recommend, write_chart, write_json
 
@@ -92,7 +95,9 @@ def run_compare(args: argparse.Namespace) -> int:
                         "drop the address, or drop --compare to load an existing server")
     spec = _load_spec(args)
     servers = _compared_servers(args)
-    _check_compared_app(args)
+    app = _check_compared_app(args)
+    if app is not None and args.reply_prefix is None:
+        spec = _learn(app, args.app, spec)
     out = pathlib.Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)  # now: not after minutes of measuring
@@ -101,11 +106,9 @@ def run_compare(args: argparse.Namespace) -> int:
     title = (f"{args.app or args.workload}: {spec.connections} connections, {spec.size}-byte "
              f"{spec.framing} messages, {spec.duration:g} s x {args.repeat}")
     print(f"comparing {', '.join(servers)} ({title})", file=sys.stderr)
-    rows = compare(servers, spec, workload=args.workload, app=args.app, repeat=args.repeat,
-                   processes=args.processes, workers=args.workers,
-                   on_row=lambda row: print(f"  {row.server}: {row.median_rps():,.0f} requests/s"
-                                            + (f" FAILED {row.failure}" if row.failure else ""),
-                                            file=sys.stderr))
+    with CompareProgress(servers, args.repeat, spec.warmup + spec.duration) as progress:
+        rows = compare(servers, spec, workload=args.workload, app=args.app, repeat=args.repeat,
+                       processes=args.processes, workers=args.workers, progress=progress)
     render_comparison(rows, title)
     stem = (args.app or args.workload).replace(":", "-").replace("/", "-")
     write_json(rows, out / f"compare-{stem}.json", {"title": title, "command": " ".join(sys.argv)})
@@ -117,10 +120,23 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def _compared_servers(args: argparse.Namespace) -> list[str]:
-    from .loadtest.compare import available_servers
+    from .loadtest.compare import all_servers, available_servers, left_out_note, missing_library
 
-    engines = _names(args.engines, ENGINES, "--engines") if args.engines else list(ENGINES)
+    if args.engines:
+        engines = _names(args.engines, ENGINES, "--engines")
+        for engine in engines:  # asked for by name: missing its library is a mistake, not a note
+            need = missing_library(f"muxpool:{engine}")
+            if need:
+                raise UserError(f"--engines {engine}: {need[0]} is not installed here",
+                                f"{need[1]}, or leave it out of --engines")
+    else:
+        engines = list(ENGINES)
     servers = available_servers(engines)
+    defaults = [name for name in all_servers(engines)  # only what the user did not name
+                if not (args.engines if name.startswith("muxpool:") else args.references)]
+    note = left_out_note(defaults)
+    if note:
+        print(note, file=sys.stderr)
     if args.references:
         wanted = [] if args.references == "none" else _names(args.references, REFERENCES, "--references")
         missing = [name for name in wanted if name not in servers]
@@ -140,7 +156,7 @@ def _names(text: str, known, flag: str) -> list[str]:
     return names
 
 
-def _check_compared_app(args: argparse.Namespace) -> None:
+def _check_compared_app(args: argparse.Namespace):
     """The workload, or the app and its signature, here, once: not in every compared server."""
     if args.app:
         from .cli import _is_request_handler, _load
@@ -154,16 +170,28 @@ def _check_compared_app(args: argparse.Namespace) -> None:
             # bench has no --app-dir: the servers it starts import from the working directory
             raise UserError(str(exc).replace(", or give --app-dir FOLDER)", ")").rpartition(" (")[0],
                             "run muxpool bench from the folder that holds the module") from exc
-        if not _is_request_handler(app):
-            resolve_handler(app)
-        return
+        if _is_request_handler(app):
+            return None  # a socketserver handler answers a socket, not a message: nothing to ask
+        resolve_handler(app)
+        return app
     from .loadtest.workloads import make_workload
 
     try:
         make_workload(args.workload)
+        return None
     except ValueError:
         raise UserError(f"--workload {args.workload!r} is not a workload",
                         "give echo, io:MS or cpu:MS, e.g. io:5 for 5 ms of waiting per message") from None
+
+
+def _learn(app, name: str, spec):
+    """The replies (and greeting) the generator expects, from the handler itself."""
+    from .loadtest.learn import LearnError, learn_replies
+
+    try:
+        return learn_replies(app, name, spec, verify=spec.verify)
+    except LearnError as exc:
+        raise UserError(exc.what, exc.fix) from exc
 
 
 def _load_spec(args: argparse.Namespace):
@@ -174,7 +202,8 @@ def _load_spec(args: argparse.Namespace):
     return LoadSpec(host=host, port=port, connections=args.connections, duration=args.duration,
                     warmup=args.warmup, size=args.size, framing=args.framing,
                     greeting_bytes=args.greeting_bytes, pipeline=args.pipeline, rate=args.rate,
-                    reply_prefix=args.reply_prefix.encode(), verify=not args.no_verify,
+                    reply_prefix=(args.reply_prefix if args.reply_prefix is not None else "response: ").encode(),
+                    verify=not args.no_verify,
                     timeout=args.timeout, unix_path=args.unix_path, per_connection=args.per_connection)
 
 

@@ -61,8 +61,8 @@ def process_group(args, **popen_options):
     """Run ``args`` in a new session; if it is still running on the way out, kill its
     whole process group (the bench CLI's generator and server children included)
     while the group id is surely still ours, then reap it."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **popen_options)
+    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen_options}
+    proc = subprocess.Popen(args, text=True, start_new_session=True, **options)
     try:
         yield proc
     finally:

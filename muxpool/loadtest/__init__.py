@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .generator import Generator, LoadResult, LoadSpec
+from .generator import Generator
+from .spec import LoadResult, LoadSpec
 
 __all__ = ["LoadSpec", "Report", "run_load"]
 
@@ -49,6 +50,11 @@ class Report:
     # {"port", "sent", "answered", "in_flight", "end", "unsent_bytes", "detail"};
     # counts cover the connection's whole life, warm-up included.
     connections: list[dict] | None = None
+    # Errors in the warm-up, apart from ``errors`` (which cover the measured part):
+    # a server that breaks every connection early must not look error-free.
+    warmup_errors: dict[str, int] = dataclasses.field(default_factory=dict)
+    reconnected: int = 0  # connections lost in the warm-up, connected again for the measurement
+    greeting_bytes: int | None = None  # with greeting_bytes="auto": what the server was found to send
 
     @property
     def rps(self) -> float:
@@ -57,6 +63,10 @@ class Report:
     @property
     def error_total(self) -> int:
         return sum(self.errors.values())
+
+    @property
+    def warmup_error_total(self) -> int:
+        return sum(self.warmup_errors.values())
 
     @property
     def saturated(self) -> bool:
@@ -69,14 +79,19 @@ class Report:
     def as_dict(self) -> dict:
         spec = dataclasses.asdict(self.spec)
         spec["reply_prefix"] = self.spec.reply_prefix.decode("latin-1")
-        if not spec["per_connection"]:
-            del spec["per_connection"]  # the default output stays as it was
+        for optional in ("per_connection", "expected"):
+            if not spec[optional]:
+                del spec[optional]  # the default output stays as it was
+        if self.spec.expected:
+            spec["expected"] = f"learned from the handler ({len(self.spec.expected)} requests)"
         data = {"spec": spec, "processes": self.processes, "requests": self.requests,
                 "elapsed_s": round(self.elapsed, 4), "requests_per_s": round(self.rps, 1),
                 "latency_ms": {k: round(v, 4) for k, v in self.latency_ms.items()},
-                "errors": dict(self.errors), "unanswered_at_end": self.unanswered,
+                "errors": dict(self.errors), "warmup_errors": dict(self.warmup_errors),
+                "reconnected_after_warmup": self.reconnected, "unanswered_at_end": self.unanswered,
                 "generator_cpu": round(self.generator_cpu, 3),
-                "generator_saturated": self.saturated}
+                "generator_saturated": self.saturated,
+                "greeting_bytes_detected": self.greeting_bytes}
         if self.connections is not None:
             data["connections"] = [dict(c) for c in self.connections]
         return data
@@ -162,9 +177,12 @@ def _collect(results, children, spec, progress, on_progress) -> list[LoadResult]
 def _merge(spec: LoadSpec, parts: list[LoadResult]) -> Report:
     latencies = array.array("d")
     errors: collections.Counter = collections.Counter()
+    warmup_errors: collections.Counter = collections.Counter()
     for part in parts:
         latencies.extend(part.latencies)
         errors.update(part.errors)
+        warmup_errors.update(part.warmup_errors)
+    greetings = {p.greeting_bytes for p in parts if p.greeting_bytes is not None}
     elapsed = max(p.elapsed for p in parts)
     cpu = sum(p.cpu_seconds for p in parts) / (elapsed * len(parts)) if elapsed else 0.0
     connections = None
@@ -173,4 +191,6 @@ def _merge(spec: LoadSpec, parts: list[LoadResult]) -> Report:
     return Report(spec=spec, processes=len(parts), requests=sum(p.requests for p in parts),
                   elapsed=elapsed, latency_ms=percentiles(latencies), errors=dict(errors),
                   generator_cpu=cpu, samples=len(latencies),
-                  unanswered=sum(p.unanswered for p in parts), connections=connections)
+                  unanswered=sum(p.unanswered for p in parts), connections=connections,
+                  warmup_errors=dict(warmup_errors), reconnected=sum(p.reconnected for p in parts),
+                  greeting_bytes=max(greetings) if greetings else None)

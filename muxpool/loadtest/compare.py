@@ -11,6 +11,7 @@ so they do not fight for one core; a multi-process server is not pinned.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -26,18 +27,47 @@ from . import LoadSpec, Report, run_load
 MULTI_PROCESS = {"muxpool:prefork"}
 
 
+# The library each server needs beyond the standard library, and how to get it.
+NEEDS = {"muxpool:gevent": ("gevent", "pip install 'muxpool[gevent]'"),
+         "gevent": ("gevent", "pip install 'muxpool[gevent]'"),
+         "uvloop": ("uvloop", "pip install uvloop")}
+
+
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def missing_library(server: str) -> tuple[str, str] | None:
+    """``(library, how to install it)`` when ``server`` cannot run here, else None."""
+    need = NEEDS.get(server)
+    return need if need and not installed(need[0]) else None
+
+
+def all_servers(engines: list[str]) -> list[str]:
+    return [f"muxpool:{e}" for e in engines] + ["asyncio", "uvloop", "gevent", "socketserver"]
+
+
 def available_servers(engines: list[str]) -> list[str]:
-    """muxpool's engines, then every reference server whose library is installed."""
-    names = [f"muxpool:{e}" for e in engines]
-    names.append("asyncio")
-    for optional, name in (("uvloop", "uvloop"), ("gevent", "gevent")):
-        try:
-            __import__(optional)
-            names.append(name)
-        except ImportError:
-            pass
-    names.append("socketserver")
-    return names
+    """muxpool's engines, then the reference servers: those whose library is installed."""
+    return [name for name in all_servers(engines) if missing_library(name) is None]
+
+
+def left_out_note(servers: list[str]) -> str | None:
+    """One line naming which of ``servers`` a comparison leaves out for want of a library."""
+    by_library: dict[str, list[str]] = {}
+    fixes = {}
+    for name in servers:
+        need = missing_library(name)
+        if need:
+            by_library.setdefault(need[0], []).append(name)
+            fixes[need[0]] = need[1]
+    if not by_library:
+        return None
+    return "left out: " + "; ".join(f"{', '.join(names)} ({library} is not installed: {fixes[library]})"
+                                    for library, names in by_library.items())
 
 
 @dataclass
@@ -69,6 +99,10 @@ class Row:
     def errors(self) -> int:
         return sum(r.error_total for r in self.reports)
 
+    @property
+    def warmup_errors(self) -> int:
+        return sum(r.warmup_error_total for r in self.reports)
+
     def median_rps(self) -> float:
         return statistics.median(self.rps) if self.reports else 0.0
 
@@ -78,6 +112,7 @@ class Row:
     def as_dict(self) -> dict:
         return {"server": self.server, "pinned": self.pinned, "failure": self.failure,
                 "requests_per_s": self.rps, "p99_ms": self.p99, "errors": self.errors,
+                "warmup_errors": self.warmup_errors,
                 "median_requests_per_s": self.median_rps(), "median_p99_ms": self.median_p99(),
                 "requests_per_server_cpu_s": self.per_cpu_second,
                 "generator_cpu": [r.generator_cpu for r in self.reports]}
@@ -177,23 +212,30 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def compare(servers: list[str], spec: LoadSpec, *, workload: str = "echo", app: str | None = None,
             repeat: int = 3, processes: int | None = None, workers: int | None = None,
-            on_row: Callable[[Row], None] | None = None) -> list[Row]:
+            on_row: Callable[[Row], None] | None = None, progress=None) -> list[Row]:
     """Measure every server ``repeat`` times, in rounds: each round starts each
     server in turn, primes it, measures it once and stops it. On a shared
     machine a slow spell then falls on every server alike, not on whichever
-    one happened to be measured during it. ``on_row`` gets each row when done."""
+    one happened to be measured during it. ``on_row`` gets each row when done;
+    ``progress`` (a :class:`~muxpool.loadtest.progress.CompareProgress`) hears
+    of every run as it starts, runs and ends."""
     rows = [Row(server, pinned=_cpu_plan(server)[2]) for server in servers]
     for round_index in range(repeat):
         for row in rows:
+            if progress is not None:
+                progress.run_started(row.server, round_index)
             if not row.failure:
-                _measure_in_own_process(row, spec, workload, app, processes, workers)
+                _measure_in_own_process(row, spec, workload, app, processes, workers,
+                                        progress.tick if progress is not None else None)
+            if progress is not None:
+                progress.run_done(row, round_index)
             if round_index == repeat - 1 and on_row is not None:
                 on_row(row)
     return rows
 
 
 def _measure_in_own_process(row: Row, spec: LoadSpec, workload: str, app: str | None,
-                            processes: int | None, workers: int | None) -> None:
+                            processes: int | None, workers: int | None, on_progress=None) -> None:
     server_cpus, generator_cpus, _ = _cpu_plan(row.server)
     port = free_port()
     run_spec = _with_port(spec, port)
@@ -202,7 +244,7 @@ def _measure_in_own_process(row: Row, spec: LoadSpec, workload: str, app: str | 
         wait_until_listening(port, proc)
         prime(run_spec)
         generators = processes or (len(generator_cpus) if generator_cpus else None)
-        report, cpu = _measure(run_spec, generators, generator_cpus, proc.pid)
+        report, cpu = _measure(run_spec, generators, generator_cpus, proc.pid, on_progress)
         row.reports.append(report)
         row.server_cpu.append(cpu)
     except Exception as exc:  # one broken server must not sink the whole comparison
@@ -211,17 +253,26 @@ def _measure_in_own_process(row: Row, spec: LoadSpec, workload: str, app: str | 
         stop_server(proc)
 
 
-def _measure(spec: LoadSpec, processes, cpus, server_pid: int) -> tuple[Report, float]:
+def _measure(spec: LoadSpec, processes, cpus, server_pid: int, on_progress=None) -> tuple[Report, float]:
     """One load run, with the server's CPU seconds spent during the measured part
     (the warm-up is run first, unmeasured, so the CPU figure covers only what the
     report counts)."""
+    from collections import Counter
     from dataclasses import replace
 
+    def after_warmup(requests: int, seconds: float) -> None:
+        on_progress(requests, spec.warmup + seconds)
+
+    warm = None
     if spec.warmup > 0:
-        run_load(replace(spec, duration=spec.warmup, warmup=0), processes, cpus=cpus)
+        warm = run_load(replace(spec, duration=spec.warmup, warmup=0), processes, cpus=cpus,
+                        on_progress=on_progress)
     before = process_cpu_seconds(server_pid) or 0.0
-    report = run_load(replace(spec, warmup=0), processes, cpus=cpus)
+    report = run_load(replace(spec, warmup=0), processes, cpus=cpus,
+                      on_progress=after_warmup if on_progress else None)
     after = process_cpu_seconds(server_pid) or 0.0
+    if warm is not None:  # its errors are the warm-up's: kept apart, never dropped
+        report.warmup_errors = dict(Counter(warm.errors) + Counter(warm.warmup_errors))
     return report, after - before
 
 

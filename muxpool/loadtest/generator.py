@@ -32,65 +32,27 @@ from __future__ import annotations
 
 import array
 import collections
-import errno
 import select
 import socket
 import time
-from dataclasses import dataclass, field
 
 from ..framing import make_framer
+from .expect import GREETING_WAIT, RING, detect_greeting, read_greeting, ring
+from .spec import END_OF_ERROR, END_OPEN, LoadResult, LoadSpec, error_kind, local_port, record
+
+__all__ = ["Generator", "LoadResult", "LoadSpec"]
 
 RECV_SIZE = 65536
-RING = 16  # distinct requests per connection: enough to catch a reordered or repeated reply
 MAX_OPEN_LOOP_IN_FLIGHT = 10_000  # per connection; past it a request counts as "behind"
 
 
-@dataclass
-class LoadSpec:
-    """What to send, where, and how hard (one process's share or the whole)."""
-
-    host: str = "127.0.0.1"
-    port: int = 8088
-    connections: int = 50
-    duration: float = 10.0
-    warmup: float = 0.0
-    size: int = 64
-    framing: str = "raw"
-    greeting_bytes: int | str = 17   # an int, or "auto": whatever arrives first
-    pipeline: int = 1
-    rate: float | None = None        # requests/s for this process; None = closed loop
-    reply_prefix: bytes = b"response: "
-    verify: bool = True
-    timeout: float = 5.0
-    unix_path: str | None = None
-    per_connection: bool = False     # report each connection's counts and end (Report.connections)
-
-
-@dataclass
-class LoadResult:
-    """What one process measured; the runner adds several up."""
-
-    requests: int = 0
-    errors: collections.Counter = field(default_factory=collections.Counter)
-    latencies: array.array = field(default_factory=lambda: array.array("d"))
-    elapsed: float = 0.0
-    cpu_seconds: float = 0.0
-    unanswered: int = 0  # still in flight at the end: in the latencies with their age so far
-    connections: list | None = None  # with LoadSpec.per_connection: one dict per connection
-
-
-# How a connection ended, in the per-connection records: still open when the run
-# ended, closed by the server (EOF), reset by it, or an error kind of the report.
-END_OPEN, END_EOF, END_RESET = "open", "eof", "reset"
-_END_OF_ERROR = {"closed": END_EOF, "reset": END_RESET}
-
-
 class _Conn:
-    __slots__ = ("dead", "fd", "outbuf", "port", "queue", "recv", "ring", "send", "sent", "sent_at",
+    __slots__ = ("dead", "fd", "index", "outbuf", "port", "queue", "recv", "ring", "send", "sent", "sent_at",
                  "sock", "want")
 
-    def __init__(self, sock: socket.socket, ring: list[tuple[bytes, bytes]]):
+    def __init__(self, sock: socket.socket, ring: list[tuple[bytes, bytes]], index: int):
         self.sock = sock
+        self.index = index  # which ring it uses, and what a reconnection gets
         self.fd = sock.fileno()
         self.outbuf = bytearray()  # requests the socket would not take yet (a server not reading)
         self.dead = False
@@ -107,17 +69,6 @@ class _Conn:
         self.queue: collections.deque = collections.deque()  # (reply, sent_at) behind it
 
 
-def _ring(spec: LoadSpec, framer, conn_index: int) -> list[tuple[bytes, bytes]]:
-    """RING distinct (request wire bytes, expected reply wire bytes) pairs."""
-    pairs = []
-    for slot in range(RING):
-        tag = b"%d.%d:" % (conn_index, slot)
-        body = (tag * (spec.size // len(tag) + 1))[: max(spec.size, 1)]
-        reply = spec.reply_prefix + body
-        pairs.append((framer.encode(body), framer.encode(reply)))  # length counts even unverified
-    return pairs
-
-
 class Generator:
     """Drives one process's connections through the warm-up, then the measurement."""
 
@@ -128,6 +79,9 @@ class Generator:
         self.conns: dict[int, _Conn] = {}
         self.result = LoadResult()
         self.recording = spec.warmup <= 0
+        # "auto": learned on the first connection that gets through (None until then)
+        self.greeting = None if spec.greeting_bytes == "auto" else spec.greeting_bytes
+        self.lost_in_warmup: list[int] = []  # connection indexes to connect again when measuring starts
         self.progress = None  # optionally a shared multiprocessing.Value counting requests
         if spec.per_connection:
             self.result.connections = []
@@ -144,30 +98,26 @@ class Generator:
             else:
                 sock = socket.create_connection((spec.host, spec.port), timeout=spec.timeout)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._read_greeting(sock)
+            self._greet(sock)
         except OSError as exc:
             self.result.errors["connect"] += 1
             if spec.per_connection:
-                self.result.connections.append(_record(None, 0, 0, "connect", 0, repr(exc)))
+                self.result.connections.append(record(None, 0, 0, "connect", 0, repr(exc)))
             return
         sock.setblocking(False)
-        conn = _Conn(sock, _ring(spec, self.framer, index))
+        conn = _Conn(sock, ring(spec, self.framer, index), index)
         if spec.per_connection:
-            conn.port = _local_port(sock)
+            conn.port = local_port(sock)
         self.conns[sock.fileno()] = conn
         self.epoll.register(sock.fileno(), select.EPOLLIN)
 
-    def _read_greeting(self, sock: socket.socket) -> None:
-        wanted = self.spec.greeting_bytes
-        if wanted == "auto":
-            if not sock.recv(RECV_SIZE):
-                raise ConnectionResetError("closed before its greeting")
-            return
-        while wanted > 0:
-            chunk = sock.recv(wanted)
-            if not chunk:
-                raise ConnectionResetError("closed before its greeting")
-            wanted -= len(chunk)
+    def _greet(self, sock: socket.socket) -> None:
+        if self.greeting is None:
+            framer = None if self.spec.framing == "raw" else make_framer(self.spec.framing)
+            self.greeting = detect_greeting(sock, framer, min(GREETING_WAIT, self.spec.timeout))
+            self.result.greeting_bytes = self.greeting
+        else:
+            read_greeting(sock, self.greeting)
 
     def _fail(self, conn: _Conn, kind: str, unsent: int = 0, detail: str = "") -> None:
         """Count one error for the connection and drop it (once, however it is noticed).
@@ -179,8 +129,11 @@ class Generator:
         conn.sent -= unsent
         if self.recording:
             self.result.errors[kind] += 1
+        else:
+            self.result.warmup_errors[kind] += 1
+            self.lost_in_warmup.append(conn.index)
         if self.result.connections is not None:
-            self._record(conn, _END_OF_ERROR.get(kind, kind), detail, unsent)
+            self._record(conn, END_OF_ERROR.get(kind, kind), detail, unsent)
         self.conns.pop(conn.fd, None)
         try:
             self.epoll.unregister(conn.fd)
@@ -210,7 +163,7 @@ class Generator:
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            self._fail(conn, _error_kind(exc), unsent=1, detail=repr(exc))
+            self._fail(conn, error_kind(exc), unsent=1, detail=repr(exc))
             return False
         if sent != len(request):
             conn.outbuf += request[sent:]
@@ -223,7 +176,7 @@ class Generator:
         except BlockingIOError:
             return
         except OSError as exc:
-            self._fail(conn, _error_kind(exc), detail=repr(exc))
+            self._fail(conn, error_kind(exc), detail=repr(exc))
             return
         del conn.outbuf[:sent]
         if not conn.outbuf:
@@ -268,14 +221,14 @@ class Generator:
         self.cpu_start = time.process_time()
         start = time.perf_counter()
         measure_at, stop_at = start + spec.warmup, start + spec.warmup + spec.duration
+        self.measure_at = measure_at  # moved earlier if every connection is lost in the warm-up
         if spec.rate is None:
             for conn in list(self.conns.values()):
                 for _ in range(spec.pipeline):
                     self._send(conn, start)
         self._loop(start, measure_at, stop_at)
         self._count_unanswered(time.perf_counter())
-        # Ended early (every connection closed) during the warm-up: nothing was measured.
-        self.result.elapsed = max(0.0, time.perf_counter() - measure_at)
+        self.result.elapsed = max(0.0, time.perf_counter() - self.measure_at)
         self.result.cpu_seconds = time.process_time() - self.cpu_start
         for conn in list(self.conns.values()):
             if self.result.connections is not None:
@@ -284,12 +237,33 @@ class Generator:
         self.epoll.close()
         return self.result
 
+    def _start_measuring(self, now: float) -> None:
+        """The warm-up is over: forget its figures (its errors stay, apart) and
+        connect again every connection it lost, so the measurement runs with
+        them all and a server that keeps failing fails again where it counts."""
+        self.recording = True
+        self.measure_at = now
+        self.result.latencies = array.array("d")
+        self.result.requests = 0
+        self.cpu_start = time.process_time()
+        lost, self.lost_in_warmup = self.lost_in_warmup, []
+        for index in lost:
+            before = len(self.conns)
+            self._connect(index)
+            if len(self.conns) > before:
+                self.result.reconnected += 1
+                if self.spec.rate is None:
+                    conn = next(reversed(self.conns.values()))
+                    for _ in range(self.spec.pipeline):
+                        if not self._send(conn, now):
+                            break
+
     def _record(self, conn: _Conn, end: str, detail: str = "", unsent: int = 0) -> None:
         """One connection's figures, as it ends (or as the run does): replies
         answered = requests sent - requests still awaited."""
         in_flight = (1 if conn.want else 0) + len(conn.queue) - unsent
         self.result.connections.append(
-            _record(conn.port, conn.sent, conn.sent - in_flight, end, len(conn.outbuf), detail))
+            record(conn.port, conn.sent, conn.sent - in_flight, end, len(conn.outbuf), detail))
 
     def _count_unanswered(self, now: float) -> None:
         """Requests still waiting at the end count with the age they have reached:
@@ -318,15 +292,14 @@ class Generator:
         lat_append = self.result.latencies.append
         while True:
             now = perf()
+            if not self.recording and (now >= measure_at or not conns):
+                # Every connection lost in the warm-up: measure now, not after idling to its end.
+                stop_at += min(0.0, now - measure_at)
+                self._start_measuring(now)
+                lat_append = self.result.latencies.append
+                counted = 0
             if now >= stop_at or not conns:  # not conns: the server closed them all
                 return
-            if not self.recording and now >= measure_at:
-                self.recording = True
-                self.result.latencies = array.array("d")
-                lat_append = self.result.latencies.append
-                self.result.requests = 0
-                self.cpu_start = time.process_time()
-                counted = 0
             if not closed_loop:
                 next_send, rr = self._send_due(next_send, now, rr)
                 timeout = max(0.0, min(next_send, stop_at) - perf())
@@ -348,7 +321,7 @@ class Generator:
                 except (BlockingIOError, InterruptedError):
                     continue
                 except OSError as exc:
-                    self._fail(conn, _error_kind(exc), detail=repr(exc))
+                    self._fail(conn, error_kind(exc), detail=repr(exc))
                     continue
                 if not data:
                     self._fail(conn, "closed")
@@ -375,7 +348,7 @@ class Generator:
                     except BlockingIOError:
                         sent = 0
                     except OSError as exc:
-                        self._fail(conn, _error_kind(exc), unsent=1, detail=repr(exc))
+                        self._fail(conn, error_kind(exc), unsent=1, detail=repr(exc))
                         continue
                     if sent != len(request):
                         conn.outbuf += request[sent:]
@@ -421,24 +394,3 @@ class Generator:
             if conn.want and now - conn.sent_at > limit:
                 self._fail(conn, "timeout")
 
-
-def _record(port: int | None, sent: int, answered: int, end: str, unsent_bytes: int,
-            detail: str) -> dict:
-    """A per-connection record (``Report.connections``): ``in_flight`` is what the
-    connection still awaited when it ended; ``unsent_bytes`` what of it never
-    left the generator (a server that stopped reading)."""
-    return {"port": port, "sent": sent, "answered": answered, "in_flight": sent - answered,
-            "end": end, "unsent_bytes": unsent_bytes, "detail": detail}
-
-
-def _local_port(sock: socket.socket) -> int | None:
-    name = sock.getsockname()
-    return name[1] if isinstance(name, tuple) else None
-
-
-def _error_kind(exc: BaseException) -> str:
-    if isinstance(exc, (ConnectionResetError, BrokenPipeError)) or getattr(exc, "errno", None) == errno.ECONNRESET:
-        return "reset"
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    return "socket_error"

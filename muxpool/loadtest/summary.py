@@ -53,22 +53,56 @@ def write_chart(rows: list[Row], path: pathlib.Path, title: str) -> bool:
 
 
 def recommend(rows: list[Row], workload: str) -> str:
-    """Which muxpool engine to pick for this workload, from the figures."""
-    ours = [r for r in rows if r.server.startswith("muxpool:") and r.reports and not r.errors]
+    """Which muxpool engine to pick for this workload, from the figures, and how sure that is."""
+    ours = [r for r in rows if r.server.startswith("muxpool:") and r.reports and not r.errors
+            and not r.warmup_errors]
     if not ours:
         return "No muxpool engine completed without errors: no recommendation."
     best = max(ours, key=Row.median_rps)
-    text = (f"For this workload ({workload}), use --engine {best.server.split(':', 1)[1]}: "
+    text = (f"For this workload ({workload}), use --engine {_engine(best)}: "
             f"{best.median_rps():,.0f} requests/s")
     others = sorted((r for r in ours if r is not best), key=Row.median_rps, reverse=True)
     if others:
         text += ", " + ", ".join(f"{best.median_rps() / max(1.0, r.median_rps()):.2f}x "
-                                 f"{r.server.split(':', 1)[1]}" for r in others)
+                                 f"{_engine(r)}" for r in others)
     refs = [r for r in rows if not r.server.startswith("muxpool:") and r.reports]
-    if refs:
-        ref = max(refs, key=Row.median_rps)
+    ref = max(refs, key=Row.median_rps) if refs else None
+    if ref is not None:
         text += f"; the fastest reference server, {ref.server}, does {ref.median_rps():,.0f}"
-    return text + "."
+    notes = [_sureness(best, others[0] if others else None),
+             _pinning([best, *others] + ([ref] if ref else []))]
+    return " ".join([text + "."] + [note for note in notes if note])
+
+
+def _engine(row: Row) -> str:
+    return row.server.split(":", 1)[1]
+
+
+def _sureness(best: Row, runner_up: Row | None) -> str:
+    """How far the lead stands out from the noise between rounds."""
+    runs = len(best.rps)
+    if runs < 2:
+        return ("Warning: measured once (--repeat 1), so there is no spread to tell a lead from "
+                "noise; run --repeat 3 or more before trusting this.")
+    if runner_up is None:
+        return ""
+    low, high = min(best.rps), max(runner_up.rps)
+    spans = (f"{_engine(best)} {min(best.rps):,.0f}–{max(best.rps):,.0f}, "
+             f"{_engine(runner_up)} {min(runner_up.rps):,.0f}–{high:,.0f}")
+    if low <= high:
+        return (f"Not a clear lead: over {runs} rounds the runs overlap ({spans}), so "
+                f"{_engine(best)} and {_engine(runner_up)} are within noise here.")
+    return (f"A clear lead: {_engine(best)}'s slowest of {runs} runs beat {_engine(runner_up)}'s "
+            f"fastest ({spans}).")
+
+
+def _pinning(compared: list[Row]) -> str:
+    unpinned = [r.server for r in compared if r.pinned == "not pinned"]
+    if not unpinned or len(unpinned) == len(compared):
+        return ""
+    return (f"Note: {', '.join(unpinned)} ran unpinned, on every core and sharing them with the "
+            "generator, while the others had one core each: requests/s does not compare them like "
+            "for like (requests per server CPU-second does).")
 
 
 def markdown_table(rows: list[Row], anchor: str | None = None) -> str:
