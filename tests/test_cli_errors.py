@@ -50,6 +50,14 @@ async def coroutine(message, conn):
 class Greeter:
     def on_message(self, message):
         return message
+
+
+calls = []
+
+
+def counter(message, conn):  # a different reply each time: bench cannot learn it
+    calls.append(message)
+    return b"%d" % len(calls)
 '''
 
 
@@ -181,6 +189,10 @@ CASES = {
                         "one_arg(message) cannot be called as one_arg(message, conn) (define it as def "
                         "one_arg(message, conn): the function form takes the message first; a class's "
                         "on_message(self, conn, message) takes the connection first)"),
+    "compare unlearnable": Case("bench --compare --app myapp:counter", 2, "muxpool: error: myapp:counter "
+                                "answered the same request two different ways, so bench cannot know "
+                                "the reply to expect (give --no-verify to count replies without "
+                                "checking their bytes)"),
 }
 README_VALUES = {"port": "8088", "closed": "8088", "dir": "/home/me/app"}
 
