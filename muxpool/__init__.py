@@ -33,6 +33,7 @@ from .framing import FRAMERS, LengthFramer, LineFramer, RawFramer, make_framer
 from .handlers import EchoService
 from .pools import AsyncFuture, AsyncResult, Pool, PoolStats, ProcessPool, ThreadPool, WorkerPool
 from .config import ServerConfig
+from .conn import Conn
 from .server import Server, serve
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ __all__ = [
     "AsyncFuture",
     "AsyncResult",
     "Client",
+    "Conn",
     "EchoService",
     "FRAMERS",
     "LengthFramer",

@@ -34,11 +34,11 @@ class RequestHandlerConnection(StreamConnection):
     def prepare_socket(self) -> None:
         self.sock.setblocking(True)
         self.start_tls()
-        self.sock.settimeout(self.server.config.idle_timeout)
+        self.sock.settimeout(self.config.idle_timeout)
 
     def run(self) -> str:
         # BaseRequestHandler.__init__ runs setup(), handle() and finish().
-        self.server.app(self.sock, self.peer, self.server)
+        self.ctx.app(self.sock, self.peer, self.server)
         return "eof"  # the handler has read what it wanted; it decides how its protocol ends
 
     def close_when_done(self, drop_backlog: bool = False) -> None:

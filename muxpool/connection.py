@@ -32,12 +32,13 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConnectionClosed, ProtocolError
+from . import calls
+from .errors import ConnectionBroken, ConnectionClosed, MuxpoolError, ProtocolError
 from .multiplexer import EVENT_READ, EVENT_WRITE
 from .tls import TLSSession
 
 if TYPE_CHECKING:
-    from .server import Server
+    from .context import ConnectionContext
 
 log = logging.getLogger("muxpool.server")
 
@@ -58,14 +59,17 @@ def _call_disconnect(conn: "Connection", error: BaseException | None):
 class Connection:
     """A client connection as a handler sees it: ``send``, ``close``, ``peer``."""
 
-    def __init__(self, server: "Server", sock: socket.socket, peer: Any, conn_id: int):
-        self.server = server
+    def __init__(self, ctx: "ConnectionContext", sock: socket.socket, peer: Any, conn_id: int):
+        self.ctx = ctx
+        self.mux = ctx.mux
+        self.config = ctx.config
+        self.server = ctx.server  # for handlers (socketserver's name): conn.server.shutdown()
         self.sock = sock
         self.peer = peer
         self.id = conn_id
-        self.session = server.new_session()
-        self.framer = server.new_framer()
-        self.encode = server.encoder.encode  # replies are not bound by the inbound limit
+        self.session = ctx.new_session()
+        self.framer = ctx.new_framer()
+        self.encode = ctx.encode
         self.outbuf = bytearray()
         self.backlog: collections.deque = collections.deque()
         self.backlog_bytes = 0
@@ -89,8 +93,22 @@ class Connection:
         self.linger_left = 0
         self._draining_new = False  # drain() is waiting for this new client's first message
         self._running_next = False
-        context = server.ssl_context
+        self._close_called = False  # the handler called close(): send() raises from now on
+        self.broken: OSError | None = None  # the socket error that ended it (a reset, say)
+        context = ctx.ssl_context
         self.tls = TLSSession(context) if context is not None else None
+
+    def start(self) -> None:
+        """Accepted (loop thread): watch the socket, start the idle clock, greet the
+        client — after its TLS handshake, which must end in time."""
+        self.update_interest()
+        config = self.config
+        if config.idle_timeout:
+            self.idle_timer = self.mux.call_later(config.idle_timeout, self._check_idle)
+        if self.tls is None:
+            self.dispatch(_call_connect, None)
+        else:
+            self.tls_timer = self.mux.call_later(config.tls_handshake_timeout, self._handshake_overdue)
 
     @property
     def handshaken(self) -> bool:
@@ -103,11 +121,12 @@ class Connection:
     # --- for handlers, from any thread ------------------------------------
 
     def send(self, message: bytes) -> None:
-        """Frame and send ``message``; raises ``ConnectionClosed`` once closed."""
-        if self.closed:
-            raise ConnectionClosed(f"connection {self.peer} is closed")
+        """Frame and send ``message``. Raises ``ConnectionBroken`` once the peer
+        has reset or vanished, ``ConnectionClosed`` once closed by this side."""
+        if self.closed or self._close_called:
+            raise_closed(self.peer, self.broken)
         data = self.encode(message)
-        mux = self.server.mux
+        mux = self.mux
         if mux.in_loop_thread():
             self.write(data)
         else:
@@ -115,7 +134,8 @@ class Connection:
 
     def close(self) -> None:
         """Stop reading, flush what was sent, then close. Idempotent."""
-        mux = self.server.mux
+        self._close_called = True
+        mux = self.mux
         if mux.in_loop_thread():
             self.close_when_done(drop_backlog=True)
         else:
@@ -127,7 +147,7 @@ class Connection:
         events = (EVENT_READ if self.reading and not self.eof else 0) | (EVENT_WRITE if self.outbuf else 0)
         if events == self.events or self.closed or self.lingering:
             return
-        mux = self.server.mux
+        mux = self.mux
         # Reading only (nearly always): the loop calls read() with no dispatch step.
         callback = self.on_ready if events & EVENT_WRITE else self.read
         if not events:
@@ -146,7 +166,7 @@ class Connection:
             self.flush()
 
     def read(self, mask: int = 0) -> None:
-        server = self.server
+        ctx = self.ctx
         try:
             # 64 KiB: below glibc's mmap threshold. A 256 KiB recv (asyncio's
             # size) costs an mmap/munmap pair per read, 5x slower here; and a
@@ -181,8 +201,8 @@ class Connection:
             # trickles one byte a second (slowloris) still goes idle.
             self.last_active = time.monotonic()
             self.heard = True
-        if server.inline and not self.busy:
-            server.stats.messages_total += len(messages)
+        if ctx.inline and not self.busy:
+            ctx.stats.messages_total += len(messages)
             if self.held:
                 self.held.extend(messages)  # after those that wait for a slow reader
             else:
@@ -213,7 +233,7 @@ class Connection:
         if reply:
             self.write(reply, raw=True)
         if tls.handshaken and not was_handshaken:
-            self.server.tls_ready(self)
+            self._tls_ready()
         if not data or tls.peer_closed:
             return plaintext  # EOF: the framer must see it
         return plaintext or None
@@ -222,19 +242,17 @@ class Connection:
         """The ``loop`` engine's fast path: call the handler right here, with
         none of the engine hand-off (no timers are armed: see Server.inline)."""
         on_message = self.session.on_message
-        high_water = self.server.config.write_high_water
+        high_water = self.config.write_high_water
         for index, message in enumerate(messages):
             try:
                 reply = on_message(self, message)
             except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
-                log.error("handler failed for %s", self.peer, exc_info=exc)
+                calls.handler_failed(self.peer, exc)
                 self.close_when_done(drop_backlog=True)
                 return
             if reply is not None and not self.closed:
-                try:
-                    data = self.encode(reply)
-                except (ProtocolError, TypeError) as exc:
-                    log.error("handler reply to %s cannot be framed: %s", self.peer, exc)
+                data = calls.frame_reply(self.encode, reply, self.peer)
+                if data is None:
                     self.close_when_done(drop_backlog=True)
                     return
                 self.write(data)
@@ -253,32 +271,108 @@ class Connection:
             if isinstance(arg, bytes):
                 self.backlog_bytes += len(arg)
             if self.reading and (len(self.backlog) >= MAX_BACKLOG
-                                 or self.backlog_bytes > self.server.config.write_high_water):
+                                 or self.backlog_bytes > self.config.write_high_water):
                 self.reading = False
                 self.update_interest()
             return
         self.busy = True
-        self.server.run_handler(self, fn, arg)
+        self._start_call(fn, arg)
 
-    def handler_done(self, ok: bool, value: Any) -> None:
+    def _start_call(self, fn, arg) -> None:
+        limit = self.config.handler_timeout
+        if limit:
+            self.handler_timer = self.mux.call_later(limit, self._handler_overdue)
+        # The stats count messages: a greeting or a goodbye is not one (a line's p50
+        # over an interval of disconnects would read 0.01 ms).
+        self.timing_message = fn is not _call_connect and fn is not _call_disconnect
+        self.ctx.engine.run(self, fn, arg, self._call_done)
+
+    def _call_done(self, ok: bool, value: Any, elapsed: float) -> None:
         """The engine's report that the current call ended (loop thread)."""
+        ctx = self.ctx
+        if self.timing_message:
+            ctx.stats.record(elapsed)
+        if self.handler_timer is not None:
+            self.handler_timer.cancel()
+            self.handler_timer = None
+            limit = self.config.handler_timeout
+            if elapsed > limit and not self.closed:
+                self.abort(calls.over_time(self.peer, limit, elapsed), reset=True)
         self.busy = False
         if ok:
             if value is not None and not self.closed:
-                try:
-                    self.write(self.encode(value))
-                except (ProtocolError, TypeError) as exc:
-                    log.error("handler reply to %s cannot be framed: %s", self.peer, exc)
+                data = calls.frame_reply(self.encode, value, self.peer)
+                if data is None:
                     self.close_when_done(drop_backlog=True)
+                else:
+                    self.write(data)
         else:
-            log.error("handler failed for %s", self.peer, exc_info=value)
+            calls.handler_failed(self.peer, value)
             self.close_when_done(drop_backlog=True)
         if self.backlog:
             self.run_next()
+        else:
+            if not self.reading and not self.closing and not self.eof:
+                self.resume_if_drained()
+            self.maybe_finish()
+        if ctx.draining:
+            ctx.check_drained()
+
+    def _handler_overdue(self) -> None:
+        self.handler_timer = None
+        if not self.closed:
+            self.abort(calls.over_time(self.peer, self.config.handler_timeout), reset=True)
+
+    # --- the connection's clocks (loop thread) ---------------------------------
+
+    def _tls_ready(self) -> None:
+        """The TLS handshake finished: now it is a client like any other."""
+        if self.tls_timer is not None:
+            self.tls_timer.cancel()
+            self.tls_timer = None
+        self.dispatch(_call_connect, None)
+
+    def _handshake_overdue(self) -> None:
+        self.tls_timer = None
+        if not self.closed and not self.handshaken:
+            log_handshake_overdue(self.peer, self.config.tls_handshake_timeout)
+            self.abort(None, reset=True)
+
+    def _check_idle(self) -> None:
+        if self.closed:
             return
-        if not self.reading and not self.closing and not self.eof:
-            self.resume_if_drained()
-        self.maybe_finish()
+        limit = self.config.idle_timeout
+        quiet = time.monotonic() - self.last_active
+        if quiet >= limit and not self.busy and not self.backlog and not self.held:
+            log.info("closing %s: idle for %.1f s (idle_timeout)", self.peer, quiet)
+            self.abort(None)
+        else:
+            self.idle_timer = self.mux.call_later(max(0.05, limit - quiet), self._check_idle)
+
+    def _watch_writes(self) -> None:
+        """Start the write_timeout clock: replies are waiting for the client."""
+        limit = self.config.write_timeout
+        if limit and self.write_timer is None:
+            self.write_timer = self.mux.call_later(limit, self._check_write)
+
+    def _check_write(self) -> None:
+        self.write_timer = None
+        if self.closed or not self.outbuf:
+            return
+        limit = self.config.write_timeout
+        stalled = time.monotonic() - self.write_progress
+        if stalled >= limit:
+            log.warning("closing %s: no reply bytes accepted for %.1f s (write_timeout), "
+                        "%d bytes unsent", self.peer, stalled, len(self.outbuf))
+            self.abort(None, reset=True)
+        else:
+            self.write_timer = self.mux.call_later(limit - stalled, self._check_write)
+
+    def _cancel_timers(self) -> None:
+        for timer in (self.idle_timer, self.write_timer, self.handler_timer, self.tls_timer,
+                      self.linger_timer):
+            if timer is not None:
+                timer.cancel()
 
     def run_next(self) -> None:
         """Start the queued calls in turn — unless replies are waiting for a slow
@@ -289,14 +383,14 @@ class Connection:
         if self._running_next:
             return  # the loop below, further up this stack, takes the next one
         self._running_next = True
-        backlog, high_water = self.backlog, self.server.config.write_high_water
+        backlog, high_water = self.backlog, self.config.write_high_water
         try:
             while backlog and not self.busy and (len(self.outbuf) <= high_water or self.closed):
                 fn, arg = backlog.popleft()
                 if isinstance(arg, bytes):
                     self.backlog_bytes -= len(arg)
                 self.busy = True
-                self.server.run_handler(self, fn, arg)
+                self._start_call(fn, arg)
         finally:
             self._running_next = False
 
@@ -319,9 +413,9 @@ class Connection:
                 return
             data = memoryview(data)[sent:]
             self.write_progress = time.monotonic()
-            self.server.watch_writes(self)
+            self._watch_writes()
         self.outbuf += data
-        if len(self.outbuf) > self.server.config.write_high_water and self.reading:
+        if len(self.outbuf) > self.config.write_high_water and self.reading:
             self.reading = False
         self.update_interest()
 
@@ -335,7 +429,7 @@ class Connection:
             return
         del self.outbuf[:sent]
         self.write_progress = time.monotonic()
-        if len(self.outbuf) <= self.server.config.write_high_water // 4:
+        if len(self.outbuf) <= self.config.write_high_water // 4:
             if self.held:
                 held, self.held = self.held, []
                 self.handle_inline(held)
@@ -350,9 +444,9 @@ class Connection:
             self.resume_if_drained()
 
     def resume_if_drained(self) -> None:
-        if (not self.held and len(self.outbuf) <= self.server.config.write_high_water // 4
-                and len(self.backlog) < MAX_BACKLOG // 2
-                and self.backlog_bytes <= self.server.config.write_high_water // 4):
+        high_water = self.config.write_high_water
+        if (not self.held and len(self.outbuf) <= high_water // 4
+                and len(self.backlog) < MAX_BACKLOG // 2 and self.backlog_bytes <= high_water // 4):
             self.reading = True
             self.update_interest()
 
@@ -381,8 +475,7 @@ class Connection:
             self.close_when_done()
             return
         self._draining_new = True
-        grace = self.server.linger_time()
-        self.linger_timer = self.server.mux.call_later(grace, self._new_client_waited)
+        self.linger_timer = self.mux.call_later(self.ctx.linger_time(), self._new_client_waited)
 
     def _new_client_waited(self) -> None:
         self.linger_timer = None
@@ -406,7 +499,7 @@ class Connection:
         connection and destroy replies the client has not read yet."""
         if self.linger_timer is not None:
             self.linger_timer.cancel()
-        delay = self.server.linger_time()
+        delay = self.ctx.linger_time()
         try:
             if delay <= 0:
                 raise TimeoutError
@@ -416,7 +509,7 @@ class Connection:
             return
         self.lingering = True
         self.linger_left = LINGER_MAX_BYTES
-        mux = self.server.mux
+        mux = self.mux
         self.linger_timer = mux.call_later(delay, self._linger_over)
         if self.events:
             mux.modify(self.sock, EVENT_READ, self._discard)
@@ -469,12 +562,14 @@ class Connection:
         if self.closed:
             return
         self.closed = True
+        if isinstance(error, OSError) and not isinstance(error, MuxpoolError):
+            self.broken = error  # the socket's: the peer broke it (a HandlerTimeout is ours)
         self.backlog.clear()
         self.backlog_bytes = 0
         self.held = []
         self.outbuf.clear()
         if self.events:
-            self.server.mux.unregister(self.sock)
+            self.mux.unregister(self.sock)
             self.events = 0
         try:
             if reset:
@@ -482,9 +577,21 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
-        self.server.forget(self)
+        self._cancel_timers()
+        self.ctx.closed(self)
         # on_disconnect runs after the call in progress, in the same order.
         self.dispatch(_call_disconnect, error)
+
+
+def raise_closed(peer: Any, broken: OSError | None) -> None:
+    """What ``send`` raises on a connection that is over: broken by the peer, or closed by us."""
+    if broken is not None:
+        raise ConnectionBroken(peer, str(broken)) from broken
+    raise ConnectionClosed(f"connection {peer} is closed")
+
+
+def log_handshake_overdue(peer: Any, limit: float) -> None:
+    log.warning("closing %s: no TLS handshake within %s s (tls_handshake_timeout)", peer, limit)
 
 
 def discard_ready(sock: socket.socket, limit: int = 16) -> None:

@@ -170,11 +170,13 @@ class MessageTooLarge(RemoteProtocolError):
 
 
 class ConnectionClosed(MuxpoolError):
-    """The connection was closed by this side; nothing more can be sent."""
+    """Nothing more can be sent: this side closed the connection (``close()``,
+    a drain, a timeout). Its subclass :class:`ConnectionBroken` says the peer did."""
 
 
-class ConnectionBroken(MuxpoolError, ConnectionError):
-    """The peer reset or vanished; ``peer`` names it."""
+class ConnectionBroken(ConnectionClosed, ConnectionError):
+    """The peer reset the connection or vanished; ``peer`` names it, and the
+    socket error, when there was one, is the ``__cause__``."""
 
     def __init__(self, peer: object, reason: str = ""):
         self.peer = peer

@@ -29,9 +29,11 @@ import threading
 import time
 from typing import Any
 
+from . import calls
 from .compat import RequestHandlerConnection, is_request_handler
 from .config import ServerConfig, make_listener, socket_identity, unlink_own_socket
-from .connection import Connection, _call_connect, _call_disconnect
+from .connection import Connection
+from .context import ConnectionContext
 from .engines import load_engine
 from .framing import make_framer
 from .handlers import EchoService, resolve_handler
@@ -90,7 +92,6 @@ class Server:
         # One stateless encoder for every reply: what we send is not bound by
         # the limit on what we accept.
         self.encoder = make_framer(config.framing, _MAX_ENCODED)
-        self.in_handler = threading.local()  # engines set .active while a handler runs
         # Handlers called straight from the read path when nothing needs the
         # engine's hand-off: the loop engine, with no per-call timer or timing.
         self.inline = (getattr(self.engine, "inline", False) and not config.handler_timeout
@@ -123,7 +124,6 @@ class Server:
         self._accepting = False
         self._draining = False
         self._stopped_hard = False  # _hard_stop ran: calls still running are abandoned
-        self._drain_deadline: float | None = None  # monotonic time the drain must end by
         self._deadline_armed = False
         self._deadline_lock = threading.Lock()
         # Called (from the deadline thread) when drain_timeout passed with the loop
@@ -132,6 +132,12 @@ class Server:
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self._serving = threading.Event()
+        # All a connection knows of its server.
+        self._ctx = ConnectionContext(
+            config=config, mux=self.mux, engine=self.engine, encode=self.encoder.encode,
+            new_session=getattr(self, "new_session", None), new_framer=self.new_framer,
+            stats=self.stats, ssl_context=self.ssl_context, inline=self.inline, server=self,
+            app=self.app, closed=self.forget, check_drained=self._stop_if_drained)
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -151,7 +157,7 @@ class Server:
         if getattr(self.engine, "supervises", False):
             self._supervise()
             return
-        self.engine.start(self)
+        self.engine.start(self.mux)
         self._set_accepting(True)
         if self.config.stats_interval:
             self.mux.call_later(self.config.stats_interval, self._report_stats)
@@ -220,7 +226,7 @@ class Server:
             return
         self._arm_drain_deadline()  # here, not on the loop: a handler may be blocking it
         self.mux.defer(self._begin_drain)
-        in_handler = self.mux.in_loop_thread() or getattr(self.in_handler, "active", False)
+        in_handler = self.mux.in_loop_thread() or getattr(calls.handler_thread, "active", False)
         if wait and not in_handler and self._serving.is_set():
             self._stopped.wait(timeout)
 
@@ -242,8 +248,8 @@ class Server:
     def _begin_drain(self) -> None:
         if self._draining:
             return
-        self._draining = True
-        self._drain_deadline = time.monotonic() + self.config.drain_timeout
+        self._draining = self._ctx.draining = True
+        self._ctx.drain_deadline = time.monotonic() + self.config.drain_timeout
         if getattr(self.engine, "supervises", False):
             self.engine.drain()
             return
@@ -255,14 +261,6 @@ class Server:
             conn.drain()
         self.mux.call_later(self.config.drain_timeout, self._hard_stop)
         self._stop_if_drained()
-
-    def linger_time(self) -> float:
-        """How long a lingering close may wait for the client's EOF: linger_timeout,
-        and never past the drain's deadline."""
-        limit = self.config.linger_timeout
-        if self._drain_deadline is not None:
-            limit = min(limit, self._drain_deadline - time.monotonic())
-        return limit
 
     def _arm_drain_deadline(self) -> None:
         if self.config.engine == "gevent":
@@ -411,131 +409,28 @@ class Server:
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = peer or self.config.unix_path
-        if self.request_handler or self.engine.per_connection:
-            kind = RequestHandlerConnection if self.request_handler else StreamConnection
-            stream = kind(self, sock, peer, next(self._ids))
-            self.connections[id(stream)] = stream
-            if self.on_connection_count is not None:
-                self.on_connection_count(len(self.connections))
-            self.stats.connections_total += 1
-            if self.ssl_context is not None:  # the whole handshake, not each read, is timed
-                stream.tls_timer = self.mux.call_later(self.config.tls_handshake_timeout,
-                                                       lambda: self._handshake_overdue(stream))
-            self.engine.spawn(stream.serve, f"muxpool-conn-{stream.id}")
-            return
-        conn = Connection(self, sock, peer, next(self._ids))
+        if self.request_handler:
+            kind = RequestHandlerConnection
+        elif self.engine.per_connection:
+            kind = StreamConnection
+        else:
+            kind = Connection
+        conn = kind(self._ctx, sock, peer, next(self._ids))
         self.connections[id(conn)] = conn
         if self.on_connection_count is not None:
             self.on_connection_count(len(self.connections))
         self.stats.connections_total += 1
-        conn.update_interest()
-        if self.config.idle_timeout:
-            conn.idle_timer = self.mux.call_later(self.config.idle_timeout, lambda: self._check_idle(conn))
-        if conn.tls is None:
-            conn.dispatch(_call_connect, None)
-        else:  # the greeting waits for the handshake, which must end in time
-            limit = self.config.tls_handshake_timeout
-            conn.tls_timer = self.mux.call_later(limit, lambda: self._handshake_overdue(conn))
-
-    def tls_ready(self, conn: Connection) -> None:
-        """A connection's TLS handshake finished: now it is a client like any other."""
-        if conn.tls_timer is not None:
-            conn.tls_timer.cancel()
-            conn.tls_timer = None
-        conn.dispatch(_call_connect, None)
-
-    def _handshake_overdue(self, conn: Connection | StreamConnection) -> None:
-        conn.tls_timer = None
-        if not conn.closed and not conn.handshaken:
-            log.warning("closing %s: no TLS handshake within %s s (tls_handshake_timeout)",
-                        conn.peer, self.config.tls_handshake_timeout)
-            conn.abort(None, reset=True)
-
-    def forget_from_any_thread(self, conn) -> None:
-        if self.mux.in_loop_thread():
-            self.forget(conn)
-        else:
-            self.mux.defer(lambda: self.forget(conn))
+        conn.start()
 
     def forget(self, conn: Connection) -> None:
         """A connection's socket closed: free its slot, resume accepting."""
         self.connections.pop(id(conn), None)
-        for timer in (conn.idle_timer, conn.write_timer, conn.handler_timer, conn.tls_timer,
-                      conn.linger_timer):
-            if timer is not None:
-                timer.cancel()
         if self.on_connection_count is not None:
             self.on_connection_count(len(self.connections))
         if not self._accepting and not self._draining and len(self.connections) < self.config.max_connections:
             self._full_since = None
             self._set_accepting(True)
         self._stop_if_drained()
-
-    # --- running handlers ----------------------------------------------------------
-
-    def run_handler(self, conn: Connection, fn, arg) -> None:
-        if self.config.handler_timeout:
-            conn.handler_timer = self.mux.call_later(self.config.handler_timeout,
-                                                     lambda: self._handler_overdue(conn))
-        # The stats count messages: a greeting or a goodbye is not one (a line's p50
-        # over an interval of disconnects would read 0.01 ms).
-        conn.timing_message = fn is not _call_connect and fn is not _call_disconnect
-        self.engine.run(conn, fn, arg)
-
-    def handler_done(self, conn: Connection, ok: bool, value: Any, elapsed: float) -> None:
-        """Called by engines on the loop thread when a handler call returns."""
-        if conn.timing_message:
-            self.stats.record(elapsed)
-        if conn.handler_timer is not None:
-            conn.handler_timer.cancel()
-            conn.handler_timer = None
-            limit = self.config.handler_timeout
-            if elapsed > limit and not conn.closed:
-                log.error("handler for %s took %.3f s, over handler_timeout=%s s; closing it",
-                          conn.peer, elapsed, limit)
-                conn.abort(None, reset=True)
-        conn.handler_done(ok, value)
-        if self._draining:
-            self._stop_if_drained()
-
-    def _handler_overdue(self, conn: Connection) -> None:
-        conn.handler_timer = None
-        if not conn.closed:
-            log.error("handler for %s exceeded handler_timeout=%s s; closing it",
-                      conn.peer, self.config.handler_timeout)
-            conn.abort(None, reset=True)
-
-    # --- timers ----------------------------------------------------------------------
-
-    def _check_idle(self, conn: Connection) -> None:
-        if conn.closed:
-            return
-        limit = self.config.idle_timeout
-        quiet = time.monotonic() - conn.last_active
-        if quiet >= limit and not conn.busy and not conn.backlog and not conn.held:
-            log.info("closing %s: idle for %.1f s (idle_timeout)", conn.peer, quiet)
-            conn.abort(None)
-        else:
-            conn.idle_timer = self.mux.call_later(max(0.05, limit - quiet), lambda: self._check_idle(conn))
-
-    def watch_writes(self, conn: Connection) -> None:
-        """Start the write_timeout clock for a connection with unsent output."""
-        limit = self.config.write_timeout
-        if limit and conn.write_timer is None:
-            conn.write_timer = self.mux.call_later(limit, lambda: self._check_write(conn))
-
-    def _check_write(self, conn: Connection) -> None:
-        conn.write_timer = None
-        if conn.closed or not conn.outbuf:
-            return
-        limit = self.config.write_timeout
-        stalled = time.monotonic() - conn.write_progress
-        if stalled >= limit:
-            log.warning("closing %s: no reply bytes accepted for %.1f s (write_timeout), "
-                        "%d bytes unsent", conn.peer, stalled, len(conn.outbuf))
-            conn.abort(None, reset=True)
-        else:
-            conn.write_timer = self.mux.call_later(limit - stalled, lambda: self._check_write(conn))
 
     def _report_stats(self) -> None:
         self.report_stats(len(self.connections), self.engine.queue_depth())

@@ -41,10 +41,12 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConnectionClosed, ProtocolError
+from . import calls
+from .connection import log_handshake_overdue, raise_closed
+from .errors import ConnectionBroken, ConnectionClosed, HandlerTimeout, MuxpoolError, ProtocolError
 
 if TYPE_CHECKING:
-    from .server import Server
+    from .context import ConnectionContext
 
 log = logging.getLogger("muxpool.server")
 
@@ -73,8 +75,10 @@ class StreamConnection:
     handshaken = False
     outbuf = b""  # replies go straight to the kernel: no buffer in user space
 
-    def __init__(self, server: "Server", sock: socket.socket, peer: Any, conn_id: int):
-        self.server = server
+    def __init__(self, ctx: "ConnectionContext", sock: socket.socket, peer: Any, conn_id: int):
+        self.ctx = ctx
+        self.config = ctx.config
+        self.server = ctx.server  # for handlers (socketserver's name): conn.server.shutdown()
         self.sock = sock
         self.peer = peer
         self.id = conn_id
@@ -86,11 +90,27 @@ class StreamConnection:
         self._write_shut = False  # the loop sent our FIN for an idle thread
         self._aborted = False
         self._reset = False  # close with RST (an abort), not a lingering close
-        self._send_lock = server.engine.make_lock()
+        self._close_called = False  # the handler called close(): send() raises from now on
+        self.broken: OSError | None = None  # the socket error a send met (a reset, say)
+        self._send_lock = ctx.engine.make_lock()
         self._calls = 0  # handler calls started; a handler_timeout timer checks it
         self._kernel_timeouts = False
         # Made here, on the loop thread, which collects it for the stats line.
-        self.tally = server.stats.tally() if server.config.stats_interval else None
+        self.tally = ctx.stats.tally() if ctx.config.stats_interval else None
+
+    def start(self) -> None:
+        """Accepted (loop thread): time the whole TLS handshake (not each read), and
+        hand the connection to its own thread or greenlet."""
+        if self.ctx.ssl_context is not None:
+            self.tls_timer = self.ctx.mux.call_later(self.config.tls_handshake_timeout,
+                                                     self._handshake_overdue)
+        self.ctx.engine.spawn(self.serve, f"muxpool-conn-{self.id}")
+
+    def _handshake_overdue(self) -> None:
+        self.tls_timer = None
+        if not self.closed and not self.handshaken:
+            log_handshake_overdue(self.peer, self.config.tls_handshake_timeout)
+            self.abort(None, reset=True)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.peer}>"
@@ -98,20 +118,28 @@ class StreamConnection:
     # --- for handlers --------------------------------------------------------
 
     def send(self, message: bytes) -> None:
-        """Frame and send ``message`` now (blocking); ``ConnectionClosed`` once closed."""
-        if self.closed:
-            raise ConnectionClosed(f"connection {self.peer} is closed")
-        self._write(self.server.encoder.encode(message))
+        """Frame and send ``message`` now (blocking). Raises ``ConnectionBroken``
+        once the peer has reset or vanished, ``ConnectionClosed`` once closed by this side."""
+        if self.closed or self._close_called or self.broken is not None:
+            raise_closed(self.peer, self.broken)
+        try:
+            self._write(self.ctx.encode(message))
+        except _WRITE_TIMEOUTS:
+            raise ConnectionClosed(f"connection {self.peer} closed: write_timeout") from None
+        except OSError as exc:
+            self.broken = exc
+            raise ConnectionBroken(self.peer, str(exc)) from exc
 
     def close(self) -> None:
         """Read no more; the reply in progress is still sent, then the socket closes."""
+        self._close_called = True
         self.close_when_done()
 
     # --- for the server (any thread) ----------------------------------------------
 
     def start_tls(self) -> None:
         """Wrap the socket and finish the handshake within tls_handshake_timeout."""
-        context = self.server.ssl_context
+        context = self.ctx.ssl_context
         if context is None:
             self.handshaken = True
             return
@@ -123,7 +151,7 @@ class StreamConnection:
         # here. The per-read timeout is only a backstop, long enough to lose to it.
         if self.closing:
             raise ConnectionClosed(f"no TLS handshake with {self.peer} in time")
-        self.sock.settimeout(2 * self.server.config.tls_handshake_timeout + 1)
+        self.sock.settimeout(2 * self.config.tls_handshake_timeout + 1)
         self.sock.do_handshake()
         self.handshaken = True
 
@@ -133,7 +161,7 @@ class StreamConnection:
             return
         self.closing = True
         self._draining_new = False
-        mux = self.server.mux
+        mux = self.ctx.mux
         if mux.in_loop_thread():
             self._claim_if_idle()
         else:
@@ -149,7 +177,7 @@ class StreamConnection:
             self.close_when_done()
             return
         self._draining_new = True
-        self.linger_timer = self.server.mux.call_later(self.server.linger_time(), self._new_client_waited)
+        self.linger_timer = self.ctx.mux.call_later(self.ctx.linger_time(), self._new_client_waited)
 
     def _new_client_waited(self) -> None:
         self.linger_timer = None
@@ -168,7 +196,7 @@ class StreamConnection:
             socket.socket.shutdown(self.sock, socket.SHUT_WR)
         except OSError:
             pass
-        self.linger_timer = self.server.mux.call_later(self.server.linger_time(), lambda: self.abort(None))
+        self.linger_timer = self.ctx.mux.call_later(self.ctx.linger_time(), lambda: self.abort(None))
 
     def abort(self, error: BaseException | None, reset: bool = False) -> None:
         """End the connection now (any thread): its thread wakes to an error and closes."""
@@ -186,13 +214,14 @@ class StreamConnection:
             pass
 
     _sock_closed = False
+    _timed_out: HandlerTimeout | None = None  # the loop's handler_timeout timer fired
 
     # --- the connection's own thread or greenlet ------------------------------------
 
     def _write(self, data: bytes) -> None:
         with self._send_lock:
             if not self._kernel_timeouts:
-                self.sock.settimeout(self.server.config.write_timeout)
+                self.sock.settimeout(self.config.write_timeout)
             try:
                 sent = self.sock.send(data)
                 if sent != len(data):
@@ -218,12 +247,12 @@ class StreamConnection:
     def _log_write_timeout(self) -> None:
         self._reset = True  # a client that stopped reading: RST frees what the kernel still holds
         log.warning("closing %s: reply blocked for %s s (write_timeout)", self.peer,
-                    self.server.config.write_timeout)
+                    self.config.write_timeout)
 
     def prepare_socket(self) -> None:
         self.sock.setblocking(True)
         self.start_tls()
-        config = self.server.config
+        config = self.config
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.write_high_water)
         except OSError:
@@ -231,7 +260,7 @@ class StreamConnection:
         # A Python-level socket timeout polls before every recv and send: a
         # syscall per message. Real threads can let the kernel time the blocking
         # call instead (SO_RCVTIMEO / SO_SNDTIMEO); greenlets cannot.
-        self._kernel_timeouts = self.server.engine.kernel_timeouts
+        self._kernel_timeouts = self.ctx.engine.kernel_timeouts
         if self._kernel_timeouts:
             for option, seconds in ((socket.SO_RCVTIMEO, config.idle_timeout),
                                     (socket.SO_SNDTIMEO, config.write_timeout)):
@@ -241,21 +270,25 @@ class StreamConnection:
         """Run the connection to its end; always closes the socket and reports it."""
         error: BaseException | None = None
         ending = "abort"
-        self.server.in_handler.active = True  # this thread serves handlers only
+        calls.handler_thread.active = True  # this thread serves handlers only
         try:
             self.prepare_socket()
             ending = self.run()
+        except HandlerTimeout as exc:  # returned late: logged; reset, as the loop engines do
+            error, self._reset = exc, True
         except (OSError, ProtocolError, ConnectionClosed) as exc:
             # When we closed it (drain, close()), the blocked read's error is
             # our own doing: gevent raises where a thread's recv returns b"".
             error = None if self.closing else exc
             if not self.closing:
                 log.debug("connection %s ended: %s", self.peer, exc)
+                if isinstance(exc, OSError) and not isinstance(exc, MuxpoolError):
+                    self.broken = exc
         except (Exception, SystemExit) as exc:  # a handler's (sys.exit() too): logged, the server goes on
             error = exc
-            log.error("handler failed for %s", self.peer, exc_info=exc)
+            calls.handler_failed(self.peer, exc)
         finally:
-            self.finish(error, ending)
+            self.finish(error or self._timed_out, ending)
 
     def run(self) -> str:
         """Serve messages until the connection ends; returns how to close it:
@@ -264,10 +297,10 @@ class StreamConnection:
         # The per-message path is written out flat, with everything bound to
         # locals: on a thread per connection it runs under the GIL once per
         # request, and each attribute lookup or call here costs requests/s.
-        server, sock = self.server, self.sock
-        self.session = session = server.new_session()
-        framer = server.new_framer()
-        feed, encode, config = framer.feed, server.encoder.encode, server.config
+        ctx, sock = self.ctx, self.sock
+        self.session = session = ctx.new_session()
+        framer = ctx.new_framer()
+        feed, encode, config = framer.feed, ctx.encode, ctx.config
         handle = session.on_message
         if config.handler_timeout:
             handle = functools.partial(self._timed, handle)
@@ -284,7 +317,7 @@ class StreamConnection:
         write_timeout = config.write_timeout
         partial_since = 0.0  # when bytes of a message not yet complete started arriving
         # Greenlets and TLS cannot take the non-blocking top-up read below.
-        small = SMALL_READ if self._kernel_timeouts and self.server.ssl_context is None else READ_SIZE
+        small = SMALL_READ if self._kernel_timeouts and ctx.ssl_context is None else READ_SIZE
         read_size = small
         idle_flag, claimed = self._idle, self._idle.pop
         while True:
@@ -365,7 +398,7 @@ class StreamConnection:
         try:
             if not self._write_shut:
                 socket.socket.shutdown(sock, socket.SHUT_WR)
-            deadline = time.monotonic() + self.server.linger_time()
+            deadline = time.monotonic() + self.ctx.linger_time()
             left = LINGER_MAX_BYTES
             while left > 0 and not self._aborted:
                 remaining = deadline - time.monotonic()
@@ -396,7 +429,7 @@ class StreamConnection:
         """Idle means "no complete message", not "no byte": a client that trickles
         a message a byte at a time (slowloris) gets only the time that was left
         when its message began. Returns the new (partial_since, read timeout)."""
-        full_idle = self.server.config.idle_timeout
+        full_idle = self.config.idle_timeout
         if not framer.pending:
             self._set_read_timeout(full_idle)
             return 0.0, full_idle
@@ -413,14 +446,14 @@ class StreamConnection:
         # else: run() calls settimeout(idle) before every recv
 
     def _timed(self, fn, *args):
-        limit = self.server.config.handler_timeout
+        limit = self.config.handler_timeout
         if not limit:
             return fn(*args)
         # A thread cannot be interrupted: the loop closes the socket when time
         # is up, so the client learns at once; the handler's reply is dropped.
         self._calls += 1
         call = self._calls
-        mux = self.server.mux
+        mux = self.ctx.mux
         mux.defer(lambda: mux.call_later(limit, lambda: self._overdue(call, limit)))
         started = time.perf_counter()
         try:
@@ -429,14 +462,12 @@ class StreamConnection:
             self._calls += 1
         elapsed = time.perf_counter() - started
         if elapsed > limit:
-            log.error("handler for %s took %.3f s, over handler_timeout=%s s; closing it",
-                      self.peer, elapsed, limit)
-            raise ConnectionClosed(f"handler_timeout={limit} s exceeded")
+            raise calls.over_time(self.peer, limit, elapsed)
         return result
 
     def _overdue(self, call: int, limit: float) -> None:
         if self._calls == call and not self.closed:
-            log.error("handler for %s exceeded handler_timeout=%s s; closing it", self.peer, limit)
+            self._timed_out = calls.over_time(self.peer, limit)
             self.abort(None, reset=True)
 
     def finish(self, error: BaseException | None, ending: str = "abort") -> None:
@@ -461,7 +492,7 @@ class StreamConnection:
                 session.on_disconnect(self, error)
             except Exception:
                 log.exception("on_disconnect failed for %s", self.peer)
-        self.server.forget_from_any_thread(self)
+        self.ctx.closed_from_any_thread(self)
 
 
 def _tallied(add, handle, conn, message):

@@ -295,3 +295,52 @@ def exits_on_exit(message, conn):
 
         sys.exit(3)
     return b"ok"
+
+
+def contract_class(path):
+    """A handler class that records, in the file ``path`` (one JSON line each, any
+    process), what the ``conn`` contract gave it: ``{"event": "connect", "is_conn":
+    bool}``; for the message ``close``, what ``send`` raised after its own ``close()``;
+    for ``slow``, nothing (it sleeps 0.6 s, past the test's handler_timeout); and on
+    disconnect the error it was given and what ``send`` raised then, with its cause."""
+
+    class Contract(Greeter, metaclass=_ContractClass):
+        record_path = path
+
+        def on_connect(self, conn):
+            import muxpool
+
+            append_record(path, {"event": "connect", "is_conn": isinstance(conn, muxpool.Conn)})
+            return GREETING
+
+        def on_message(self, conn, message):
+            if message == b"close":
+                conn.close()
+                append_record(path, {"event": "send after close", **_send_outcome(conn)})
+                return None
+            if message == b"slow":
+                time.sleep(0.6)
+            return PREFIX + message
+
+        def on_disconnect(self, conn, error):
+            append_record(path, {"event": "disconnect", "error": type(error).__name__,
+                                 **_send_outcome(conn)})
+
+    return Contract
+
+
+class _ContractClass(type):
+    """Pickles as a call to :func:`contract_class` (see _RecordingClass)."""
+
+
+copyreg.pickle(_ContractClass, lambda cls: (contract_class, (cls.record_path,)))
+
+
+def _send_outcome(conn) -> dict:
+    try:
+        conn.send(b"too late")
+    except Exception as exc:  # noqa: BLE001 - what it raised is the record
+        cause = exc.__cause__
+        return {"raised": type(exc).__name__, "cause": None if cause is None else type(cause).__name__,
+                "is_oserror": isinstance(cause, OSError)}
+    return {"raised": None}

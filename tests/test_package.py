@@ -90,7 +90,8 @@ def _path(module: str) -> pathlib.Path:
 # A module belongs to the longest layer name it equals or sits inside ("muxpool"
 # itself, the public surface, is only muxpool/__init__.py).
 _BELOW_CORE = {"muxpool.errors", "muxpool.framing", "muxpool.multiplexer", "muxpool.watchdog",
-               "muxpool.stats", "muxpool.tls", "muxpool.handlers", "muxpool.config", "muxpool.pools"}
+               "muxpool.stats", "muxpool.tls", "muxpool.handlers", "muxpool.config", "muxpool.pools",
+               "muxpool.calls", "muxpool.context", "muxpool.conn"}
 _CORE = {"muxpool.server", "muxpool.connection", "muxpool.stream", "muxpool.compat"}
 _ANYTHING = {"muxpool"}
 ALLOWED = {
@@ -102,6 +103,9 @@ ALLOWED = {
     "muxpool.tls": {"muxpool.errors"},
     "muxpool.handlers": {"muxpool.errors"},
     "muxpool.config": {"muxpool.errors", "muxpool.framing"},
+    "muxpool.calls": {"muxpool.errors"},
+    "muxpool.conn": set(),  # the handler's view: a Protocol  # calling a handler: what every engine shares
+    "muxpool.context": {"muxpool.config", "muxpool.multiplexer", "muxpool.stats"},
     "muxpool.pools": {"muxpool.errors", "muxpool.framing", "muxpool.pools"},
     # The server core: engines by name only (the registry; see the next tests).
     **{core: _BELOW_CORE | _CORE | {"muxpool.engines"} for core in _CORE},

@@ -793,3 +793,55 @@ def test_slowloris_is_closed_by_idle_timeout(make_server, connect, framing):
         assert closed_after is not None and closed_after < 3.0, closed_after
     finally:
         slow.close()
+
+
+# --- the conn contract (muxpool.Conn), the same on every engine ---------------------------
+
+
+def _contract_records(path, event: str, count: int = 1) -> list[dict]:
+    found = wait_for(lambda: (r := [x for x in server_apps.read_records(path) if x["event"] == event])
+                     and len(r) >= count and r, what=f"the handler to record {event!r}")
+    return found
+
+
+def test_conn_is_a_muxpool_conn_and_send_after_its_own_close_raises_connection_closed(
+        make_server, connect, tmp_path):
+    path = tmp_path / "contract.jsonl"
+    srv = make_server(server_apps.contract_class(str(path)))
+    client = connect(srv)
+    client.send(b"close")
+    with pytest.raises(ConnectionBroken):  # the client's view: the server closed
+        client.receive()
+    assert _contract_records(path, "connect")[0]["is_conn"] is True
+    assert _contract_records(path, "send after close")[0]["raised"] == "ConnectionClosed"
+    end = _contract_records(path, "disconnect")[0]
+    assert (end["error"], end["raised"]) == ("NoneType", "ConnectionClosed")
+
+
+def test_conn_send_after_the_peer_reset_raises_connection_broken_caused_by_the_socket_error(
+        make_server, tmp_path):
+    path = tmp_path / "contract.jsonl"
+    srv = make_server(server_apps.contract_class(str(path)))
+    sock = socket.create_connection(srv.address[:2], timeout=DEADLINE)
+    try:
+        assert sock.recv(64)  # greeted: the server holds the connection
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+    finally:
+        sock.close()  # SO_LINGER 0: a reset
+    end = _contract_records(path, "disconnect")[0]
+    assert end["error"] == "ConnectionResetError", end
+    assert (end["raised"], end["is_oserror"]) == ("ConnectionBroken", True), end
+
+
+def test_a_handler_over_handler_timeout_ends_its_connection_with_handler_timeout(
+        make_server, connect, tmp_path):
+    path = tmp_path / "contract.jsonl"
+    srv = make_server(server_apps.contract_class(str(path)), handler_timeout=0.2,
+                      loop_stall_warning=None)
+    client = connect(srv)
+    client.send(b"slow")
+    with pytest.raises((ConnectionBroken, ConnectionResetError)):  # an abort: reset, or EOF first
+        client.receive()
+    end = _contract_records(path, "disconnect")[0]
+    assert end["error"] == "HandlerTimeout", end
+    assert end["raised"] == "ConnectionClosed", end

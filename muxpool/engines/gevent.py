@@ -75,7 +75,7 @@ class GeventEngine(Engine):
         self._wrapped: dict[int, tuple] = {}
         self._wakeup = _SignalWakeup()
 
-    def start(self, server) -> None:
+    def start(self, mux) -> None:
         self._wrapped = _handlers_off_the_hub()
         self._wakeup.start()
         if not self.config.loop_stall_warning:

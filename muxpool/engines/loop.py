@@ -7,8 +7,7 @@ every connection, so it is not the default.
 
 from __future__ import annotations
 
-import time
-
+from ..calls import call_handler
 from .base import Engine
 
 
@@ -18,21 +17,8 @@ class LoopEngine(Engine):
     can_block = False
     inline = True  # connections may call the handler directly (Connection.handle_inline)
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._server = None
-
-    def start(self, server) -> None:
-        self._server = server
-
-    def run(self, conn, fn, arg) -> None:
-        started = time.perf_counter()
-        try:
-            value = fn(conn, arg)
-        except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
-            self._server.handler_done(conn, False, exc, time.perf_counter() - started)
-        else:
-            self._server.handler_done(conn, True, value, time.perf_counter() - started)
+    def run(self, conn, fn, arg, done) -> None:
+        done(*call_handler(fn, conn, arg))
 
     def describe(self) -> str:
         return "handlers on the loop thread"

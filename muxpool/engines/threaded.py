@@ -29,7 +29,7 @@ class ThreadedEngine(Engine):
     can_block = True
     kernel_timeouts = True  # real threads: SO_RCVTIMEO/SO_SNDTIMEO, no poll per recv
 
-    def start(self, server) -> None:
+    def start(self, mux) -> None:
         # Thread.start() waits until the new thread runs, which with hundreds of
         # threads wanting the GIL can take a switch interval (5 ms) each: on the
         # loop thread that stalls accepting, and in a burst the listen queue

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 
+from ..calls import call_handler, handler_thread
 from ..errors import ConnectionClosed
 from ..pools import ThreadPool
 from .base import Engine
@@ -35,11 +36,11 @@ class ThreadPoolEngine(Engine):
         self.threads = config.workers or DEFAULT_WORKERS
         self._pool = None
         self._offload = pool  # not ours: the caller closes it
-        self._server = None
+        self._mux = None
         self._in_flight = 0
 
-    def start(self, server) -> None:
-        self._server = server
+    def start(self, mux) -> None:
+        self._mux = mux
         # Unbounded queue on purpose: the loop must never block on it, and
         # each connection has at most one call queued (see Connection).
         self._pool = ThreadPool(self.threads, name="muxpool-handler")
@@ -50,41 +51,36 @@ class ThreadPoolEngine(Engine):
             if wait:
                 self._pool.join(self.config.drain_timeout)
 
-    def run(self, conn, fn, arg) -> None:
+    def run(self, conn, fn, arg, done) -> None:
         self._in_flight += 1
         if self._offload is not None and fn is conn.session.on_message:
-            self._run_offloaded(conn, fn, arg)
+            self._run_offloaded(conn, fn, arg, done)
         else:
-            self._pool.run(self._call, (conn, fn, arg))
+            self._pool.run(self._call, (fn, conn, arg, done))
 
-    def _run_offloaded(self, conn, fn, message) -> None:
+    def _run_offloaded(self, conn, fn, message, done) -> None:
         started = time.perf_counter()
-        mux = self._server.mux
+        mux = self._mux
 
         def settled(future) -> None:  # on the pool's thread: hop back to the loop
             error = future.exception()
             ok, value = (True, future.result()) if error is None else (False, error)
             elapsed = time.perf_counter() - started
-            mux.defer(lambda: self._done(conn, ok, value, elapsed))
+            mux.defer(lambda: self._done(done, ok, value, elapsed))
 
         self._offload.submit(call_offloaded, fn, message, conn.peer).add_done_callback(settled)
 
-    def _call(self, conn, fn, arg) -> None:
-        marker = self._server.in_handler
-        marker.active = True
-        started = time.perf_counter()
+    def _call(self, fn, conn, arg, done) -> None:
+        handler_thread.active = True
         try:
-            value, ok = fn(conn, arg), True
-        except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
-            value, ok = exc, False
+            ok, value, elapsed = call_handler(fn, conn, arg)
         finally:
-            marker.active = False
-        elapsed = time.perf_counter() - started
-        self._server.mux.defer(lambda: self._done(conn, ok, value, elapsed))
+            handler_thread.active = False
+        self._mux.defer(lambda: self._done(done, ok, value, elapsed))
 
-    def _done(self, conn, ok, value, elapsed) -> None:
+    def _done(self, done, ok, value, elapsed) -> None:
         self._in_flight -= 1
-        self._server.handler_done(conn, ok, value, elapsed)
+        done(ok, value, elapsed)
 
     def spawn(self, fn, name: str) -> None:
         """Run a whole connection (a socketserver handler) on one pool thread."""
