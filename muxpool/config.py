@@ -152,7 +152,7 @@ class ServerConfig:
         return [f.name for f in fields(cls)]
 
 
-_FLAGS = {f.name: f.metadata["cli"] or "--" + f.name.replace("_", "-") for f in fields(ServerConfig)}
+_FLAGS = {f.name: f.metadata.get("cli") or "--" + f.name.replace("_", "-") for f in fields(ServerConfig)}
 
 
 # --- validation, from the metadata --------------------------------------------
@@ -162,8 +162,8 @@ def _check(config: Any, fields: tuple) -> None:
     """Every field's own value, then combinations, then engine applicability."""
     for f in fields:
         value = getattr(config, f.name)
-        if f.metadata["kind"] not in _KINDS:
-            raise TypeError(f"option {f.name} has no kind in its metadata")  # a bug, not a user's
+        if f.metadata.get("kind") not in _KINDS:  # a bug, not a user's: declare it with option()
+            raise TypeError(f"option {f.name} has no kind in its metadata")
         if value is None and f.metadata["optional"]:
             continue
         _KINDS[f.metadata["kind"]](f.name, value, f.metadata)
