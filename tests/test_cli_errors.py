@@ -134,6 +134,11 @@ CASES = {
                                 "them itself (use --engine threadpool with --pool, or drop --pool)"),
     "pool workers alone": Case("serve --pool-workers 4", 2, "muxpool: error: --pool-workers sizes "
                                "--pool (add --pool process or --pool dask, or drop it)"),
+    "pool workers with a scheduler": Case("serve --pool dask --dask-address tcp://127.0.0.1:8786 "
+                                          "--pool-workers 4", 2, "muxpool: error: --pool-workers "
+                                          "sizes the local cluster --pool dask starts, and "
+                                          "--dask-address uses a running one (size that cluster's "
+                                          "workers yourself, or drop --dask-address)"),
     "workers 0": Case("serve --workers 0", 2, "muxpool: error: --workers 0 is out of range (give 1 "
                       "or more handler threads, or leave it out for 32)"),
     "workers -3": Case("serve --workers -3", 2, "muxpool: error: --workers -3 is out of range (give "
