@@ -16,8 +16,8 @@ import subprocess
 import sys
 
 import pytest
-
 from cli_server import cli_server, stop_gracefully
+
 from muxpool import ConfigError, Server
 from muxpool.cli import build_parser
 from muxpool.config import ENGINE_NAMES, ServerConfig, flag
@@ -224,16 +224,16 @@ def test_pool_workers_help_states_each_pools_real_default():
 
 def run_serve(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "muxpool.cli", "serve", *args], capture_output=True,
-                          text=True, timeout=30, stdin=subprocess.DEVNULL)
+                          text=True, timeout=30, stdin=subprocess.DEVNULL, check=False)
 
 
 @pytest.mark.parametrize("args, line", [
     (["--engine", "prefork", "--worker-engine", "loop", "--workers", "8"],
-     "--workers 8 applies to the threadpool engine, not prefork's loop workers (use worker_engine "
-     "threadpool, or leave workers out)"),
+     ("--workers 8 applies to the threadpool engine, not prefork's loop workers (use worker_engine "
+      "threadpool, or leave workers out)")),
     (["--engine", "gevent", "--processes", "2"],
-     "--processes 2 applies to the prefork engine, not gevent (use engine prefork, or leave "
-     "processes out)"),
+     ("--processes 2 applies to the prefork engine, not gevent (use engine prefork, or leave "
+      "processes out)")),
 ], ids=["workers-on-prefork-loop", "processes-on-gevent"])
 def test_cli_refuses_an_option_the_engine_ignores(args, line):
     done = run_serve(*args, "--port", "0")
