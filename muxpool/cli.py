@@ -21,49 +21,10 @@ from dataclasses import fields
 from typing import Any
 
 from . import __version__
-from .cli_errors import UserError, explain, import_failure, positive
-from .config import WORKER_ENGINES, ServerConfig
-from .engines import ENGINES
+from .cli_errors import UserError, config_line, explain, import_failure, positive
+from .config import ServerConfig, flag
 from .framing import FRAMERS
 
-_HELP = {
-    "host": "address to listen on (default 127.0.0.1; '::' for IPv6)",
-    "port": "TCP port (default 8088; 0 picks a free one)",
-    "unix_path": "listen on this Unix socket path instead of TCP",
-    "dualstack": "with an IPv6 host, accept IPv4 too",
-    "engine": "where handlers run (default threadpool: safe for any handler)",
-    "framing": "raw (each received chunk is a message), line, or length (4-byte prefix)",
-    "workers": "handler threads for the threadpool engine (default 32)",
-    "processes": "worker processes for the prefork engine (default: the number of cores)",
-    "worker_engine": "engine inside each prefork worker: loop, threadpool or threaded",
-    "max_connections": "connections served at once (per prefork worker); more are accepted and "
-                       "closed at once (see --busy-message), never left waiting",
-    "idle_timeout": "close a connection that completes no message for this many seconds (0: never)",
-    "max_message_size": "largest message in bytes; larger closes the connection",
-    "write_high_water": "unsent reply bytes above which a connection's reading pauses",
-    "write_timeout": "close a connection whose replies make no progress this long",
-    "handler_timeout": "close a connection whose handler runs longer than this",
-    "drain_timeout": "seconds shutdown waits for in-flight work",
-    "backlog": "listen() backlog",
-    "reuse_port": "set SO_REUSEPORT on the listening socket",
-    "stats_interval": "log connections, messages/s, handler p50/p99 every N seconds",
-    "certfile": "serve TLS with this certificate chain (PEM)",
-    "keyfile": "the private key for --certfile (if not in the same file)",
-    "tls_handshake_timeout": "close a TLS client that has not finished its handshake in this many seconds",
-    "loop_stall_warning": "log where the event loop is when a handler or callback keeps it from "
-                          "polling this many seconds (0: never; default 0.5)",
-    "worker_timeout": "prefork: kill and replace a worker whose event loop has not run for this "
-                      "many seconds (0: never; default 30)",
-    "linger_timeout": "after a graceful close's FIN, read and discard what the client still sends "
-                      "for at most this many seconds, so its replies are not reset (default 1)",
-    "busy_message": "at --max-connections, send this (framed) to a client before closing it "
-                    "(default: close it with no message)",
-}
-_OPTIONAL_SECONDS = ("idle_timeout", "write_timeout", "handler_timeout", "stats_interval",
-                     "loop_stall_warning", "worker_timeout")
-_NONE_DEFAULT_TYPES = {"workers": int, "processes": int, "unix_path": str, "certfile": str,
-                       "keyfile": str, "busy_message": str}
-_CHOICES = {"engine": list(ENGINES), "worker_engine": list(WORKER_ENGINES), "framing": list(FRAMERS)}
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
@@ -81,20 +42,28 @@ def _log_level(text: str) -> str:
     return text.upper()
 
 
-def _flag_type(default: Any):
-    if isinstance(default, int):
-        return int
-    if isinstance(default, float):
-        return float
-    return str
-
-
 def _optional_number(kind):
     def parse(text: str):
         value = kind(text)
         return None if value == 0 else value
     parse.__name__ = kind.__name__  # argparse names the type in "invalid float value"
     return parse
+
+
+_TYPES = {"count": int, "seconds": float}
+
+
+def _add_option(parser: argparse.ArgumentParser, field) -> None:
+    """One ``serve`` flag, everything about it from the field's metadata."""
+    meta = field.metadata
+    if meta["kind"] == "switch":
+        parser.add_argument(flag(field.name), dest=field.name, action="store_true", help=meta["help"])
+        return
+    kind = _TYPES.get(meta["kind"], str)
+    if meta["kind"] == "seconds" and meta["optional"]:
+        kind = _optional_number(kind)  # 0 means never, as the help says
+    parser.add_argument(flag(field.name), dest=field.name, type=kind, default=field.default,
+                        choices=list(meta["choices"]) or None, help=meta["help"])
 
 
 def add_serve(commands) -> None:
@@ -107,23 +76,15 @@ def add_serve(commands) -> None:
     parser.add_argument("--app-dir", help="import the app's module from this folder "
                         "(default: the working directory)")
     for field in fields(ServerConfig):
-        flag = "--unix" if field.name == "unix_path" else "--" + field.name.replace("_", "-")
-        if isinstance(field.default, bool):
-            parser.add_argument(flag, dest=field.name, action="store_true", help=_HELP[field.name])
-            continue
-        kind = _flag_type(field.default)
-        if field.default is None:
-            kind = _NONE_DEFAULT_TYPES.get(field.name, float)
-        if field.name in _OPTIONAL_SECONDS:
-            kind = _optional_number(float)
-        parser.add_argument(flag, dest=field.name, type=kind, default=field.default,
-                            choices=_CHOICES.get(field.name), help=_HELP[field.name])
+        _add_option(parser, field)
     parser.add_argument("--pool", choices=["process", "dask"],
                         help="threadpool engine: run each message's handler in this pool instead "
                         "(the handler must be picklable; connects/disconnects stay local)")
     parser.add_argument("--pool-workers", type=positive(int),
-                        help="processes for --pool process (default: one per core) / local Dask "
-                        "workers for --pool dask (default 2)")
+                        help="how many workers --pool starts: processes for --pool process (default: "
+                        "os.cpu_count(), one per logical CPU), or the local cluster's worker "
+                        "processes for --pool dask (default 2; not with --dask-address, whose "
+                        "scheduler has its own workers)")
     parser.add_argument("--dask-address", help="with --pool dask: an existing scheduler, "
                         "e.g. tcp://10.0.0.5:8786 (default: a LocalCluster on 127.0.0.1)")
     parser.add_argument("--log-level", default="INFO", type=_log_level,
@@ -136,8 +97,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     _check_serve_flags(args)
-    options = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
-    ServerConfig(**options)  # every value checked before anything starts
+    config = _config(args)  # every value checked before anything starts
     if args.engine == "gevent":
         from .engines import patch_for_gevent
 
@@ -148,12 +108,41 @@ def run_serve(args: argparse.Namespace) -> int:
         resolve_handler(app)  # a wrong signature is refused now, not at every message
     pool = _offload_pool(args)
     try:
-        serve(app, pool=pool, **options)
+        serve(app, pool=pool, config=config)
     finally:
         if pool is not None:
             pool.close()
             pool.join(30)
     return 0
+
+
+def _config(args: argparse.Namespace) -> ServerConfig:
+    """The flags' ServerConfig. Logging is not set up yet (the gevent patch
+    must come first), so its warnings are printed here, in the command's
+    one-line form, rather than left to logging's bare fallback."""
+    warned: list[str] = []
+    handler = _ConfigWarnings(warned)
+    logger = logging.getLogger("muxpool.config")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        config = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    for line in warned:
+        print(f"muxpool: warning: {line}", file=sys.stderr)
+    return config
+
+
+class _ConfigWarnings(logging.Handler):
+    def __init__(self, lines: list[str]):
+        super().__init__(logging.WARNING)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        said = getattr(record, "config_warning", None)
+        self.lines.append(config_line(*said) if said else record.getMessage())
 
 
 def _load(spec: str, app_dir: str | None) -> Any:
@@ -174,18 +163,8 @@ def _is_request_handler(app: Any) -> bool:
 
 
 def _check_serve_flags(args: argparse.Namespace) -> None:
-    """Flags that would be silently ignored with the engine chosen."""
-    prefork = args.engine == "prefork"
-    threadpool = args.engine == "threadpool" or (prefork and args.worker_engine == "threadpool")
-    if args.processes is not None and not prefork:
-        raise UserError(f"--processes applies to the prefork engine, not {args.engine}",
-                        "add --engine prefork, or drop --processes")
-    if args.worker_engine != "threadpool" and not prefork:
-        raise UserError(f"--worker-engine applies to the prefork engine, not {args.engine}",
-                        "add --engine prefork, or drop --worker-engine")
-    if args.workers is not None and not threadpool:
-        raise UserError(f"--workers sizes the threadpool engine's threads, and {args.engine} has none",
-                        "add --engine threadpool, or drop --workers")
+    """Flags outside ServerConfig (which checks its own) that would be silently
+    ignored with the others chosen."""
     if args.pool and args.engine != "threadpool":
         raise UserError(f"--pool offloads handlers from the threadpool engine; the {args.engine} "
                         "engine runs them itself", "use --engine threadpool with --pool, or drop --pool")
@@ -193,6 +172,10 @@ def _check_serve_flags(args: argparse.Namespace) -> None:
         raise UserError("--pool-workers sizes --pool", "add --pool process or --pool dask, or drop it")
     if args.dask_address and args.pool != "dask":
         raise UserError("--dask-address is for --pool dask", "add --pool dask, or drop --dask-address")
+    if args.dask_address and args.pool_workers is not None:
+        raise UserError("--pool-workers sizes the local cluster --pool dask starts, and "
+                        "--dask-address uses a running one", "size that cluster's workers "
+                        "yourself, or drop --dask-address")
     if args.app_dir is not None and not os.path.isdir(args.app_dir):
         raise UserError(f"--app-dir {args.app_dir} is not a folder", "give the folder that holds "
                         "the app's module")

@@ -36,12 +36,7 @@ def explain(exc: BaseException, args: argparse.Namespace | None) -> tuple[str, i
     if isinstance(exc, UserError):
         return str(exc), exc.code
     if isinstance(exc, ConfigError):
-        flag = "--unix" if exc.option == "unix_path" else "--" + exc.option.replace("_", "-")
-        value = exc.value
-        if isinstance(value, str) and (not value or " " in value):
-            value = repr(value)  # as it would be typed: --busy-message ''
-        given = flag if isinstance(value, bool) else f"{flag} {value}"
-        return f"{given} {exc.problem} ({exc.fix})", USAGE
+        return config_line(exc.option, exc.value, exc.problem, exc.fix), USAGE
     if isinstance(exc, (AppError, HandlerError)):
         return str(exc), USAGE
     if isinstance(exc, MissingDependency):
@@ -56,6 +51,16 @@ def explain(exc: BaseException, args: argparse.Namespace | None) -> tuple[str, i
     if isinstance(exc, ValueError):  # the API's own refusals (pool=, a socketserver handler on loop)
         return str(exc), USAGE
     return None
+
+
+def config_line(option: str, value: Any, problem: str, fix: str) -> str:
+    """A config error or warning as the user typed it: ``--workers 0 is out of range (...)``."""
+    from .config import flag
+
+    if isinstance(value, str) and (not value or " " in value):
+        value = repr(value)  # as it would be typed: --busy-message ''
+    given = flag(option) if isinstance(value, bool) else f"{flag(option)} {value}"
+    return f"{given} {problem} ({fix})"
 
 
 def _os_error(exc: OSError, args: argparse.Namespace | None) -> tuple[str, int]:

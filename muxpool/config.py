@@ -1,103 +1,256 @@
-"""What a server is told: :class:`ServerConfig` (every engine's options; the
-CLI's ``serve`` flags are generated from its fields) and the listening socket
-it asks for."""
+"""What a server is told: :class:`ServerConfig` (every engine's options) and
+the listening socket it asks for.
+
+Each option is documented once, in its field's metadata (:func:`option`):
+the help text, the kind of value, the smallest one, how to fix a bad one and
+the engines it applies to. Validation (``__post_init__``, below) and the
+CLI's ``serve`` flags are both generated from that, so they cannot drift
+apart. A config is frozen: derive another with :func:`dataclasses.replace`,
+which validates the result again.
+"""
 
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import os
 import socket
 import stat
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from .errors import ConfigError
 from .framing import DEFAULT_MAX_MESSAGE_SIZE, FRAMERS
 
+log = logging.getLogger("muxpool.config")
+
 _MAX_ENCODED = 0xFFFFFFFF  # the most a 4-byte length prefix can carry
-WORKER_ENGINES = ("loop", "threadpool", "threaded")
+
+__all__ = ["ENGINE_NAMES", "WORKER_ENGINES", "ServerConfig", "flag", "make_listener", "option"]
+
+# engines/__init__.py's name table, which sits above this module; a test keeps them equal.
+ENGINE_NAMES = ("loop", "threadpool", "threaded", "gevent", "prefork")
+WORKER_ENGINES = ("loop", "threadpool", "threaded")  # what a prefork worker can run
+
+_NEVER = "give seconds, or 0 for never"
+_BYTES = "give a size in bytes, 1 or more"
 
 
-@dataclass
+def option(default: Any, help: str, kind: str, fix: str = "", *, least: float | None = None,
+           most: float | None = None, above: float | None = None, optional: bool = False,
+           choices: tuple = (), engines: tuple | None = None, inapplicable: str = "error",
+           exists: bool = False, cli: str | None = None) -> Any:
+    """A :class:`ServerConfig` field and everything said about it.
+
+    ``kind`` is count, seconds, choice, path, string or switch; ``least`` /
+    ``most`` bound it (``above``: strictly); ``optional``: ``None`` is
+    allowed (for optional seconds the CLI reads 0 as ``None``, "never");
+    ``engines``: the only engines it does anything on, and ``inapplicable``
+    whether a value set for another one is an ``"error"`` or a ``"warning"``;
+    ``exists``: a path that must be a file; ``cli``: a flag name other than
+    ``--`` + the name with dashes.
+    """
+    return field(default=default, metadata={
+        "help": help, "kind": kind, "fix": fix, "least": least, "most": most, "above": above,
+        "optional": optional or default is None, "choices": tuple(choices), "engines": engines,
+        "inapplicable": inapplicable, "exists": exists, "cli": cli})
+
+
+def flag(name: str) -> str:
+    """The ``serve`` flag of option ``name``: ``max_connections`` → ``--max-connections``."""
+    return _FLAGS[name]
+
+
+@dataclass(frozen=True)
 class ServerConfig:
-    """Options shared by every engine; CLI flags mirror these names."""
+    """Options shared by every engine; ``muxpool serve``'s flags are generated from them.
 
-    host: str = "127.0.0.1"
-    port: int = 8088
-    unix_path: str | None = None
-    dualstack: bool = False
-    engine: str = "threadpool"
-    framing: str = "raw"
-    workers: int | None = None
-    processes: int | None = None
-    worker_engine: str = "threadpool"
-    max_connections: int = 10_000
-    idle_timeout: float | None = 300.0
-    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
-    write_high_water: int = 1024 * 1024
-    write_timeout: float | None = 30.0
-    handler_timeout: float | None = None
-    drain_timeout: float = 10.0
+    Construction refuses a value that cannot work with :class:`~muxpool.ConfigError`
+    (a ``ValueError`` naming the option), and an option set for an engine that
+    would ignore it with an error or, where the rest still works, a logged warning.
+    """
+
+    host: str = option("127.0.0.1", "address to listen on (default 127.0.0.1; '::' for IPv6)",
+                       "string", "give one, e.g. 127.0.0.1, 0.0.0.0 or ::")
+    port: int = option(8088, "TCP port (default 8088; 0 picks a free one)", "count",
+                       "give a port from 0 to 65535; 0 picks a free one", least=0, most=65535)
+    unix_path: str | None = option(None, "listen on this Unix socket path instead of TCP", "path",
+                                   "give a path, or leave the option out", cli="--unix")
+    dualstack: bool = option(False, "with an IPv6 host, accept IPv4 too", "switch")
+    engine: str = option("threadpool", "where handlers run (default threadpool: safe for any handler)",
+                         "choice", choices=ENGINE_NAMES)
+    framing: str = option("raw", "raw (each received chunk is a message), line, or length "
+                          "(4-byte prefix)", "choice", choices=tuple(FRAMERS))
+    workers: int | None = option(None, "handler threads for the threadpool engine (default 32)",
+                                 "count", "give 1 or more handler threads, or leave it out for 32",
+                                 least=1, engines=("threadpool",))
+    processes: int | None = option(None, "worker processes for the prefork engine (default: the "
+                                   "number of cores)", "count", "give 1 or more worker processes, "
+                                   "or leave it out for one per core", least=1, engines=("prefork",))
+    worker_engine: str = option("threadpool", "engine inside each prefork worker: loop, threadpool "
+                                "or threaded", "choice", choices=WORKER_ENGINES, engines=("prefork",))
+    max_connections: int = option(10_000, "connections served at once (per prefork worker); more are "
+                                  "accepted and closed at once (see --busy-message), never left "
+                                  "waiting", "count", "give 1 or more", least=1)
+    idle_timeout: float | None = option(300.0, "close a connection that completes no message for "
+                                        "this many seconds (0: never)", "seconds", _NEVER,
+                                        least=0, optional=True)
+    max_message_size: int = option(DEFAULT_MAX_MESSAGE_SIZE, "largest message in bytes; larger "
+                                   "closes the connection", "count", _BYTES, least=1)
+    write_high_water: int = option(1024 * 1024, "unsent reply bytes above which a connection's "
+                                   "reading pauses", "count", _BYTES, least=1)
+    write_timeout: float | None = option(30.0, "close a connection whose replies make no progress "
+                                         "this long", "seconds", _NEVER, least=0, optional=True)
+    handler_timeout: float | None = option(None, "close a connection whose handler runs longer than "
+                                           "this", "seconds", _NEVER, least=0)
+    drain_timeout: float = option(10.0, "seconds shutdown waits for in-flight work", "seconds",
+                                  "give seconds, 0 or more", least=0)
     # Deep enough that a burst of thousands of connects is not dropped by the kernel
     # before the accept loop can serve or close it (a client whose handshake the
     # kernel completed by SYN cookie, then dropped, waits with no one to tell it);
     # the kernel caps it at net.core.somaxconn.
-    backlog: int = 4096
-    reuse_port: bool = False
-    stats_interval: float | None = None
-    certfile: str | None = None
-    keyfile: str | None = None
-    tls_handshake_timeout: float = 10.0
-    loop_stall_warning: float | None = 0.5
-    worker_timeout: float | None = 30.0
-    linger_timeout: float = 1.0
-    busy_message: str | None = None
+    backlog: int = option(4096, "listen() backlog", "count",
+                          "give 0 or more; the kernel caps it at net.core.somaxconn", least=0)
+    reuse_port: bool = option(False, "set SO_REUSEPORT on the listening socket", "switch")
+    stats_interval: float | None = option(None, "log connections, messages/s, handler p50/p99 every "
+                                          "N seconds", "seconds", "give seconds between stats "
+                                          "lines, or 0 for none", least=0)
+    certfile: str | None = option(None, "serve TLS with this certificate chain (PEM)", "path",
+                                  "give the path of a PEM file", exists=True)
+    keyfile: str | None = option(None, "the private key for --certfile (if not in the same file)",
+                                 "path", "give the path of a PEM file", exists=True)
+    tls_handshake_timeout: float = option(10.0, "close a TLS client that has not finished its "
+                                          "handshake in this many seconds", "seconds",
+                                          "give seconds, more than 0", least=0, above=0)
+    loop_stall_warning: float | None = option(0.5, "log where the event loop is when a handler or "
+                                              "callback keeps it from polling this many seconds "
+                                              "(0: never; default 0.5)", "seconds", _NEVER,
+                                              least=0, optional=True)
+    # A warning, not an error: the server works as asked without the watchdog,
+    # and one config is often shared by a prefork deployment and a
+    # threadpool run on a laptop. Saying so is what matters.
+    worker_timeout: float | None = option(30.0, "prefork: kill and replace a worker whose event loop "
+                                          "has not run for this many seconds (0: never; default "
+                                          "30)", "seconds", _NEVER, least=0, optional=True,
+                                          engines=("prefork",), inapplicable="warning")
+    linger_timeout: float = option(1.0, "after a graceful close's FIN, read and discard what the "
+                                   "client still sends for at most this many seconds, so its "
+                                   "replies are not reset (default 1)", "seconds",
+                                   "give seconds, 0 or more", least=0)
+    busy_message: str | None = option(None, "at --max-connections, send this (framed) to a client "
+                                      "before closing it (default: close it with no message)",
+                                      "string", "give some text, or leave the option out")
 
     def __post_init__(self) -> None:
         """Refuse, naming the option, a value that would fail later or be
-        silently replaced (``workers=0`` once meant 32)."""
-        for name, (least, fix) in _COUNTS.items():
-            _check_count(name, getattr(self, name), least, fix)
-        for name, (optional, fix) in _SECONDS.items():
-            _check_seconds(name, getattr(self, name), optional, fix)
-        # engine: the engines' name table checks it (config sits below engines)
-        for name, choices in (("framing", FRAMERS), ("worker_engine", WORKER_ENGINES)):
-            value = getattr(self, name)
-            if value not in choices:
-                raise ConfigError(name, value, "is not one of the choices", "choose " + ", ".join(choices))
-        for name in ("dualstack", "reuse_port"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(name, getattr(self, name), "is not a bool", "give True or False")
-        self._check_strings()
-        self._check_combinations()
-
-    def _check_strings(self) -> None:
-        if not isinstance(self.host, str) or not (self.host or self.unix_path):
-            raise ConfigError("host", self.host, "is not an address", "give one, e.g. 127.0.0.1, 0.0.0.0 or ::")
-        for name in ("unix_path", "certfile", "keyfile", "busy_message"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise ConfigError(name, value, "is empty", "give some text, or leave the option out")
-        for name in ("certfile", "keyfile"):
-            path = getattr(self, name)
-            if path is not None and not os.path.isfile(path):
-                problem = "is a folder" if os.path.isdir(path) else "does not exist"
-                raise ConfigError(name, path, problem, "give the path of a PEM file")
-
-    def _check_combinations(self) -> None:
-        if self.keyfile and not self.certfile:
-            raise ConfigError("keyfile", self.keyfile, "needs a certfile", "give certfile too, or neither")
-        if self.framing == "length" and self.max_message_size > _MAX_ENCODED:
-            raise ConfigError("max_message_size", self.max_message_size,
-                              "is more than a 4-byte length prefix can carry",
-                              f"give at most {_MAX_ENCODED} with framing length")
-        if self.dualstack and ":" not in self.host:
-            raise ConfigError("dualstack", self.dualstack, f"needs an IPv6 host, not {self.host!r}",
-                              "listen on host '::' to accept IPv4 and IPv6")
+        silently replaced (``workers=0`` once meant 32) or ignored."""
+        _check(self, fields(self))
 
     @classmethod
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+_FLAGS = {f.name: f.metadata.get("cli") or "--" + f.name.replace("_", "-") for f in fields(ServerConfig)}
+
+
+# --- validation, from the metadata --------------------------------------------
+
+
+def _check(config: Any, fields: tuple) -> None:
+    """Every field's own value, then combinations, then engine applicability."""
+    for f in fields:
+        value = getattr(config, f.name)
+        if f.metadata.get("kind") not in _KINDS:  # a bug, not a user's: declare it with option()
+            raise TypeError(f"option {f.name} has no kind in its metadata")
+        if value is None and f.metadata["optional"]:
+            continue
+        _KINDS[f.metadata["kind"]](f.name, value, f.metadata)
+    _check_combinations(config)
+    for f in fields:
+        _check_engine(config, f)
+
+
+def _count(name: str, value: Any, meta) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(name, value, "is not a whole number", meta["fix"])
+    _check_range(name, value, meta)
+
+
+def _seconds(name: str, value: Any, meta) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(name, value, "is not a number of seconds", meta["fix"])
+    _check_range(name, value, meta)
+
+
+def _check_range(name: str, value: float, meta) -> None:
+    least, most, above = meta["least"], meta["most"], meta["above"]
+    if ((least is not None and value < least) or (most is not None and value > most)
+            or (above is not None and value <= above)):
+        raise ConfigError(name, value, "is out of range", meta["fix"])
+
+
+def _choice(name: str, value: Any, meta) -> None:
+    if not isinstance(value, str) or value not in meta["choices"]:
+        raise ConfigError(name, value, "is not one of the choices", "choose " + ", ".join(meta["choices"]))
+
+
+def _switch(name: str, value: Any, meta) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(name, value, "is not a bool", "give True or False")
+
+
+def _string(name: str, value: Any, meta) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(name, value, "is not text", meta["fix"])
+    if not value and name != "host":  # an empty host is judged with unix_path, below
+        raise ConfigError(name, value, "is empty", meta["fix"])
+
+
+def _path(name: str, value: Any, meta) -> None:
+    _string(name, value, meta)
+    if meta["exists"] and not os.path.isfile(value):
+        problem = "is a folder" if os.path.isdir(value) else "does not exist"
+        raise ConfigError(name, value, problem, meta["fix"])
+
+
+_KINDS = {"count": _count, "seconds": _seconds, "choice": _choice, "switch": _switch,
+          "string": _string, "path": _path}
+
+
+def _check_combinations(config: Any) -> None:
+    if not (config.host or config.unix_path):
+        raise ConfigError("host", config.host, "is not an address", "give one, e.g. 127.0.0.1, 0.0.0.0 or ::")
+    if config.keyfile and not config.certfile:
+        raise ConfigError("keyfile", config.keyfile, "needs a certfile", "give certfile too, or neither")
+    if config.framing == "length" and config.max_message_size > _MAX_ENCODED:
+        raise ConfigError("max_message_size", config.max_message_size,
+                          "is more than a 4-byte length prefix can carry",
+                          f"give at most {_MAX_ENCODED} with framing length")
+    if config.dualstack and ":" not in config.host:
+        raise ConfigError("dualstack", config.dualstack, f"needs an IPv6 host, not {config.host!r}",
+                          "listen on host '::' to accept IPv4 and IPv6")
+
+
+def _check_engine(config: Any, f) -> None:
+    """An option that only some engines read, set for another: a flag that would
+    silently do nothing. A prefork server's handlers run on its worker_engine,
+    so an option for that engine applies to prefork too."""
+    engines, value = f.metadata["engines"], getattr(config, f.name)
+    # The default, or "off" (None, 0), asks nothing of any engine.
+    if engines is None or value == f.default or value is None or value == 0:
+        return
+    if config.engine in engines or (config.engine == "prefork" and config.worker_engine in engines):
+        return
+    prefork = config.engine == "prefork"
+    where = f"prefork's {config.worker_engine} workers" if prefork else config.engine
+    problem = f"applies to the {' or '.join(engines)} engine, not {where}"
+    fix = f"use {'worker_engine' if prefork else 'engine'} {engines[0]}, or leave {f.name} out"
+    if f.metadata["inapplicable"] == "error":
+        raise ConfigError(f.name, value, problem, fix)
+    log.warning("%s=%r %s, so it does nothing (%s)", f.name, value, problem, fix,
+                extra={"config_warning": (f.name, value, problem + ", so it does nothing", fix)})
 
 
 def make_listener(config: ServerConfig) -> socket.socket:
@@ -155,45 +308,3 @@ def unlink_own_socket(path: str, identity: tuple[int, int] | None) -> None:
             os.unlink(path)
         except OSError:
             pass
-
-
-# option: (smallest value, how to fix a bad one); None is allowed where the default is None.
-_COUNTS = {
-    "port": (0, "give a port from 0 to 65535; 0 picks a free one"),
-    "workers": (1, "give 1 or more handler threads, or leave it out for 32"),
-    "processes": (1, "give 1 or more worker processes, or leave it out for one per core"),
-    "max_connections": (1, "give 1 or more"),
-    "max_message_size": (1, "give a size in bytes, 1 or more"),
-    "write_high_water": (1, "give a size in bytes, 1 or more"),
-    "backlog": (0, "give 0 or more; the kernel caps it at net.core.somaxconn"),
-}
-# option: (may it be None, how to fix a bad value)
-_SECONDS = {
-    "idle_timeout": (True, "give seconds, or 0 for never"),
-    "write_timeout": (True, "give seconds, or 0 for never"),
-    "handler_timeout": (True, "give seconds, or 0 for never"),
-    "stats_interval": (True, "give seconds between stats lines, or 0 for none"),
-    "loop_stall_warning": (True, "give seconds, or 0 for never"),
-    "worker_timeout": (True, "give seconds, or 0 for never"),
-    "drain_timeout": (False, "give seconds, 0 or more"),
-    "linger_timeout": (False, "give seconds, 0 or more"),
-    "tls_handshake_timeout": (False, "give seconds, more than 0"),
-}
-
-
-def _check_count(name: str, value, least: int, fix: str) -> None:
-    if value is None and name in ("workers", "processes"):
-        return
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(name, value, "is not a whole number", fix)
-    if value < least or (name == "port" and value > 65535):
-        raise ConfigError(name, value, "is out of range", fix)
-
-
-def _check_seconds(name: str, value, optional: bool, fix: str) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ConfigError(name, value, "is not a number of seconds", fix)
-    if value < 0 or (value == 0 and name == "tls_handshake_timeout"):
-        raise ConfigError(name, value, "is out of range", fix)

@@ -64,12 +64,21 @@ class Server:
     manager: ``with Server(...).start() as srv:``.
     """
 
-    def __init__(self, app: Any = None, *, listener: socket.socket | None = None,
-                 ssl_context: ssl.SSLContext | None = None, pool: Any = None, **options: Any):
-        unknown = set(options) - set(ServerConfig.names())
+    def __init__(self, app: Any = None, *, config: ServerConfig | None = None,
+                 listener: socket.socket | None = None, ssl_context: ssl.SSLContext | None = None,
+                 pool: Any = None, **overrides: Any):
+        unknown = set(overrides) - set(ServerConfig.names())
         if unknown:
             raise TypeError(f"unknown server option(s): {', '.join(sorted(unknown))}")
-        self.config = config = ServerConfig(**options)
+        if config is not None and not isinstance(config, ServerConfig):
+            raise TypeError(f"config= takes a ServerConfig, not {type(config).__name__}")
+        if config is None:
+            config = ServerConfig(**overrides)
+        elif overrides:  # validated again as a whole: an override may not fit the rest
+            from dataclasses import replace
+
+            config = replace(config, **overrides)
+        self.config = config
         self.app = app if app is not None else EchoService()
         engine_class = load_engine(config.engine)
         if pool is not None:

@@ -134,19 +134,24 @@ CASES = {
                                 "them itself (use --engine threadpool with --pool, or drop --pool)"),
     "pool workers alone": Case("serve --pool-workers 4", 2, "muxpool: error: --pool-workers sizes "
                                "--pool (add --pool process or --pool dask, or drop it)"),
+    "pool workers with a scheduler": Case("serve --pool dask --dask-address tcp://127.0.0.1:8786 "
+                                          "--pool-workers 4", 2, "muxpool: error: --pool-workers "
+                                          "sizes the local cluster --pool dask starts, and "
+                                          "--dask-address uses a running one (size that cluster's "
+                                          "workers yourself, or drop --dask-address)"),
     "workers 0": Case("serve --workers 0", 2, "muxpool: error: --workers 0 is out of range (give 1 "
                       "or more handler threads, or leave it out for 32)"),
     "workers -3": Case("serve --workers -3", 2, "muxpool: error: --workers -3 is out of range (give "
                        "1 or more handler threads, or leave it out for 32)"),
     "workers off threadpool": Case("serve --engine threaded --workers 8", 2, "muxpool: error: "
-                                   "--workers sizes the threadpool engine's threads, and threaded has "
-                                   "none (add --engine threadpool, or drop --workers)"),
-    "processes off prefork": Case("serve --processes 4", 2, "muxpool: error: --processes applies to "
-                                  "the prefork engine, not threadpool (add --engine prefork, or drop "
-                                  "--processes)"),
+                                   "--workers 8 applies to the threadpool engine, not threaded (use "
+                                   "engine threadpool, or leave workers out)"),
+    "processes off prefork": Case("serve --processes 4", 2, "muxpool: error: --processes 4 applies to "
+                                  "the prefork engine, not threadpool (use engine prefork, or leave "
+                                  "processes out)"),
     "worker engine off prefork": Case("serve --worker-engine loop", 2, "muxpool: error: "
-                                      "--worker-engine applies to the prefork engine, not threadpool "
-                                      "(add --engine prefork, or drop --worker-engine)"),
+                                      "--worker-engine loop applies to the prefork engine, not threadpool "
+                                      "(use engine prefork, or leave worker_engine out)"),
     "message size 0": Case("serve --max-message-size 0", 2, "muxpool: error: --max-message-size 0 "
                            "is out of range (give a size in bytes, 1 or more)"),
     "negative timeout": Case("serve --idle-timeout -5", 2, "muxpool: error: --idle-timeout -5.0 is "

@@ -30,7 +30,7 @@ import os
 import pickle
 import signal
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 
 from ..multiplexer import EVENT_READ
 from . import _worker_logs as worker_logs
@@ -53,8 +53,7 @@ def serve(app, listener, ssl_context, config, shared, slot: int, period: float,
 
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides
-    worker = Server(app, listener=listener, ssl_context=ssl_context,
-                    **vars(replace(config, engine=config.worker_engine)))
+    worker = Server(app, config=_worker_config(config), listener=listener, ssl_context=ssl_context)
     signal.signal(signal.SIGTERM, lambda *_: worker.shutdown(wait=False))
     if mask is not None:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a SIGTERM held back arrives now
@@ -84,6 +83,14 @@ def serve(app, listener, ssl_context, config, shared, slot: int, period: float,
     worker.serve_forever()
     shared[base] = worker.stats.connections_total
     shared[base + 1] = worker.stats.messages_total
+
+
+def _worker_config(config):
+    """The supervisor's config as one worker runs it: its worker_engine, and
+    none of the prefork-only options (they are the supervisor's, and set on
+    another engine they would be refused)."""
+    defaults = {f.name: f.default for f in fields(config) if f.metadata["engines"] == ("prefork",)}
+    return replace(config, **defaults, engine=config.worker_engine)
 
 
 def _share_room(worker, shared, slot: int, period: float) -> None:

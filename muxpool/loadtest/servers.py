@@ -155,8 +155,10 @@ def serve_gevent(port: int, framing: str, app: Any) -> None:
 def serve_muxpool(engine: str, port: int, framing: str, app: Any, workers: int | None) -> None:
     from ..server import serve
 
-    serve(app, ("127.0.0.1", port), engine=engine, framing=framing, workers=workers,
-          idle_timeout=None)
+    # A comparison hands --workers to every row; only the threadpool engine (which
+    # prefork's workers run by default) has handler threads, the others refuse it.
+    sized = {"workers": workers} if engine in ("threadpool", "prefork") else {}
+    serve(app, ("127.0.0.1", port), engine=engine, framing=framing, idle_timeout=None, **sized)
 
 
 def raise_fd_limit() -> None:
