@@ -90,7 +90,8 @@ def _path(module: str) -> pathlib.Path:
 # A module belongs to the longest layer name it equals or sits inside ("muxpool"
 # itself, the public surface, is only muxpool/__init__.py).
 _BELOW_CORE = {"muxpool.errors", "muxpool.framing", "muxpool.multiplexer", "muxpool.watchdog",
-               "muxpool.stats", "muxpool.tls", "muxpool.handlers", "muxpool.config", "muxpool.pools"}
+               "muxpool.stats", "muxpool.tls", "muxpool.handlers", "muxpool.config", "muxpool.pools",
+               "muxpool.logs"}
 _CORE = {"muxpool.server", "muxpool.connection", "muxpool.stream", "muxpool.compat"}
 _ANYTHING = {"muxpool"}
 ALLOWED = {
@@ -99,6 +100,7 @@ ALLOWED = {
     "muxpool.multiplexer": {"muxpool.errors"},
     "muxpool.watchdog": set(),  # it is handed the multiplexer it watches
     "muxpool.stats": set(),
+    "muxpool.logs": set(),  # stdlib only: formatters the CLI installs, workers use
     "muxpool.tls": {"muxpool.errors"},
     "muxpool.handlers": {"muxpool.errors"},
     "muxpool.config": {"muxpool.errors", "muxpool.framing"},
