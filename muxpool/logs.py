@@ -73,8 +73,8 @@ def exception_lines(exc: BaseException, tb: Any = None) -> list[str]:
     """The traceback of ``exc`` (and of its causes and contexts) as its structural lines.
 
     ``"\\n".join(lines)`` is what :func:`traceback.format_exception` prints. A
-    frame's lines come from the program; an exception's message, which may
-    hold newlines of its own, is one item however many lines it spans.
+    frame's lines come from the program; an exception's message and notes,
+    which may hold newlines of their own, are one item however many lines they span.
     """
     chain, seen, link = [], set(), None
     while exc is not None and id(exc) not in seen:
@@ -99,7 +99,9 @@ def _one_exception(exc: BaseException, tb: Any, lines: list[str]) -> None:
         lines.append("Traceback (most recent call last):")
         for frame in traceback.format_tb(tb):
             lines += frame.rstrip("\n").split("\n")
-    lines += [part[:-1] if part.endswith("\n") else part for part in traceback.format_exception_only(exc)]
+    # Message and notes (a SyntaxError's source line too) are text a client may have
+    # steered: one item, which the plain format puts on one line.
+    lines.append("".join(traceback.format_exception_only(exc)).removesuffix("\n"))
     if isinstance(exc, BaseExceptionGroup):
         for number, sub in enumerate(exc.exceptions, 1):
             lines.append(f"sub-exception {number} of {len(exc.exceptions)}:")
