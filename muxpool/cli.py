@@ -13,7 +13,6 @@ ran), 1 for a failure at run time (the port is taken). ``--debug`` or
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import ssl
 import sys
@@ -24,6 +23,7 @@ from . import __version__
 from .cli_errors import UserError, config_line, explain, import_failure, positive
 from .config import ServerConfig, flag
 from .framing import FRAMERS
+from .logs import FORMATS, configure_logging
 
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -40,6 +40,12 @@ def _log_level(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a level: choose debug, info, warning, "
                                          "error or critical")
     return text.upper()
+
+
+def _log_format(text: str) -> str:
+    if text not in FORMATS:  # a default from MUXPOOL_LOG_FORMAT is checked here too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a log format: choose plain or json")
+    return text
 
 
 def _optional_number(kind):
@@ -89,6 +95,8 @@ def add_serve(commands) -> None:
                         "e.g. tcp://10.0.0.5:8786 (default: a LocalCluster on 127.0.0.1)")
     parser.add_argument("--log-level", default="INFO", type=_log_level,
                         help="logging level: debug, info, warning, error or critical (default info)")
+    parser.add_argument("--log-format", default=os.environ.get("MUXPOOL_LOG_FORMAT") or "plain",
+                        type=_log_format, help="plain (default) or json: one object a line (or MUXPOOL_LOG_FORMAT)")
     parser.set_defaults(func=run_serve)
 
 
@@ -102,7 +110,7 @@ def run_serve(args: argparse.Namespace) -> int:
         from .engines import patch_for_gevent
 
         patch_for_gevent()  # first: before the app's module imports socket or threading
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(args.log_level, args.log_format)
     app = _load(args.app, args.app_dir) if args.app else None
     if app is not None and not _is_request_handler(app):
         resolve_handler(app)  # a wrong signature is refused now, not at every message

@@ -91,7 +91,7 @@ def _path(module: str) -> pathlib.Path:
 # itself, the public surface, is only muxpool/__init__.py).
 _BELOW_CORE = {"muxpool.errors", "muxpool.framing", "muxpool.multiplexer", "muxpool.watchdog",
                "muxpool.stats", "muxpool.tls", "muxpool.handlers", "muxpool.config", "muxpool.pools",
-               "muxpool.calls", "muxpool.context", "muxpool.conn"}
+               "muxpool.calls", "muxpool.context", "muxpool.conn", "muxpool.logs"}
 _CORE = {"muxpool.server", "muxpool.connection", "muxpool.stream", "muxpool.compat"}
 _ANYTHING = {"muxpool"}
 ALLOWED = {
@@ -100,11 +100,12 @@ ALLOWED = {
     "muxpool.multiplexer": {"muxpool.errors"},
     "muxpool.watchdog": set(),  # it is handed the multiplexer it watches
     "muxpool.stats": set(),
+    "muxpool.logs": set(),  # stdlib only: formatters the CLI installs, workers use
     "muxpool.tls": {"muxpool.errors"},
     "muxpool.handlers": {"muxpool.errors"},
     "muxpool.config": {"muxpool.errors", "muxpool.framing"},
-    "muxpool.calls": {"muxpool.errors"},
-    "muxpool.conn": set(),  # the handler's view: a Protocol  # calling a handler: what every engine shares
+    "muxpool.calls": {"muxpool.errors"},  # calling a handler: what every engine shares
+    "muxpool.conn": set(),  # the handler's view: a Protocol
     "muxpool.context": {"muxpool.config", "muxpool.multiplexer", "muxpool.stats"},
     "muxpool.pools": {"muxpool.errors", "muxpool.framing", "muxpool.pools"},
     # The server core: engines by name only (the registry; see the next tests).

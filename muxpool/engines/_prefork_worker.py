@@ -51,6 +51,7 @@ def serve(app, listener, ssl_context, config, shared, slot: int, period: float,
     """Run one worker's server until it drains; the caller exits the process."""
     from ..server import Server
 
+    worker_logs.mark_worker()
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides
     worker = Server(app, config=_worker_config(config), listener=listener, ssl_context=ssl_context)

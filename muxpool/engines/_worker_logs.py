@@ -6,15 +6,23 @@ inherits none of it: its records would go nowhere. Instead it sends each
 record over a socket pair, as ``logging.handlers.SocketHandler`` does (a
 4-byte length, then the pickled record), and the supervisor's multiplexer
 reads them and hands them to its own loggers — no thread on either side.
+A record arrives whole or not at all (its length comes first), so the
+supervisor never writes half of one.
+
+Every record a worker makes, forked or not, names it: ``worker_pid``
+(:func:`mark_worker`), which the JSON log format shows.
 """
 
 from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import pickle
 import socket
 import struct
+
+from ..logs import exception_lines
 
 _LENGTH = struct.Struct(">L")
 _READ_SIZE = 65536
@@ -63,6 +71,18 @@ def levels() -> dict[str, int]:
     return found
 
 
+def mark_worker() -> None:
+    """In a prefork worker: every record made in this process carries ``worker_pid``."""
+    make, pid = logging.getLogRecordFactory(), os.getpid()
+
+    def factory(*args, **kwargs) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        record.worker_pid = pid
+        return record
+
+    logging.setLogRecordFactory(factory)
+
+
 def send_logs_to(sock: socket.socket, wanted: dict[str, int]) -> None:
     """In the worker: every record goes to the supervisor, filtered by its levels."""
     root = logging.getLogger()
@@ -84,11 +104,14 @@ class _ToSupervisor(logging.handlers.SocketHandler):
 
     def makePickle(self, record: logging.LogRecord) -> bytes:
         """As SocketHandler's, but the exception travels too when it pickles (its
-        traceback, which cannot, travels as exc_text): handlers may look at its type."""
+        traceback, which cannot, travels as text): handlers may look at its type.
+        The text goes as exc_text and also line by line (exc_lines), so that the
+        plain format can tell the traceback's line breaks from its message's."""
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
         fields = dict(record.__dict__, msg=record.getMessage(), args=None, exc_info=None)
+        if exc is not None:
+            fields["exc_lines"] = exception_lines(exc, record.exc_info[2])
+            fields["exc_text"] = record.exc_text or "\n".join(fields["exc_lines"])
         fields.pop("message", None)
         if exc is not None and _picklable(exc):
             fields["exc_info"] = (type(exc), exc, None)
