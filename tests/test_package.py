@@ -90,7 +90,8 @@ def _path(module: str) -> pathlib.Path:
 # A module belongs to the longest layer name it equals or sits inside ("muxpool"
 # itself, the public surface, is only muxpool/__init__.py).
 _BELOW_CORE = {"muxpool.errors", "muxpool.framing", "muxpool.multiplexer", "muxpool.watchdog",
-               "muxpool.stats", "muxpool.tls", "muxpool.handlers", "muxpool.config", "muxpool.pools"}
+               "muxpool.stats", "muxpool.tls", "muxpool.handlers", "muxpool.config", "muxpool.pools",
+               "muxpool.metrics"}
 _CORE = {"muxpool.server", "muxpool.connection", "muxpool.stream", "muxpool.compat"}
 _ANYTHING = {"muxpool"}
 ALLOWED = {
@@ -103,6 +104,8 @@ ALLOWED = {
     "muxpool.handlers": {"muxpool.errors"},
     "muxpool.config": {"muxpool.errors", "muxpool.framing"},
     "muxpool.pools": {"muxpool.errors", "muxpool.framing", "muxpool.pools"},
+    # Collectors read the snapshots pools and the server's stats keep; the server may serve them.
+    "muxpool.metrics": {"muxpool.errors", "muxpool.pools", "muxpool.stats"},
     # The server core: engines by name only (the registry; see the next tests).
     **{core: _BELOW_CORE | _CORE | {"muxpool.engines"} for core in _CORE},
     # Engines take the handler and the connection as arguments. muxpool.server

@@ -185,6 +185,7 @@ class Pool:
                                  max_tasks_per_worker=maxtasksperchild, mp_context=context,
                                  max_worker_memory=max_worker_memory)
         self.name = self._pool.name
+        self.max_workers = self._pool.max_workers
         self._processes = self._pool.max_workers
         self._state = _RUN
         self._lock = threading.Lock()
