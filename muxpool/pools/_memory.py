@@ -1,12 +1,12 @@
 """``max_worker_memory``: the size a user writes, and a worker's own RSS.
 
 The worker reads its RSS itself, after each task and before it reads the
-next one, and sends it just ahead of the task's result (see
+next one, and sends it in the frame of the task's result (see
 :mod:`._procworker`). The supervisor could read ``/proc/<pid>/statm``
 instead, but by the time it looks the worker may have begun its next task
 (its RSS is then that task's, and the retire decision would strand a task
 already sent) or have exited (and its pid be reused). A number measured by
-the worker between two tasks and arriving before the result has neither
+the worker between two tasks and arriving with the result has neither
 race: the parent decides before it could send that worker anything else.
 
 Sizes: an int, or a string of digits alone, is bytes; any other string

@@ -5,9 +5,9 @@ id, then a pickle. Parent to worker: ``(func, args, kwargs)``; an empty frame
 means "exit". Worker to parent: ``(ok, value, traceback_text)``; id 0 is the
 "initializer done" notice and ``INIT_FAILED_ID`` carries ``(exception,
 traceback_text)`` of an initializer that raised, just before the worker exits.
-With ``max_worker_memory``, each result is preceded by an ``RSS_ID`` frame
-holding the worker's RSS as an 8-byte big-endian count of bytes: ahead of
-the result, so the parent has it before it could send this worker more work.
+With ``max_worker_memory``, a result's pickle is preceded, in its frame, by
+the worker's RSS after the task (8 bytes, big-endian): one frame, so the
+parent has both at once and decides before it could send this worker more.
 The worker answers each task before reading the
 next, so the parent always knows which task was running when a worker died.
 
@@ -39,7 +39,6 @@ HEADER = struct.Struct("!IQ")  # frame length (counting the id), task id
 RSS = struct.Struct("!Q")
 READY_ID = 0
 INIT_FAILED_ID = (1 << 64) - 1
-RSS_ID = (1 << 64) - 2
 _PR_SET_PDEATHSIG = 1
 
 
@@ -146,7 +145,7 @@ def worker_main(task_conn, result_conn, initializer, initargs, max_tasks, report
         # bigger than the mark recycles the worker too (it just needed that much).
         del outcome
         if rss is not None:
-            header = encode_frame(RSS_ID, RSS.pack(rss())) + header
+            header = HEADER.pack(len(payload) + 8 + RSS.size, task_id) + RSS.pack(rss())
         _write_all(result_fd, header + payload if len(payload) < 65536 else header)
         if len(payload) >= 65536:
             _write_all(result_fd, payload)

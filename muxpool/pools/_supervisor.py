@@ -231,8 +231,6 @@ class ProcessPoolMachinery(WorkerPool):
                     worker.inflight[0].started = now
             elif task_id == _procworker.INIT_FAILED_ID:
                 worker.init_error = pickle.loads(payload)
-            elif task_id == _procworker.RSS_ID:
-                self._check_memory_locked(worker, _procworker.RSS.unpack(payload)[0])
             else:
                 self._settle_result(worker, task_id, payload, now, settled)
         if worker.stop_when_idle and not worker.inflight:
@@ -241,8 +239,8 @@ class ProcessPoolMachinery(WorkerPool):
         self._dispatch_locked()
 
     def _check_memory_locked(self, worker: WorkerHandle, rss: int) -> None:
-        """Retire a worker whose RSS passed ``max_worker_memory``. This frame comes
-        before its task's result, so no other task can have been sent to it yet."""
+        """Retire a worker whose RSS passed ``max_worker_memory``. It came in its
+        task's result frame, so no other task can have been sent to it yet."""
         worker.rss = rss
         if rss <= self._max_memory or worker.retiring or worker.doomed:
             return
@@ -260,6 +258,9 @@ class ProcessPoolMachinery(WorkerPool):
             pass
 
     def _settle_result(self, worker, task_id, payload, now, settled) -> None:
+        if self._max_memory is not None:
+            self._check_memory_locked(worker, _procworker.RSS.unpack_from(payload)[0])
+            payload = memoryview(payload)[_procworker.RSS.size:]
         inflight = worker.inflight
         if inflight and inflight[0].id == task_id:
             task = inflight.popleft()
