@@ -28,6 +28,13 @@ def hold(mib: int) -> tuple[int, int]:
     return os.getpid(), rss()
 
 
+def spike(mib: int) -> tuple[int, int]:
+    """Use ``mib`` MiB for a moment and give it back (one mmap'd block, unmapped when freed)."""
+    block = b"\x01" * (mib * MIB)
+    del block
+    return os.getpid(), rss()
+
+
 def fail_if(x: int, bad: bool) -> int:
     if bad:
         raise ValueError(f"task {x} fails on purpose")

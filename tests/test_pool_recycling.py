@@ -61,6 +61,18 @@ def test_a_worker_under_the_mark_serves_on(make_pool):
     assert pool.stats().recycled == 0
 
 
+def test_memory_used_and_given_back_recycles_nothing(make_pool):
+    """The mark is on the RSS a task leaves behind, not on the peak: the worker's
+    peak passes it here, so its exact RSS is read, and found under the mark."""
+    pool = make_pool(1, max_worker_memory=MARK)
+    pid, _ = fresh_worker(pool)
+    for _ in range(3):
+        spiked_pid, rss_after = pool.submit(tasks.spike, LEAK_MIB).result(timeout=15)
+        assert spiked_pid == pid and rss_after < MARK
+    assert pool.submit(tasks.pid_and_rss).result(timeout=15)[0] == pid
+    assert pool.stats().recycled == 0
+
+
 def test_many_recycles_lose_no_task(make_pool):
     """Two workers that each pass the mark every other task: every future resolves,
     in its own order, and each leak's worker is replaced."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 
 STATM = "/proc/self/statm"
 
@@ -51,16 +52,23 @@ def parse_size(value: int | str | None, what: str = "max_worker_memory") -> int 
     return value
 
 
-def rss_reader():
-    """A function returning this process's resident set size in bytes.
+def rss_reader(mark: int):
+    """A function returning this process's RSS in bytes, exact once it may be
+    over ``mark``; below, it may return an upper bound instead.
 
-    The file stays open: ``pread`` at offset 0 re-reads it for about 3 µs,
-    where opening it each time costs about 18 µs.
+    The peak RSS (``getrusage``, about 1 µs) bounds the current one, so while
+    the peak is under the mark the answer is known without reading ``statm``.
+    Past it, the file is read, kept open: ``pread`` at offset 0 re-reads it for
+    about 3 µs, where opening it each time costs about 18 µs.
     """
     fd = os.open(STATM, os.O_RDONLY | os.O_CLOEXEC)
     page = os.sysconf("SC_PAGE_SIZE")
+    getrusage, who = resource.getrusage, resource.RUSAGE_SELF
 
     def rss() -> int:
+        peak = getrusage(who).ru_maxrss * 1024  # KiB on Linux
+        if peak <= mark:
+            return peak
         return int(os.pread(fd, 128, 0).split()[1]) * page
 
     return rss

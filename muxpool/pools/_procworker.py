@@ -109,7 +109,7 @@ def _watch_parent(result_fd: int) -> None:
                 os._exit(3)
 
 
-def worker_main(task_conn, result_conn, initializer, initargs, max_tasks, report_rss=False) -> None:
+def worker_main(task_conn, result_conn, initializer, initargs, max_tasks, max_memory=None) -> None:
     """Entry point of a worker process; returns (exit code 0) on a stop frame,
     at end of input (the parent is gone) or after ``max_tasks`` tasks."""
     # Ctrl-C reaches the whole process group; the parent decides what stops.
@@ -128,7 +128,7 @@ def worker_main(task_conn, result_conn, initializer, initargs, max_tasks, report
             _write_all(result_fd, encode_frame(INIT_FAILED_ID, pickle.dumps(report)))
             os._exit(2)
     _write_all(result_fd, encode_frame(READY_ID, b""))
-    rss = _memory.rss_reader() if report_rss else None
+    rss = _memory.rss_reader(max_memory) if max_memory is not None else None
     done = 0
     while max_tasks is None or done < max_tasks:
         header = reader.read(HEADER.size)

@@ -375,7 +375,7 @@ class ProcessPoolMachinery(WorkerPool):
 
     def _start_worker_locked(self) -> None:
         worker = WorkerHandle(self._ctx, f"{self.name}-worker", self._initializer, self._initargs,
-                              self._max_tasks, self._max_memory is not None)
+                              self._max_tasks, self._max_memory)
         self._workers[worker.result_fd] = worker
         self._starting += 1
         self._selector.register(worker.result_fd, selectors.EVENT_READ, self._on_results)
