@@ -2,7 +2,8 @@
 
 One pool API over threads, processes and greenlets; one server handler under
 any concurrency engine. This module declares the public surface once; it
-never imports gevent or dask (``GeventPool`` loads gevent on first use).
+never imports gevent, dask or prometheus_client (``GeventPool`` loads gevent
+on first use, ``PoolCollector`` prometheus_client when one is made).
 """
 
 from .errors import (
@@ -31,6 +32,7 @@ from .errors import (
 from .client import Client
 from .framing import FRAMERS, LengthFramer, LineFramer, RawFramer, make_framer
 from .handlers import EchoService
+from .metrics import PoolCollector
 from .pools import AsyncFuture, AsyncResult, Pool, PoolStats, ProcessPool, ThreadPool, WorkerPool
 from .config import ServerConfig
 from .conn import Conn
@@ -67,6 +69,7 @@ __all__ = [
     "Pool",
     "PoolBroken",
     "PoolClosed",
+    "PoolCollector",
     "PoolError",
     "PoolStats",
     "ProcessPool",

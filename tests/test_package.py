@@ -91,7 +91,8 @@ def _path(module: str) -> pathlib.Path:
 # itself, the public surface, is only muxpool/__init__.py).
 _BELOW_CORE = {"muxpool.errors", "muxpool.framing", "muxpool.multiplexer", "muxpool.watchdog",
                "muxpool.stats", "muxpool.tls", "muxpool.handlers", "muxpool.config", "muxpool.pools",
-               "muxpool.calls", "muxpool.context", "muxpool.conn", "muxpool.logs"}
+               "muxpool.calls", "muxpool.context", "muxpool.conn", "muxpool.logs",
+               "muxpool.metrics"}
 _CORE = {"muxpool.server", "muxpool.connection", "muxpool.stream", "muxpool.compat"}
 _ANYTHING = {"muxpool"}
 ALLOWED = {
@@ -108,6 +109,8 @@ ALLOWED = {
     "muxpool.conn": set(),  # the handler's view: a Protocol
     "muxpool.context": {"muxpool.config", "muxpool.multiplexer", "muxpool.stats"},
     "muxpool.pools": {"muxpool.errors", "muxpool.framing", "muxpool.pools"},
+    # Collectors read the snapshots pools and the server's stats keep; the server may serve them.
+    "muxpool.metrics": {"muxpool.errors", "muxpool.pools", "muxpool.stats"},
     # The server core: engines by name only (the registry; see the next tests).
     **{core: _BELOW_CORE | _CORE | {"muxpool.engines"} for core in _CORE},
     # Engines take the handler and the connection as arguments. muxpool.server

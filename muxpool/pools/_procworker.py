@@ -5,6 +5,9 @@ id, then a pickle. Parent to worker: ``(func, args, kwargs)``; an empty frame
 means "exit". Worker to parent: ``(ok, value, traceback_text)``; id 0 is the
 "initializer done" notice and ``INIT_FAILED_ID`` carries ``(exception,
 traceback_text)`` of an initializer that raised, just before the worker exits.
+With ``max_worker_memory``, a result's pickle is preceded, in its frame, by
+the worker's RSS after the task (8 bytes, big-endian): one frame, so the
+parent has both at once and decides before it could send this worker more.
 The worker answers each task before reading the
 next, so the parent always knows which task was running when a worker died.
 
@@ -30,9 +33,10 @@ import threading
 import traceback
 
 from ..errors import RemoteError, SerializationError
-from . import _pickling
+from . import _memory, _pickling
 
 HEADER = struct.Struct("!IQ")  # frame length (counting the id), task id
+RSS = struct.Struct("!Q")
 READY_ID = 0
 INIT_FAILED_ID = (1 << 64) - 1
 _PR_SET_PDEATHSIG = 1
@@ -105,7 +109,7 @@ def _watch_parent(result_fd: int) -> None:
                 os._exit(3)
 
 
-def worker_main(task_conn, result_conn, initializer, initargs, max_tasks) -> None:
+def worker_main(task_conn, result_conn, initializer, initargs, max_tasks, max_memory=None) -> None:
     """Entry point of a worker process; returns (exit code 0) on a stop frame,
     at end of input (the parent is gone) or after ``max_tasks`` tasks."""
     # Ctrl-C reaches the whole process group; the parent decides what stops.
@@ -124,6 +128,7 @@ def worker_main(task_conn, result_conn, initializer, initargs, max_tasks) -> Non
             _write_all(result_fd, encode_frame(INIT_FAILED_ID, pickle.dumps(report)))
             os._exit(2)
     _write_all(result_fd, encode_frame(READY_ID, b""))
+    rss = _memory.rss_reader(max_memory) if max_memory is not None else None
     done = 0
     while max_tasks is None or done < max_tasks:
         header = reader.read(HEADER.size)
@@ -136,9 +141,13 @@ def worker_main(task_conn, result_conn, initializer, initargs, max_tasks) -> Non
         outcome = _outcome(task)
         del task
         header, payload = _encode_outcome(task_id, outcome)
+        # Measured without the result object; its pickle is still held, so a result
+        # bigger than the mark recycles the worker too (it just needed that much).
+        del outcome
+        if rss is not None:
+            header = HEADER.pack(len(payload) + 8 + RSS.size, task_id) + RSS.pack(rss())
         _write_all(result_fd, header + payload if len(payload) < 65536 else header)
         if len(payload) >= 65536:
             _write_all(result_fd, payload)
         del payload
-        del outcome
         done += 1

@@ -93,7 +93,8 @@ class ProcessPoolMachinery(WorkerPool):
         worker.inflight.append(task)
         worker.sent += 1
         if self._max_tasks is not None and worker.sent >= self._max_tasks:
-            worker.retiring = True
+            worker.retiring = True  # it exits by itself after this task
+            self._counts["recycled"] += 1
         self._write_locked(worker, task.frame)
 
     def _write_locked(self, worker: WorkerHandle, frame: bytes) -> None:
@@ -232,7 +233,23 @@ class ProcessPoolMachinery(WorkerPool):
                 worker.init_error = pickle.loads(payload)
             else:
                 self._settle_result(worker, task_id, payload, now, settled)
+        if worker.stop_when_idle and not worker.inflight:
+            worker.stop_when_idle = False
+            self._send_stop_locked(worker)
         self._dispatch_locked()
+
+    def _check_memory_locked(self, worker: WorkerHandle, rss: int) -> None:
+        """Retire a worker whose RSS passed ``max_worker_memory``. It came in its
+        task's result frame, so no other task can have been sent to it yet."""
+        worker.rss = rss
+        if rss <= self._max_memory or worker.retiring or worker.doomed:
+            return
+        log.info("%s: worker %s uses %d bytes (max_worker_memory=%d): replacing it",
+                 self.name, worker.pid, rss, self._max_memory)
+        worker.retiring = worker.stop_when_idle = True
+        self._counts["recycled"] += 1
+        self._needs_upkeep = True
+        self._wake()  # from a submitting thread's harvest, the supervisor starts the replacement
 
     def _unwatch(self, fd: int) -> None:
         try:
@@ -241,6 +258,9 @@ class ProcessPoolMachinery(WorkerPool):
             pass
 
     def _settle_result(self, worker, task_id, payload, now, settled) -> None:
+        if self._max_memory is not None:
+            self._check_memory_locked(worker, _procworker.RSS.unpack_from(payload)[0])
+            payload = memoryview(payload)[_procworker.RSS.size:]
         inflight = worker.inflight
         if inflight and inflight[0].id == task_id:
             task = inflight.popleft()
@@ -279,6 +299,10 @@ class ProcessPoolMachinery(WorkerPool):
         worker.inflight.clear()
         if not worker.ready:
             self._starting -= 1
+        # Unasked: neither killed on purpose nor told to stop (or it died on its last task).
+        if not self._terminated and (worker.startup_expired or not worker.doomed and (
+                inflight or not worker.retiring)):
+            self._counts["crashed"] += 1
         if not worker.ready and (not worker.doomed or worker.startup_expired) and not self._terminated:
             self._startup_failures += 1
             self._respawn_at = time.monotonic() + min(2.0, 0.05 * 2 ** self._startup_failures)
@@ -351,7 +375,7 @@ class ProcessPoolMachinery(WorkerPool):
 
     def _start_worker_locked(self) -> None:
         worker = WorkerHandle(self._ctx, f"{self.name}-worker", self._initializer, self._initargs,
-                              self._max_tasks)
+                              self._max_tasks, self._max_memory)
         self._workers[worker.result_fd] = worker
         self._starting += 1
         self._selector.register(worker.result_fd, selectors.EVENT_READ, self._on_results)

@@ -43,14 +43,15 @@ class Task:
 class WorkerHandle:
     __slots__ = ("process", "pid", "task_fd", "result_fd", "conns", "inbuf", "outbuf",
                  "inflight", "sent", "ready", "doomed", "retiring", "started_at", "init_error",
-                 "startup_expired", "big", "big_id", "big_filled")
+                 "startup_expired", "big", "big_id", "big_filled", "rss", "stop_when_idle")
 
-    def __init__(self, ctx, name: str, initializer, initargs: tuple, max_tasks: int | None):
+    def __init__(self, ctx, name: str, initializer, initargs: tuple, max_tasks: int | None,
+                 max_memory: int | None = None):
         task_r, task_w = ctx.Pipe(duplex=False)
         result_r, result_w = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
             target=_procworker.worker_main, name=name, daemon=True,
-            args=(task_r, result_w, initializer, initargs, max_tasks))
+            args=(task_r, result_w, initializer, initargs, max_tasks, max_memory))
         self.started_at = time.monotonic()
         self.process.start()
         task_r.close()  # the child's ends: EOF must reach each side when the other goes
@@ -73,6 +74,8 @@ class WorkerHandle:
         self.startup_expired = False  # killed for overrunning startup_timeout
         self.big: bytearray | None = None  # a frame larger than the pipe, being filled
         self.big_id = self.big_filled = 0
+        self.rss = 0  # bytes as last reported (max_worker_memory only; under it, maybe the peak)
+        self.stop_when_idle = False  # over max_worker_memory: told to stop once its task is answered
 
     def write(self, frame: bytes) -> bool:
         """Send without blocking; True when some bytes now wait for :meth:`flush`."""

@@ -33,7 +33,7 @@ Callback = Callable[[bool, Any], Any]
 class PoolStats:
     """A snapshot of a pool. ``completed`` counts successes, ``failed`` tasks
     that raised (crashes and timeouts included), ``cancelled`` tasks dropped
-    before they ran."""
+    before they ran; once the pool is idle, ``submitted`` is their sum."""
 
     workers: int
     idle: int
@@ -46,6 +46,13 @@ class PoolStats:
     #: process was killed, their greenlet interrupted, or, on threads and Dask, the
     #: call ran on in the background with its result discarded
     timed_out: int = 0
+    #: tasks accepted (a submission that raised, ``QueueFull`` or ``PoolClosed``, is not)
+    submitted: int = 0
+    #: workers replaced on purpose (ProcessPool's ``max_tasks_per_worker`` and
+    #: ``max_worker_memory``); always 0 where workers are not recycled
+    recycled: int = 0
+    #: worker processes that died unasked (not killed for a timeout or ``terminate()``)
+    crashed: int = 0
 
 
 class AsyncFuture(Future):

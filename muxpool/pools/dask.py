@@ -147,7 +147,7 @@ class DaskPool(DaskPoolMachinery):
         self._timer_ids = itertools.count()
         self._to_cancel: list = []  # Dask futures to cancel on the scheduler
         self._ready: list = []  # (task, Dask future) finished, outcome not fetched yet
-        self._counts = {"completed": 0, "failed": 0, "cancelled": 0, "timed_out": 0}
+        self._counts = {"submitted": 0, "completed": 0, "failed": 0, "cancelled": 0, "timed_out": 0}
         self._closed = False
         self._terminated = False
         self._broken: BaseException | None = None  # what broke the housekeeper
@@ -185,9 +185,12 @@ class DaskPool(DaskPoolMachinery):
                 raise  # the client or the scheduler broke: the caller hears it, nothing counts
             err = SerializationError("arguments", repr(exc))
             err.__cause__ = exc
+            with self._lock:
+                self._counts["submitted"] += 1
             deliver(fut, callback, False, err)
             return
         with self._lock:
+            self._counts["submitted"] += 1
             task.dask_future = dask_future
             if task.settled:  # terminate() or cancel() got there first
                 self._to_cancel.append(dask_future)

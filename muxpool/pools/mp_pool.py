@@ -28,7 +28,7 @@ import multiprocessing
 import threading
 from typing import Any, Callable, Iterable
 
-from .base import _map_chunk, _starmap_chunk
+from .base import PoolStats, _map_chunk, _starmap_chunk
 from .process import ProcessPool
 
 log = logging.getLogger("muxpool.pools")
@@ -168,10 +168,13 @@ class IMapIterator:
 
 class Pool:
     """``multiprocessing.Pool(processes, initializer, initargs, maxtasksperchild,
-    context)`` on a :class:`ProcessPool` (``context`` is its ``mp_context``)."""
+    context)`` on a :class:`ProcessPool` (``context`` is its ``mp_context``).
+    Beyond the standard library: ``max_worker_memory`` (ProcessPool's) and
+    ``stats()``."""
 
     def __init__(self, processes: int | None = None, initializer: Callable | None = None,
-                 initargs: Iterable = (), maxtasksperchild: int | None = None, context=None):
+                 initargs: Iterable = (), maxtasksperchild: int | None = None, context=None, *,
+                 max_worker_memory: int | str | None = None):
         if processes is not None and processes < 1:
             raise ValueError("Number of processes must be at least 1")
         if maxtasksperchild is not None and (type(maxtasksperchild) is not int or maxtasksperchild <= 0):
@@ -179,7 +182,10 @@ class Pool:
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         self._pool = ProcessPool(processes, initializer=initializer, initargs=tuple(initargs),
-                                 max_tasks_per_worker=maxtasksperchild, mp_context=context)
+                                 max_tasks_per_worker=maxtasksperchild, mp_context=context,
+                                 max_worker_memory=max_worker_memory)
+        self.name = self._pool.name
+        self.max_workers = self._pool.max_workers
         self._processes = self._pool.max_workers
         self._state = _RUN
         self._lock = threading.Lock()
@@ -263,6 +269,10 @@ class Pool:
             with self._lock:
                 self._feeding -= 1
             self._close_if_fed()
+
+    def stats(self) -> PoolStats:
+        """The underlying :class:`ProcessPool`'s :class:`PoolStats`."""
+        return self._pool.stats()
 
     # --- lifetime -------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ import time
 from concurrent.futures import CancelledError
 
 from ..errors import PoolError, QueueFull, SerializationError, WorkerCrashed
-from . import _pickling, _procworker
+from . import _memory, _pickling, _procworker
 from ._worker_handle import Task, WorkerHandle, default_start_method
 from ._supervisor import ProcessPoolMachinery
 from .base import PoolStats, broken_error, cancel_task, closed_error, deliver
@@ -62,6 +62,13 @@ class ProcessPool(ProcessPoolMachinery):
     start-up (its ``initializer``) takes too long. Three start-ups failing in a
     row fail the queued tasks with ``WorkerCrashed`` naming the cause.
 
+    Workers are recycled — replaced by a fresh process once their current
+    task's result is delivered, no task lost — after ``max_tasks_per_worker``
+    tasks, or when their RSS after a task passes ``max_worker_memory`` (bytes,
+    or a string such as ``"200MB"`` or ``"1GiB"``; see :mod:`._memory`).
+    ``stats().recycled`` counts them, ``stats().crashed`` the workers that died
+    unasked.
+
     Raises ``ValueError`` at once when the initializer or ``initargs`` cannot
     reach the workers (see :mod:`._pickling`).
     """
@@ -69,7 +76,7 @@ class ProcessPool(ProcessPoolMachinery):
     def __init__(self, max_workers: int | None = None, max_queue: int | None = None, *,
                  initializer=None, initargs: tuple = (), max_tasks_per_worker: int | None = None,
                  task_timeout: float | None = None, mp_context=None, name: str | None = None,
-                 startup_timeout: float = 60.0):
+                 startup_timeout: float = 60.0, max_worker_memory: int | str | None = None):
         self.max_workers = max_workers or os.cpu_count() or 1
         if self.max_workers < 1:
             raise ValueError("max_workers must be >= 1")
@@ -86,6 +93,8 @@ class ProcessPool(ProcessPoolMachinery):
         self._initializer = initializer
         self._initargs = tuple(initargs)
         self._max_tasks = max_tasks_per_worker
+        self._max_memory = _memory.parse_size(max_worker_memory)
+        self.max_worker_memory = self._max_memory
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(max_queue) if max_queue else None
         self._pending: collections.deque[Task] = collections.deque()
@@ -102,7 +111,8 @@ class ProcessPool(ProcessPoolMachinery):
         self._handoff: list = []  # outcomes collected by _harvest_locked, delivered by the supervisor
         self._last_harvest = 0.0
         self._needs_upkeep = True  # worker exits, close, terminate: the supervisor looks again
-        self._counts = {"completed": 0, "failed": 0, "cancelled": 0, "timed_out": 0}
+        self._counts = {"submitted": 0, "completed": 0, "failed": 0, "cancelled": 0, "timed_out": 0,
+                        "recycled": 0, "crashed": 0}
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -129,6 +139,7 @@ class ProcessPool(ProcessPoolMachinery):
             if fut is not None:
                 fut.set_running_or_notify_cancel()
             with self._lock:
+                self._counts["submitted"] += 1
                 self._counts["failed"] += 1
             deliver(fut, callback, False, err)
             return
@@ -143,6 +154,7 @@ class ProcessPool(ProcessPoolMachinery):
                     slots.release()
                 raise broken_error(self.name, self._broken) if self._broken else closed_error(self.name)
             self._pending.append(task)
+            self._counts["submitted"] += 1
             if len(self._pending) == 1:
                 self._dispatch_locked()
             elif time.monotonic() - self._last_harvest > _HARVEST_EVERY:
@@ -188,7 +200,9 @@ class ProcessPool(ProcessPoolMachinery):
 
     def stats(self) -> PoolStats:
         with self._lock:
-            workers = [w for w in self._workers.values() if not w.doomed]
+            # A recycled worker leaves the count once its last task is answered.
+            workers = [w for w in self._workers.values()
+                       if not w.doomed and (w.inflight or not w.retiring)]
             busy = sum(1 for w in workers if w.inflight)
             return PoolStats(workers=len(workers), idle=len(workers) - busy, busy=busy,
                              queued=len(self._pending), **self._counts)

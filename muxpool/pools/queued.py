@@ -114,6 +114,7 @@ class QueuePool(WorkerPool):
         self._closed = False
         self._retired = _Tally()  # counters of workers that have exited
         self._timed_out = 0
+        self._submitted = 0
         self._broken: BaseException | None = None
         self._deadlines: Deadlines | None = None
 
@@ -130,6 +131,7 @@ class QueuePool(WorkerPool):
                 raise broken_error(self.name, self._broken) if self._broken else closed_error(self.name)
             limit = self.task_timeout if task_timeout is None else task_timeout
             self._queue.put((func, args, kwargs, fut, callback, limit))
+            self._submitted += 1
             if len(self._idle) < self._queue.qsize() and len(self._workers) < self.max_workers:
                 self._start_worker_locked()
 
@@ -361,7 +363,7 @@ class QueuePool(WorkerPool):
             cancelled = sum(t.cancelled for t in totals)
         return PoolStats(workers=workers, idle=idle, busy=workers - idle, queued=max(0, queued),
                          completed=completed, failed=failed, cancelled=cancelled,
-                         timed_out=self._timed_out)
+                         timed_out=self._timed_out, submitted=self._submitted)
 
     def _completion_signal(self):
         return self.runtime.make_event()
