@@ -13,6 +13,7 @@ ran), 1 for a failure at run time (the port is taken). ``--debug`` or
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import ssl
 import sys
