@@ -37,6 +37,7 @@ from .pools import AsyncFuture, AsyncResult, Pool, PoolStats, ProcessPool, Threa
 from .config import ServerConfig
 from .conn import Conn
 from .server import Server, serve
+from .prefork import PreforkServer
 
 __version__ = "0.1.0"
 
@@ -67,6 +68,7 @@ __all__ = [
     "MissingDependency",
     "MuxpoolError",
     "Pool",
+    "PreforkServer",
     "PoolBroken",
     "PoolClosed",
     "PoolCollector",

@@ -17,7 +17,7 @@ import math
 import os
 import socket
 import stat
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .errors import ConfigError
@@ -251,6 +251,20 @@ def _check_engine(config: Any, f) -> None:
         raise ConfigError(f.name, value, problem, fix)
     log.warning("%s=%r %s, so it does nothing (%s)", f.name, value, problem, fix,
                 extra={"config_warning": (f.name, value, problem + ", so it does nothing", fix)})
+
+
+def resolve_config(config: ServerConfig | None, overrides: dict) -> ServerConfig:
+    """A server's options: ``config`` (or the defaults) with keyword ``overrides``,
+    validated as a whole (an override may not fit the rest); a TypeError names
+    unknown options."""
+    unknown = set(overrides) - set(ServerConfig.names())
+    if unknown:
+        raise TypeError(f"unknown server option(s): {', '.join(sorted(unknown))}")
+    if config is not None and not isinstance(config, ServerConfig):
+        raise TypeError(f"config= takes a ServerConfig, not {type(config).__name__}")
+    if config is None:
+        return ServerConfig(**overrides)
+    return replace(config, **overrides) if overrides else config
 
 
 def make_listener(config: ServerConfig) -> socket.socket:

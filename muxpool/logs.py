@@ -26,7 +26,7 @@ prefork workers that share the supervisor's stderr (forked ones) never cut
 into one another's lines: each record is one ``write(2)``, which a pipe keeps
 whole up to ``PIPE_BUF`` (4 KiB) and Linux in practice further unless the
 pipe is full. Workers the fork server starts send their records to the
-supervisor (:mod:`muxpool.engines._worker_logs`), which writes them itself.
+supervisor (:mod:`muxpool.prefork.worker_logs`), which writes them itself.
 
 Fields core code may attach with ``extra=``: ``peer``, ``conn_id``,
 ``engine``, ``worker_pid`` (set in every prefork worker). A record forwarded

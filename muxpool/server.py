@@ -29,14 +29,14 @@ import threading
 import time
 from typing import Any
 
-from . import calls
 from .compat import RequestHandlerConnection, is_request_handler
-from .config import ServerConfig, make_listener, socket_identity, unlink_own_socket
+from .config import ServerConfig, make_listener, resolve_config, socket_identity, unlink_own_socket
 from .connection import Connection
 from .context import ConnectionContext
-from .engines import load_engine
+from .engines import SUPERVISING_ENGINES, load_engine
 from .framing import make_framer
 from .handlers import EchoService, resolve_handler
+from .lifecycle import ServerLifecycle
 from .multiplexer import EVENT_READ, Multiplexer
 from .stats import ServerStats
 from .stream import StreamConnection
@@ -55,30 +55,31 @@ _REJECT_PASSES = 64  # x _ACCEPTS_PER_EVENT: the most one reject pass closes bef
 _SHARED_FULL_WAIT_MAX = 0.5  # s at most, while they say they have room (what they say may be stale)
 
 
-class Server:
+class Server(ServerLifecycle):
     """Serve ``app`` (default: the lesson's echo service) on one engine.
 
     ``Server(app, port=0, engine="loop")`` binds at once (so ``.address`` is
     known); ``serve_forever()`` blocks, ``start()`` serves on a background
     thread, ``shutdown()`` drains and stops from any thread. A context
-    manager: ``with Server(...).start() as srv:``.
+    manager: ``with Server(...).start() as srv:``. ``config=ServerConfig(...)``
+    gives every option at once; keyword options override it.
+
+    ``engine="prefork"`` makes a :class:`muxpool.prefork.PreforkServer`
+    instead (the same surface): a supervisor whose worker processes each run
+    a ``Server`` of their own.
     """
+
+    def __new__(cls, app: Any = None, **options: Any):
+        config = options.get("config")
+        engine = options.get("engine", config.engine if isinstance(config, ServerConfig) else None)
+        if cls is Server and engine in SUPERVISING_ENGINES:
+            return load_engine(engine)(app, **options)  # not a Server: __init__ is not run again
+        return super().__new__(cls)
 
     def __init__(self, app: Any = None, *, config: ServerConfig | None = None,
                  listener: socket.socket | None = None, ssl_context: ssl.SSLContext | None = None,
                  pool: Any = None, **overrides: Any):
-        unknown = set(overrides) - set(ServerConfig.names())
-        if unknown:
-            raise TypeError(f"unknown server option(s): {', '.join(sorted(unknown))}")
-        if config is not None and not isinstance(config, ServerConfig):
-            raise TypeError(f"config= takes a ServerConfig, not {type(config).__name__}")
-        if config is None:
-            config = ServerConfig(**overrides)
-        elif overrides:  # validated again as a whole: an override may not fit the rest
-            from dataclasses import replace
-
-            config = replace(config, **overrides)
-        self.config = config
+        self.config = config = resolve_config(config, overrides)
         self.app = app if app is not None else EchoService()
         engine_class = load_engine(config.engine)
         if pool is not None:
@@ -91,11 +92,7 @@ class Server:
         self.request_handler = is_request_handler(self.app)
         if self.request_handler:
             if not self.engine.can_block:
-                where = config.engine if config.engine != "prefork" else "prefork engine's loop"
-                raise ValueError(
-                    f"the {where} engine runs handlers on its event loop, which must never "
-                    f"block, and {self.app.__qualname__} is a socketserver handler that blocks on its "
-                    "socket: use engine threadpool, threaded, prefork or gevent")
+                raise ValueError(cannot_block(config.engine, self.app))
         else:
             self.new_session = resolve_handler(self.app)
         # One stateless encoder for every reply: what we send is not bound by
@@ -138,9 +135,7 @@ class Server:
         # Called (from the deadline thread) when drain_timeout passed with the loop
         # stuck in a handler: serve() interrupts its main thread with it.
         self.on_drain_overdue = None
-        self._thread: threading.Thread | None = None
-        self._stopped = threading.Event()
-        self._serving = threading.Event()
+        self._init_lifecycle()
         # All a connection knows of its server.
         self._ctx = ConnectionContext(
             config=config, mux=self.mux, engine=self.engine, encode=self.encoder.encode,
@@ -150,22 +145,7 @@ class Server:
 
     # --- lifecycle -----------------------------------------------------------
 
-    @property
-    def address(self) -> Any:
-        """Where the server listens: ``(host, port)`` or a Unix socket path."""
-        return self._address
-
-    # socketserver's names, for handlers that read self.server.server_address
-    server_address = address
-
-    @property
-    def socket(self) -> socket.socket:
-        return self.listener
-
     def serve_forever(self) -> None:
-        if getattr(self.engine, "supervises", False):
-            self._supervise()
-            return
         self.engine.start(self.mux)
         self._set_accepting(True)
         if self.config.stats_interval:
@@ -189,79 +169,11 @@ class Server:
             log.info("muxpool stopped (%d connection%s served)", served, "" if served == 1 else "s")
             self._stopped.set()
 
-    def _supervise(self) -> None:
-        """Engines that run whole servers in other processes (prefork)."""
-        log.info("muxpool serving %s", _serving(self))
-        try:
-            with _signals_wake(self.mux):
-                self.engine.supervise(self, ready=self._serving.set)
-        finally:
-            self.listener.close()
-            if self._socket_file is not None:
-                unlink_own_socket(self.config.unix_path, self._socket_file)
-            self.mux.close()
-            log.info("muxpool stopped")
-            self._stopped.set()
-
-    def start(self) -> "Server":
-        """Serve on a background thread; returns once the server accepts, or
-        raises what stopped it from starting (an unpicklable app for prefork's
-        fork server, say)."""
-        self._thread = threading.Thread(target=self._serve_in_thread, name="muxpool-server", daemon=True)
-        self._thread.start()
-        self._serving.wait()
-        if self._failure is not None:
-            self._thread.join()
-            raise self._failure
-        return self
-
-    _failure: BaseException | None = None
-
-    def _serve_in_thread(self) -> None:
-        try:
-            self.serve_forever()
-        except BaseException as exc:  # noqa: BLE001 - handed to start(), or logged once serving
-            if self._serving.is_set():
-                log.exception("the server stopped on an error")
-            else:
-                self._failure = exc
-        finally:
-            self._serving.set()  # start() must not wait for a server that will never serve
-
-    def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
-        """Drain and stop. Safe from any thread, a handler included (which
-        never waits for itself)."""
-        if self._stopped.is_set():
-            return
-        self._arm_drain_deadline()  # here, not on the loop: a handler may be blocking it
-        self.mux.defer(self._begin_drain)
-        in_handler = self.mux.in_loop_thread() or getattr(calls.handler_thread, "active", False)
-        if wait and not in_handler and self._serving.is_set():
-            self._stopped.wait(timeout)
-
-    def stop_now(self) -> None:
-        """Close every connection at once and stop (a second SIGTERM)."""
-        self._stopped_hard = True  # serve_forever must not wait for handler calls on its way out
-        self.mux.defer(self._hard_stop)
-
-    def __enter__(self) -> "Server":
-        if self._thread is None and not self._serving.is_set():
-            self.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.shutdown()
-        if self._thread is not None:
-            self._thread.join()
-
     def _begin_drain(self) -> None:
         if self._draining:
             return
         self._draining = self._ctx.draining = True
         self._ctx.drain_deadline = time.monotonic() + self.config.drain_timeout
-        if getattr(self.engine, "supervises", False):
-            self.engine.drain()
-            return
         self._set_accepting(False)
         self.listener.close()
         if self._socket_file is not None:
@@ -271,11 +183,16 @@ class Server:
         self.mux.call_later(self.config.drain_timeout, self._hard_stop)
         self._stop_if_drained()
 
+    def stop_now(self) -> None:
+        self._stopped_hard = True  # serve_forever must not wait for handler calls on its way out
+        super().stop_now()
+
+    def _before_drain(self) -> None:
+        self._arm_drain_deadline()  # here, not on the loop: a handler may be blocking it
+
     def _arm_drain_deadline(self) -> None:
         if self.config.engine == "gevent":
             return  # its threads are greenlets on the hub they would watch: its own timer it is
-        if getattr(self.engine, "supervises", False):
-            return  # prefork's supervisor runs no handler, and must stay single-threaded to fork
         with self._deadline_lock:
             if self._deadline_armed:
                 return
@@ -305,9 +222,6 @@ class Server:
 
     def _hard_stop(self) -> None:
         self._deadline_fired = True
-        if getattr(self.engine, "supervises", False):
-            self.engine.kill_all()
-            return
         if self.connections:
             log.warning("closing %d connections that did not finish in time", len(self.connections))
         self._stopped_hard = True
@@ -573,14 +487,23 @@ def _snapshot(connections: dict) -> list:
     return []
 
 
+def cannot_block(where: str, app: Any) -> str:
+    return (f"the {where} engine runs handlers on its event loop, which must never block, and "
+            f"{app.__qualname__} is a socketserver handler that blocks on its socket: use engine "
+            "threadpool, threaded, prefork or gevent")
+
+
 def _serving(server: Server) -> str:
-    """The startup line: what, where (and whether over TLS), and how."""
-    config = server.config
-    how = [f"engine={config.engine}", server.engine.describe()]
-    if not server.request_handler:  # a socketserver handler reads its socket itself: no framing
-        how.append(f"framing={config.framing}")
-    tls = " over TLS" if server.ssl_context is not None else ""
-    return f"{_app_name(server.app)} on {_format_address(server.address)}{tls} ({', '.join(how)})"
+    return serving_line(server.app, server.address, server.config, server.engine.describe(),
+                        tls=server.ssl_context is not None, framed=not server.request_handler)
+
+
+def serving_line(app: Any, address: Any, config: ServerConfig, how: str, tls: bool, framed: bool) -> str:
+    """The startup line: what, where (and whether over TLS), and how. A socketserver
+    handler reads its socket itself: no framing to name."""
+    parts = [f"engine={config.engine}", how] + ([f"framing={config.framing}"] if framed else [])
+    over = " over TLS" if tls else ""
+    return f"{_app_name(app)} on {_format_address(address)}{over} ({', '.join(parts)})"
 
 
 def _app_name(app: Any) -> str:

@@ -166,7 +166,7 @@ def cli_server(engine: str, log_path: Path, *options: str, processes: int = PREF
                     continue
                 served.check_running()
             if kind == "prefork":
-                served.workers = _wait_for_workers(served.proc.pid, processes)
+                served.workers = _wait_for_workers(served, processes)
             yield served
             return
         finally:
@@ -203,8 +203,14 @@ def _wait_until_listening(served: ServedProcess) -> str:
     return wait_for(ready, timeout=30, interval=0.05, what=f"`muxpool serve --engine {served.engine}`")
 
 
-def _wait_for_workers(pid: int, processes: int) -> list[int]:
-    return wait_for(lambda: len(kids := children(pid)) == processes and kids, what="the prefork workers")
+def _wait_for_workers(served: ServedProcess, processes: int) -> list[int]:
+    """The workers, once each one's Server serves: the supervisor says "serving" before
+    its workers have made their own loops (and their fds, which a test may count)."""
+    kids = wait_for(lambda: len(kids := children(served.proc.pid)) == processes and kids,
+                    what="the prefork workers")
+    wait_for(lambda: served.log().count("muxpool serving ") >= processes + 1 or served.proc.poll() is not None,
+             what="every prefork worker to serve")
+    return kids
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -22,7 +22,7 @@ from muxpool import ConfigError, Server
 from muxpool.cli import build_parser
 from muxpool.config import ENGINE_NAMES, ServerConfig, flag
 from muxpool.engines import ENGINES
-from muxpool.engines._prefork_worker import _worker_config
+from muxpool.prefork.worker import _worker_config
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from muxpool.engines import _worker_logs
+from muxpool.prefork import worker_logs as _worker_logs
 from muxpool.logs import JsonFormatter, PlainFormatter, configure_logging, exception_lines
 
 pytestmark = pytest.mark.timeout(90)

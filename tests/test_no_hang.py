@@ -298,7 +298,7 @@ def test_a_supervisor_in_a_threaded_process_starts_workers_through_the_fork_serv
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         srv = prefork_server(server_apps.PidGreeter)
-        pids = set(srv.engine.workers.copy())
+        pids = set(srv.workers.copy())
         for pid in pids:
             assert parent_of(pid) != os.getpid(), f"worker {pid} was forked by this process"
         with Client(*srv.address, framing="line", timeout=DEADLINE) as client:
@@ -323,7 +323,7 @@ def test_an_app_the_fork_server_cannot_take_is_refused_clearly():
     srv = Server(lambda message, conn: message, port=0, engine="prefork", processes=1)
     with pytest.raises(TypeError, match=r"must be picklable.*module level"):
         _serve_forever_with_a_thread_running(srv)
-    assert not srv.engine.workers
+    assert not srv.workers
     with pytest.raises(TypeError, match="certfile"):
         _serve_forever_with_a_thread_running(
             Server(port=0, engine="prefork", processes=1,
@@ -347,9 +347,9 @@ THREADED_SUPERVISOR = textwrap.dedent("""\
     import sys, threading
     from muxpool import Server
     srv = Server(port=0, engine="prefork", processes=2, framing="line").start()
-    while len(srv.engine.workers.copy()) < 2:
+    while len(srv.workers.copy()) < 2:
         threading.Event().wait(0.01)
-    print("workers", *srv.engine.workers.copy(), file=sys.stderr, flush=True)
+    print("workers", *srv.workers.copy(), file=sys.stderr, flush=True)
     threading.Event().wait()
 """)
 

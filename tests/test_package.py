@@ -92,7 +92,7 @@ def _path(module: str) -> pathlib.Path:
 _BELOW_CORE = {"muxpool.errors", "muxpool.framing", "muxpool.multiplexer", "muxpool.watchdog",
                "muxpool.stats", "muxpool.tls", "muxpool.handlers", "muxpool.config", "muxpool.pools",
                "muxpool.calls", "muxpool.context", "muxpool.conn", "muxpool.logs",
-               "muxpool.metrics"}
+               "muxpool.metrics", "muxpool.lifecycle"}
 _CORE = {"muxpool.server", "muxpool.connection", "muxpool.stream", "muxpool.compat"}
 _ANYTHING = {"muxpool"}
 ALLOWED = {
@@ -106,6 +106,7 @@ ALLOWED = {
     "muxpool.handlers": {"muxpool.errors"},
     "muxpool.config": {"muxpool.errors", "muxpool.framing"},
     "muxpool.calls": {"muxpool.errors"},  # calling a handler: what every engine shares
+    "muxpool.lifecycle": {"muxpool.calls"},  # start/shutdown/context manager, for every server
     "muxpool.conn": set(),  # the handler's view: a Protocol
     "muxpool.context": {"muxpool.config", "muxpool.multiplexer", "muxpool.stats"},
     "muxpool.pools": {"muxpool.errors", "muxpool.framing", "muxpool.pools"},
@@ -113,13 +114,16 @@ ALLOWED = {
     "muxpool.metrics": {"muxpool.errors", "muxpool.pools", "muxpool.stats"},
     # The server core: engines by name only (the registry; see the next tests).
     **{core: _BELOW_CORE | _CORE | {"muxpool.engines"} for core in _CORE},
-    # Engines take the handler and the connection as arguments. muxpool.server
-    # stays here only until issue 13's seam lands: test_no_engine_imports_the_server.
-    "muxpool.engines": _BELOW_CORE | {"muxpool.engines", "muxpool.server"},
+    # Engines take the handler and the connection as arguments, and report back
+    # through a callback: they never import the server (test_no_engine_imports_the_server).
+    "muxpool.engines": _BELOW_CORE | {"muxpool.engines"},
+    # Prefork composes Servers: a supervisor, and a Server in each worker.
+    "muxpool.prefork": _BELOW_CORE | _CORE | {"muxpool.engines", "muxpool.prefork", "muxpool.lifecycle",
+                                              "muxpool.logs"},
     "muxpool.client": {"muxpool.errors", "muxpool.framing"},
     "muxpool.loadtest": {"muxpool.errors", "muxpool.framing", "muxpool.handlers", "muxpool.server",
                          "muxpool.loadtest"},  # it may start servers to compare
-    "muxpool": _BELOW_CORE | {"muxpool.server", "muxpool.client"},  # the public surface
+    "muxpool": _BELOW_CORE | {"muxpool.server", "muxpool.client", "muxpool.prefork"},  # the public surface
     "muxpool.cli": _ANYTHING,
     "muxpool.cli_bench": _ANYTHING,
     "muxpool.cli_errors": _ANYTHING,
@@ -139,7 +143,7 @@ def _allowed(module: str, allowed: set[str]) -> bool:
 
 def test_every_module_in_the_package_has_a_layer():
     modules = _modules()
-    assert len(modules) > 40 and "muxpool.engines._prefork_worker" in modules
+    assert len(modules) > 40 and "muxpool.prefork.worker" in modules
     assert [m for m in modules if _layer(m) is None] == []
 
 
@@ -170,12 +174,8 @@ def test_imports_point_down(module):
 
 
 def _engine_modules() -> list:
-    # engines/_prefork_worker.py (prefork's worker side) builds a Server in each
-    # worker, importing it inside serve(): the case that flips when the seam lands.
-    xfail = pytest.mark.xfail(strict=True, reason="issue 13: prefork composes Server")
-    return [pytest.param(module, marks=[xfail] if module == "muxpool.engines._prefork_worker" else [],
-                         id=module)
-            for module in _modules() if module == "muxpool.engines" or module.startswith("muxpool.engines.")]
+    return [module for module in _modules()
+            if module == "muxpool.engines" or module.startswith("muxpool.engines.")]
 
 
 @pytest.mark.parametrize("module", _engine_modules())

@@ -73,7 +73,7 @@ def live_children(ppid: int) -> set[int]:
 
 def workers(srv: Server) -> set[int]:
     """An in-process prefork server's worker pids (a copy: the supervisor thread changes it)."""
-    return set(srv.engine.workers.copy())
+    return set(srv.workers.copy())
 
 
 @pytest.fixture
@@ -498,7 +498,7 @@ def test_totals_sum_every_workers_counters_through_shared_memory(prefork_server,
             client.close()
     requests = 40 * len(clients)
     # Workers publish every 0.5 s.
-    totals = wait_for(lambda: (t := srv.engine.totals())[1] >= requests and t,
+    totals = wait_for(lambda: (t := srv.totals())[1] >= requests and t,
                       what=f"totals() to count {requests} messages")
     assert totals[0] == len(clients)
     # Messages only (not a connection's on_connect and on_disconnect calls); the bound
@@ -515,14 +515,14 @@ def test_totals_sum_every_workers_counters_through_shared_memory(prefork_server,
 
     # Workers that exit hand their counters on: a reload leaves the totals whole.
     old = workers(srv)
-    srv.mux.defer(srv.engine.reload)  # on the supervisor's loop thread, as SIGHUP does
+    srv.mux.defer(srv.reload)  # on the supervisor's loop thread, as SIGHUP does
 
     def reloaded():
         now = workers(srv)
         return len(now) == 2 and not now & old and all(map(process_gone, old))
 
     wait_for(reloaded, what="the reload to replace both workers")
-    assert srv.engine.totals() == totals
+    assert srv.totals() == totals
 
 
 # --- 6. back-off for a worker that keeps dying young -------------------------------------------
@@ -587,7 +587,7 @@ def test_reload_keeps_the_unix_socket_reachable(prefork_server):
         with Client(unix_path=path, framing="line", timeout=DEADLINE) as client:
             assert client.request(b"before") == b"response: before"
         old = workers(srv)
-        srv.mux.defer(srv.engine.reload)
+        srv.mux.defer(srv.reload)
         wait_for(lambda: len(workers(srv)) == 2 and not workers(srv) & old
                  and all(map(process_gone, old)), what="the reload to replace both workers")
         with Client(unix_path=path, framing="line", timeout=DEADLINE) as client:
@@ -652,20 +652,20 @@ def test_a_full_worker_knows_when_a_sibling_has_room_is_full_or_cannot_say():
     waiting client to a sibling (room, or cannot say) or closes it at once (every
     sibling full): waiting for siblings that are all full strands a burst in the
     listen queue, and closing while one is still starting refuses clients it could take."""
-    from multiprocessing.sharedctypes import RawArray
     from types import SimpleNamespace
 
-    from muxpool.engines import _prefork_worker as workers
+    from muxpool.prefork import slots, worker as workers
 
-    fields, limit, period = workers.FIELDS, 5, 0.5
-    shared = RawArray("q", 3 * fields)  # three slots; slot 2 is free
+    limit, period = 5, 0.5
+    shared = slots.make_shared(3)  # three slots; slot 2 is free
     worker = SimpleNamespace(config=SimpleNamespace(max_connections=limit))
-    workers._share_room(worker, shared, 0, period)
+    workers.share_room(worker, shared, 0, period)
+    other = slots.WorkerSlot(shared, 1)
 
     def sibling(open_connections: int, beat: int) -> None:
-        shared[fields + 2], shared[fields + workers.HEARTBEAT] = open_connections, beat
+        other.open_connections, other.heartbeat = open_connections, beat
 
-    sibling(0, workers.STARTING)
+    sibling(0, slots.STARTING)
     assert worker.sibling_room() is None  # its loop has not run yet: it may take them soon
     sibling(limit - 1, time.monotonic_ns())
     assert worker.sibling_room() is True
@@ -673,7 +673,7 @@ def test_a_full_worker_knows_when_a_sibling_has_room_is_full_or_cannot_say():
     assert worker.sibling_room() is False  # every sibling full: close at once
     sibling(0, time.monotonic_ns() - int(10 * period * 1e9))
     assert worker.sibling_room() is None  # silent for a while: no one can say
-    sibling(0, workers.UNUSED)
+    sibling(0, slots.UNUSED)
     assert worker.sibling_room() is False  # no sibling at all
     worker.on_connection_count(3)
-    assert shared[2] == 3
+    assert slots.WorkerSlot(shared, 0).open_connections == 3

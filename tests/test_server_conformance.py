@@ -76,7 +76,7 @@ def in_process_only(engine: str, what: str) -> None:
 
 def serving_processes(srv: Server) -> int:
     """How many processes serve ``srv``'s connections, each a whole server with its options."""
-    return 1 if serves_in_process(srv.config.engine) else srv.engine.processes
+    return 1 if serves_in_process(srv.config.engine) else srv.processes
 
 
 def engine_options(engine: str) -> dict:
@@ -99,7 +99,7 @@ def start_server(srv: Server) -> Server:
     """
     srv.start()
     if not serves_in_process(srv.config.engine):
-        wait_for(lambda: len(srv.engine.workers.copy()) >= srv.engine.processes,
+        wait_for(lambda: len(srv.workers.copy()) >= srv.processes,
                  what="the prefork workers to be forked")
     return srv
 
@@ -116,12 +116,12 @@ def stop_servers(servers) -> None:
         if serves_in_process(srv.config.engine):
             srv.shutdown(timeout=10)
             continue
-        pids = set(srv.engine.workers.copy())  # a copy: the supervisor thread may change it
+        pids = set(srv.workers.copy())  # a copy: the supervisor thread may change it
         srv.shutdown(timeout=10)
         if not srv._stopped.is_set():
             srv.stop_now()  # the supervisor SIGKILLs its workers
             srv._stopped.wait(5)
-        pids |= set(srv.engine.workers.copy())
+        pids |= set(srv.workers.copy())
         leftovers += [f"{srv.address}: worker {pid}" for pid in _kill_survivors(pids)]
     assert not leftovers, f"prefork workers outlived their server's shutdown: {leftovers}"
 
@@ -158,7 +158,7 @@ def held_connections(srv: Server) -> int:
     # while the table changes), so read until two readings agree.
     previous = None
     for _ in range(50):
-        current = _worker_connections(srv.engine.workers.copy(), srv.address[1])
+        current = _worker_connections(srv.workers.copy(), srv.address[1])
         if current == previous:
             break
         previous = current

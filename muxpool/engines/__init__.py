@@ -28,8 +28,11 @@ ENGINES = {
     "threadpool": "muxpool.engines.threadpool:ThreadPoolEngine",
     "threaded": "muxpool.engines.threaded:ThreadedEngine",
     "gevent": "muxpool.engines.gevent:GeventEngine",
-    "prefork": "muxpool.engines.prefork:PreforkEngine",
+    # Not an engine of a Server but a server of its own, made by Server(engine="prefork"):
+    # a supervisor whose worker processes each run a Server with worker_engine.
+    "prefork": "muxpool.prefork:PreforkServer",
 }
+SUPERVISING_ENGINES = frozenset({"prefork"})
 
 DEFAULT_ENGINE = "threadpool"
 

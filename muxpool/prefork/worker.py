@@ -33,14 +33,11 @@ import time
 from dataclasses import fields, replace
 
 from ..multiplexer import EVENT_READ
-from . import _worker_logs as worker_logs
-from ._worker_logs import LogForwarder
+from ..server import Server
+from . import worker_logs
+from .slots import STARTING, UNUSED, WorkerSlot, slot_count
+from .worker_logs import LogForwarder
 
-FIELDS = 7  # per worker slot in the shared array; see prefork.py
-HEARTBEAT = 6
-# What the heartbeat field holds before a worker's first beat: a free slot, or a
-# worker the supervisor has started whose loop has not run yet.
-UNUSED, STARTING = 0, 1
 # Held back across fork until the worker's own handlers are in place.
 WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 _PR_SET_PDEATHSIG = 1
@@ -49,8 +46,6 @@ _PR_SET_PDEATHSIG = 1
 def serve(app, listener, ssl_context, config, shared, slot: int, period: float,
           parent_gone_fd: int | None = None, mask: set | None = None) -> None:
     """Run one worker's server until it drains; the caller exits the process."""
-    from ..server import Server
-
     worker_logs.mark_worker()
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides
@@ -65,25 +60,25 @@ def serve(app, listener, ssl_context, config, shared, slot: int, period: float,
 
         # Readable (EOF) once the supervisor is gone, however it went: drain and exit.
         worker.mux.register(parent_gone_fd, EVENT_READ, parent_gone)
-    base = slot * FIELDS
-    _share_room(worker, shared, slot, period)
+    mine = WorkerSlot(shared, slot)
+    share_room(worker, shared, slot, period)
 
     def publish_totals():  # on the worker's loop, so it is also the loop's heartbeat
-        shared[base] = worker.stats.connections_total
-        shared[base + 1] = worker.stats.messages_total
-        shared[base + HEARTBEAT] = time.monotonic_ns()
+        mine.connections_total = worker.stats.connections_total
+        mine.messages_total = worker.stats.messages_total
+        mine.heartbeat = time.monotonic_ns()
         worker.mux.call_later(period, publish_totals)
 
     def publish_interval(connections: int, queued: int) -> None:  # instead of logging
         _rate, p50, p99 = worker.stats.snapshot()
-        shared[base + 2], shared[base + 3] = connections, int(p50 * 1000)
-        shared[base + 4], shared[base + 5] = int(p99 * 1000), queued
+        mine.open_connections, mine.queued = connections, queued
+        mine.p50_us, mine.p99_us = int(p50 * 1000), int(p99 * 1000)
 
     worker.report_stats = publish_interval
     worker.mux.call_later(0, publish_totals)  # the first beat says: started
     worker.serve_forever()
-    shared[base] = worker.stats.connections_total
-    shared[base + 1] = worker.stats.messages_total
+    mine.connections_total = worker.stats.connections_total
+    mine.messages_total = worker.stats.messages_total
 
 
 def _worker_config(config):
@@ -94,28 +89,27 @@ def _worker_config(config):
     return replace(config, **defaults, engine=config.worker_engine)
 
 
-def _share_room(worker, shared, slot: int, period: float) -> None:
+def share_room(worker, shared, slot: int, period: float) -> None:
     """Each worker publishes its open connections; a full one asks whether a live
     sibling has room before it closes a waiting client (Server._on_accept): the
     kernel hands a connection to whichever worker accepts first."""
-    limit, base = worker.config.max_connections, slot * FIELDS
-    slots = len(shared) // FIELDS
+    limit, mine = worker.config.max_connections, WorkerSlot(shared, slot)
+    siblings = [WorkerSlot(shared, other) for other in range(slot_count(shared)) if other != slot]
 
     def count(n: int) -> None:
-        shared[base + 2] = n
+        mine.open_connections = n
 
     def sibling_room() -> bool | None:
         """True if a live sibling has room, False if every sibling is full, None if
         one cannot say (still starting, or its loop has not beaten lately)."""
         now, unknown = time.monotonic_ns(), False
-        for other in range(slots):
-            at = other * FIELDS
-            beat = shared[at + HEARTBEAT]
-            if other == slot or beat == UNUSED:
+        for sibling in siblings:
+            beat = sibling.heartbeat
+            if beat == UNUSED:
                 continue
             if beat == STARTING or now - beat >= (2 * period + 1) * 1e9:
                 unknown = True
-            elif shared[at + 2] < limit:
+            elif sibling.open_connections < limit:
                 return True
         return None if unknown else False
 

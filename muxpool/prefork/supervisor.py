@@ -1,34 +1,6 @@
-"""``prefork``: N worker processes share the listening socket (gunicorn's arbiter).
+"""The prefork supervisor: starts, watches, replaces and stops worker processes.
 
-For CPU-bound handlers: each worker is a whole process with its own GIL, so
-N workers use N cores. The parent binds, forks ``processes`` workers (default:
-the number of cores), and from then on only supervises — boring and explicit:
-
-* each worker serves the inherited listening socket with the ``loop`` or
-  ``threadpool`` engine (``worker_engine``); the kernel hands each new
-  connection to one of them;
-* a worker that dies is reaped and replaced; one that keeps dying young is
-  replaced after a growing back-off, so a crash loop cannot spin;
-* SIGTERM/SIGINT (or ``shutdown()``): every worker drains, then the parent
-  exits; a second signal kills the workers at once;
-* SIGHUP (or ``reload()``): workers are replaced one by one — a new one is up
-  before an old one is asked to drain — and the listening socket never closes;
-* stats: each worker writes its counters into a shared ``RawArray`` (the
-  lesson's ``multiprocessing.Array``), which the parent sums;
-* a worker whose event loop has not run for ``worker_timeout`` seconds (a
-  handler stuck in a loop on ``--worker-engine loop``) is killed and
-  replaced, as gunicorn's ``--timeout`` does: its loop writes a heartbeat
-  (a monotonic clock reading) into the same array, from a timer that only
-  fires while the loop turns.
-
-The supervisor runs on the server's multiplexer: each worker's exit arrives
-as a readable pidfd or process sentinel, so no SIGCHLD handler is needed and
-the parent may supervise from any thread; SIGHUP is hooked when it runs on the
-main thread. It forks a worker itself only while its process runs no other
-thread (the CLI's case: the supervisor is the main thread, alone, and starts
-no thread of its own); otherwise — a ``Server(engine="prefork").start()`` on a
-background thread — the workers come from a fork server
-(:mod:`muxpool.engines._prefork_worker` says why and how).
+See :mod:`muxpool.prefork` for the whole design.
 """
 
 from __future__ import annotations
@@ -39,20 +11,13 @@ import os
 import signal
 import threading
 import time
-from multiprocessing.sharedctypes import RawArray
-
 from ..multiplexer import EVENT_READ
 from ..stats import format_line
-from . import _prefork_worker as workers
-from .base import Engine
+from . import worker as workers
+from .slots import COUNTERS, STARTING, UNUSED, WorkerSlot, make_shared
 
 log = logging.getLogger("muxpool.server")
 
-# Per worker slot: connections served, messages handled, open connections, handler
-# p50 and p99 in microseconds over the last stats interval, queued messages, and
-# the heartbeat: time.monotonic_ns() (one clock for every process) when its loop last ran.
-_FIELDS = workers.FIELDS
-_HEARTBEAT = workers.HEARTBEAT
 _YOUNG = 1.0  # seconds: a worker dying younger than this counts toward back-off
 _MAX_BACKOFF = 5.0
 _STARTUP_GRACE = 10.0  # seconds a worker may take to start before worker_timeout applies
@@ -60,26 +25,20 @@ _STARTUP_GRACE = 10.0  # seconds a worker may take to start before worker_timeou
 Worker = workers.ForkedWorker | workers.ServedWorker
 
 
-class PreforkEngine(Engine):
-    name = "prefork"
-    per_connection = False
-    can_block = True
-    supervises = True
+class Supervisor:
+    """Starts, watches, replaces and stops the worker processes of one PreforkServer."""
 
     def __init__(self, config):
-        if config.worker_engine not in ("loop", "threadpool", "threaded"):
-            raise ValueError("prefork workers run the loop, threadpool or threaded engine, "
-                             f"not {config.worker_engine!r}")
-        super().__init__(config)
-        self.can_block = config.worker_engine != "loop"  # what its workers can run
+        self.config = config
         self.processes = config.processes or os.cpu_count() or 1
         self.workers: dict[int, Worker] = {}
-        self.shared = RawArray("q", self.processes * 2 * _FIELDS)  # room for a rolling restart
+        self.shared = make_shared(self.processes * 2)  # room for a rolling restart
         self._free_slots = list(range(self.processes * 2))
         self._draining = False
         self._failures = 0
         self._server = None
-        self._retired_totals = [0, 0]  # connections and messages of workers that have exited
+        self._retired_totals = dict.fromkeys(COUNTERS, 0)  # of workers that have exited
+        self._last_report: tuple[int, float] | None = None  # messages, and when
         # Set once a worker had to come from the fork server: from then on every one does,
         # so no forked child inherits the fork server's pipes to the others.
         self._fork_server = False
@@ -122,9 +81,7 @@ class PreforkEngine(Engine):
 
     def _spawn(self) -> None:
         slot = self._free_slots.pop(0)
-        for field in range(_FIELDS):
-            self.shared[slot * _FIELDS + field] = 0
-        self.shared[slot * _FIELDS + _HEARTBEAT] = workers.STARTING
+        WorkerSlot(self.shared, slot).clear(heartbeat=STARTING)
         try:
             if not self._fork_server and workers.thread_count() > 1:
                 workers.check_fork_server_can_serve(self.config, self._server.ssl_context)
@@ -135,7 +92,7 @@ class PreforkEngine(Engine):
                 worker = workers.start_served(self._server.app, self._server.listener, self.config,
                                               self.shared, slot, self._heartbeat_period_or_default())
         except BaseException:
-            self.shared[slot * _FIELDS + _HEARTBEAT] = workers.UNUSED
+            WorkerSlot(self.shared, slot).heartbeat = UNUSED
             self._free_slots.insert(0, slot)
             raise
         self.workers[worker.pid] = worker
@@ -190,9 +147,10 @@ class PreforkEngine(Engine):
             if isinstance(worker, workers.ServedWorker):
                 self._server.mux.unregister(worker.logs.reader)
             worker.close()
-            for field in (0, 1):  # the counters; the other fields are gauges
-                self._retired_totals[field] += self.shared[worker.slot * _FIELDS + field]
-            self.shared[worker.slot * _FIELDS + _HEARTBEAT] = workers.UNUSED  # no sibling to wait for
+            slot = WorkerSlot(self.shared, worker.slot)
+            for name in COUNTERS:  # the other fields are gauges
+                self._retired_totals[name] += getattr(slot, name)
+            slot.heartbeat = UNUSED  # no sibling to wait for
             self._free_slots.append(worker.slot)
             self._on_exit(worker, code)
         if self._draining and not self.workers:
@@ -231,10 +189,10 @@ class PreforkEngine(Engine):
         """Kill a worker whose loop is stuck; _on_exit replaces it as any dead worker."""
         now, limit = time.monotonic_ns(), self.config.worker_timeout
         for worker in list(self.workers.values()):
-            beat = self.shared[worker.slot * _FIELDS + _HEARTBEAT]
+            beat = WorkerSlot(self.shared, worker.slot).heartbeat
             # No beat yet: still starting up (importing the app, from the fork server
             # too), which may take longer than a loop may stall.
-            started = beat > workers.STARTING
+            started = beat > STARTING
             silent = (now - beat) / 1e9 if started else time.monotonic() - worker.started
             if silent > (limit if started else max(limit, _STARTUP_GRACE)) \
                     and not worker.retiring and not self._draining:
@@ -287,30 +245,28 @@ class PreforkEngine(Engine):
         except ProcessLookupError:
             pass
 
-    def _slot(self, worker: Worker) -> list[int]:
-        return list(self.shared[worker.slot * _FIELDS:(worker.slot + 1) * _FIELDS])
+    def _slots(self) -> list[dict[str, int]]:
+        return [WorkerSlot(self.shared, w.slot).values() for w in list(self.workers.values())]
 
     def totals(self) -> tuple[int, int]:
         """Connections served and messages handled by every worker, past and present."""
-        connections, messages = self._retired_totals[0], self._retired_totals[1]
-        for worker in list(self.workers.values()):
-            slot = self._slot(worker)
-            connections += slot[0]
-            messages += slot[1]
-        return connections, messages
+        live = self._slots()
+        return tuple(self._retired_totals[name] + sum(slot[name] for slot in live)
+                     for name in COUNTERS)
 
     def _report(self) -> None:
         """The same line as one server's, summed over the workers (the slowest
         worker's p50/p99: one slow worker must not hide behind a fast one)."""
-        slots = [self._slot(w) for w in list(self.workers.values())]
+        slots = self._slots()
         served, messages = self.totals()
         now = time.monotonic()
-        last_messages, last_at = getattr(self, "_last_report", (messages, now - self.config.stats_interval))
+        last_messages, last_at = self._last_report or (messages, now - self.config.stats_interval)
         self._last_report = (messages, now)
         rate = (messages - last_messages) / max(1e-9, now - last_at)
         log.info("prefork: %d workers, %d connections served, %d messages handled: %s",
                  len(slots), served, messages, format_line(
-            sum(s[2] for s in slots), rate, max((s[3] for s in slots), default=0) / 1000,
-            max((s[4] for s in slots), default=0) / 1000, sum(s[5] for s in slots)))
+            sum(s["open_connections"] for s in slots), rate,
+            max((s["p50_us"] for s in slots), default=0) / 1000,
+            max((s["p99_us"] for s in slots), default=0) / 1000, sum(s["queued"] for s in slots)))
         self._server.mux.call_later(self.config.stats_interval, self._report)
 
