@@ -354,3 +354,22 @@ def test_watchdog_interval_is_half_the_period_for_this_process(usec, pid, expect
         else:
             monkeypatch.setenv(name, str(os.getpid()) if value == "self" else value)
     assert watchdog_interval() == expected
+
+
+# --- the sample units ---------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_the_sample_units_verify_cleanly(tmp_path):
+    """systemd's own parser: an unknown key or a bad value is a warning it prints."""
+    units = ROOT / "docs" / "systemd"
+    service = (units / "muxpool-echo.service").read_text()
+    assert "\nType=notify\n" in service and "\nWatchdogSec=" in service
+    assert "\nListenStream=127.0.0.1:8088\n" in (units / "muxpool-echo.socket").read_text()
+    # As the README installs them: ExecStart pointing at a muxpool that exists.
+    (tmp_path / "muxpool-echo.service").write_text(
+        service.replace("/opt/muxpool/.venv/bin/muxpool", str(pathlib.Path(sys.executable).parent / "muxpool")))
+    shutil.copy(units / "muxpool-echo.socket", tmp_path)
+    result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "muxpool-echo.socket"),
+                             str(tmp_path / "muxpool-echo.service")], capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
