@@ -88,12 +88,12 @@ def _activated_count() -> int:
     pid, fds = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS")
     if pid is None or fds is None:
         return 0
-    if not pid.isdigit():
+    if not pid.isdecimal():
         raise ConfigError("LISTEN_PID", pid, "is not a process id",
                           "let systemd or systemd-socket-activate set it")
     if int(pid) != os.getpid():
         return 0  # set for the process that started us, and inherited
-    if not fds.isdigit():
+    if not fds.isdecimal():
         raise ConfigError("LISTEN_FDS", fds, "is not a count of descriptors",
                           "let systemd or systemd-socket-activate set it")
     return int(fds)
@@ -160,9 +160,9 @@ def watchdog_interval() -> float | None:
     process, or another one (``WATCHDOG_PID``: a prefork worker inherits the
     supervisor's). A malformed value counts as no watchdog."""
     usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID")
-    if not usec.isdigit() or int(usec) == 0:
+    if not usec.isdecimal() or int(usec) == 0:
         return None
-    if pid is not None and (not pid.isdigit() or int(pid) != os.getpid()):
+    if pid is not None and (not pid.isdecimal() or int(pid) != os.getpid()):
         return None
     return int(usec) / 2 / 1_000_000
 
@@ -182,12 +182,15 @@ class Notifier:
         self.address = os.environ.get("NOTIFY_SOCKET") if address is None else address
         self._target = _notify_target(self.address)
         self._sock: socket.socket | None = None
+        if self._target is not None:  # made here, not on first use: callers may be on two threads
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._sock.setblocking(False)
         self._warned = False
 
     @property
     def enabled(self) -> bool:
-        """Whether there is a notify socket to send to."""
-        return self._target is not None
+        """Whether there is a notify socket to send to (and this Notifier is open)."""
+        return self._sock is not None
 
     def ready(self) -> bool:
         """``READY=1``, with ``MAINPID=`` so systemd knows the process that serves
@@ -208,13 +211,11 @@ class Notifier:
 
     def notify(self, *assignments: str) -> bool:
         """Send ``KEY=value`` lines as one datagram."""
-        if self._target is None:
+        sock = self._sock  # once: another thread may close() meanwhile
+        if sock is None:
             return False
         try:
-            if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                self._sock.setblocking(False)
-            self._sock.sendto("\n".join(assignments).encode(errors="replace"), self._target)
+            sock.sendto("\n".join(assignments).encode(errors="replace"), self._target)
             return True
         except OSError as exc:
             if not self._warned:
@@ -224,6 +225,7 @@ class Notifier:
             return False
 
     def close(self) -> None:
+        """Release the socket; later calls do nothing."""
         if self._sock is not None:
             self._sock.close()
             self._sock = None
