@@ -55,8 +55,10 @@ def explain(exc: BaseException, args: argparse.Namespace | None) -> tuple[str, i
 
 def config_line(option: str, value: Any, problem: str, fix: str) -> str:
     """A config error or warning as the user typed it: ``--workers 0 is out of range (...)``."""
-    from .config import flag
+    from .config import ServerConfig, flag
 
+    if option not in ServerConfig.names():  # the environment's, not a flag: LISTEN_FDS=2 ...
+        return f"{option}={value} {problem} ({fix})"
     if isinstance(value, str) and (not value or " " in value):
         value = repr(value)  # as it would be typed: --busy-message ''
     given = flag(option) if isinstance(value, bool) else f"{flag(option)} {value}"

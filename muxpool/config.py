@@ -20,6 +20,7 @@ import stat
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from . import systemd
 from .errors import ConfigError
 from .framing import DEFAULT_MAX_MESSAGE_SIZE, FRAMERS
 
@@ -77,6 +78,10 @@ class ServerConfig:
                        "give a port from 0 to 65535; 0 picks a free one", least=0, most=65535)
     unix_path: str | None = option(None, "listen on this Unix socket path instead of TCP", "path",
                                    "give a path, or leave the option out", cli="--unix")
+    fd: int | None = option(None, "serve on this inherited listening socket (a descriptor number) "
+                            "instead of binding one; without it, a socket systemd passes "
+                            "(LISTEN_FDS) is used", "count", "give a descriptor number, 0 or more",
+                            least=0)
     dualstack: bool = option(False, "with an IPv6 host, accept IPv4 too", "switch")
     engine: str = option("threadpool", "where handlers run (default threadpool: safe for any handler)",
                          "choice", choices=ENGINE_NAMES)
@@ -222,6 +227,9 @@ _KINDS = {"count": _count, "seconds": _seconds, "choice": _choice, "switch": _sw
 def _check_combinations(config: Any) -> None:
     if not (config.host or config.unix_path):
         raise ConfigError("host", config.host, "is not an address", "give one, e.g. 127.0.0.1, 0.0.0.0 or ::")
+    if config.fd is not None and config.unix_path:
+        raise ConfigError("fd", config.fd, "is an inherited socket, so unix_path would bind nothing",
+                          "give fd or unix_path, not both")
     if config.keyfile and not config.certfile:
         raise ConfigError("keyfile", config.keyfile, "needs a certfile", "give certfile too, or neither")
     if config.framing == "length" and config.max_message_size > _MAX_ENCODED:
@@ -268,12 +276,24 @@ def resolve_config(config: ServerConfig | None, overrides: dict) -> ServerConfig
 
 
 def make_listener(config: ServerConfig) -> socket.socket:
-    """Bind the listening socket the config asks for (TCP v4/v6, dual-stack, or Unix).
+    """The listening socket the config asks for: the inherited ``fd``, else the
+    first one systemd passed this process (socket activation), else one bound
+    here (TCP v4/v6, dual-stack, or Unix). An inherited socket that is not a
+    listening stream socket is a :class:`ConfigError` (:mod:`muxpool.systemd`).
 
     A Unix path is taken over only from a dead server's socket: a path that is
     not a socket, or a socket some server still accepts on, is an ``OSError``
     that says so (gunicorn refuses the same)."""
-    if config.unix_path:
+    if config.fd is not None:
+        sock = systemd.socket_from_fd(config.fd)
+    elif activated := systemd.listen_fds():
+        # A server has one listener: the first is the unit's first ListenStream=
+        # (systemd passes them in the unit's order). The others are closed here
+        # only; systemd keeps its own copies.
+        sock = activated[0]
+        for extra in activated[1:]:
+            extra.close()
+    elif config.unix_path:
         _remove_stale_socket(config.unix_path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(config.unix_path)

@@ -92,7 +92,7 @@ def _path(module: str) -> pathlib.Path:
 _BELOW_CORE = {"muxpool.errors", "muxpool.framing", "muxpool.multiplexer", "muxpool.watchdog",
                "muxpool.stats", "muxpool.tls", "muxpool.handlers", "muxpool.config", "muxpool.pools",
                "muxpool.calls", "muxpool.context", "muxpool.conn", "muxpool.logs",
-               "muxpool.metrics", "muxpool.lifecycle"}
+               "muxpool.metrics", "muxpool.lifecycle", "muxpool.systemd"}
 _CORE = {"muxpool.server", "muxpool.connection", "muxpool.stream", "muxpool.compat"}
 _ANYTHING = {"muxpool"}
 ALLOWED = {
@@ -104,7 +104,8 @@ ALLOWED = {
     "muxpool.logs": set(),  # stdlib only: formatters the CLI installs, workers use
     "muxpool.tls": {"muxpool.errors"},
     "muxpool.handlers": {"muxpool.errors"},
-    "muxpool.config": {"muxpool.errors", "muxpool.framing"},
+    "muxpool.systemd": {"muxpool.errors"},  # stdlib only: sd_listen_fds and sd_notify
+    "muxpool.config": {"muxpool.errors", "muxpool.framing", "muxpool.systemd"},
     "muxpool.calls": {"muxpool.errors"},  # calling a handler: what every engine shares
     "muxpool.lifecycle": {"muxpool.calls"},  # start/shutdown/context manager, for every server
     "muxpool.conn": set(),  # the handler's view: a Protocol
