@@ -27,6 +27,10 @@ class ServerLifecycle:
     # serve(): called from the drain deadline thread, when one runs, to interrupt
     # a main thread whose loop is stuck in a handler.
     on_drain_overdue = None
+    # serve(), in the process a service manager started: a muxpool.systemd.Notifier
+    # told READY=1 once serving, STOPPING=1 as the drain begins, and WATCHDOG=1 from
+    # a timer on the loop (a loop that stops turning stops the pings: systemd restarts us).
+    notifier = None
 
     def _init_lifecycle(self) -> None:
         self._thread: threading.Thread | None = None
@@ -47,6 +51,25 @@ class ServerLifecycle:
 
     def serve_forever(self) -> None:
         raise NotImplementedError
+
+    def _notify_serving(self, mux) -> None:
+        """On the loop, once serving: READY=1, and the watchdog pings if asked for."""
+        if self.notifier is None:
+            return
+        self.notifier.ready()
+        from .systemd import watchdog_interval
+
+        interval = watchdog_interval()
+        if interval:
+            def ping() -> None:
+                self.notifier.watchdog()
+                mux.call_later(interval, ping)
+
+            mux.call_later(0, ping)
+
+    def _notify_stopping(self) -> None:
+        if self.notifier is not None:
+            self.notifier.stopping()
 
     def start(self):
         """Serve on a background thread; returns once the server accepts, or

@@ -39,6 +39,7 @@ from .handlers import EchoService, resolve_handler
 from .lifecycle import ServerLifecycle
 from .multiplexer import EVENT_READ, Multiplexer
 from .stats import ServerStats
+from .systemd import Notifier
 from .stream import StreamConnection
 from .tls import server_context
 from .watchdog import LoopWatchdog
@@ -155,6 +156,7 @@ class Server(ServerLifecycle):
         if self.config.loop_stall_warning and not self.engine.watches_its_loop:
             watchdog = LoopWatchdog(self.mux, self.config.loop_stall_warning).start()
         self._serving.set()
+        self._notify_serving(self.mux)
         try:
             with _signals_wake(self.mux):
                 self.mux.run()
@@ -173,6 +175,7 @@ class Server(ServerLifecycle):
         if self._draining:
             return
         self._draining = self._ctx.draining = True
+        self._notify_stopping()
         self._ctx.drain_deadline = time.monotonic() + self.config.drain_timeout
         self._set_accepting(False)
         self.listener.close()
@@ -376,6 +379,7 @@ def serve(app: Any = None, address: tuple[str, int] | None = None, **options: An
     if address is not None:
         options["host"], options["port"] = address
     server = Server(app, **options)
+    server.notifier = Notifier()  # a no-op unless a service manager set NOTIFY_SOCKET
     stop_signals = None
     if threading.current_thread() is threading.main_thread():
         stop_signals = StopSignals(server).install()
@@ -386,6 +390,7 @@ def serve(app: Any = None, address: tuple[str, int] | None = None, **options: An
     finally:
         if stop_signals is not None:
             stop_signals.restore()
+        server.notifier.close()
 
 
 DUPLICATE_WINDOW = 0.5  # s: a repeat of the first stop signal this soon is the same request

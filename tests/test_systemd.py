@@ -373,3 +373,39 @@ def test_the_sample_units_verify_cleanly(tmp_path):
     result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "muxpool-echo.socket"),
                              str(tmp_path / "muxpool-echo.service")], capture_output=True, text=True, timeout=30)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+# --- the real command tells its service manager how it is doing ---------------------------
+
+
+def _datagrams_until(sock: socket.socket, wanted: bytes, seen: list[bytes]) -> None:
+    while not any(wanted in d for d in seen):
+        seen.append(sock.recv(4096))  # the socket's timeout bounds each wait
+
+
+@pytest.mark.parametrize("engine", ["loop", "prefork"])
+def test_serve_says_ready_pings_the_watchdog_from_its_loop_and_says_stopping(engine, tmp_path):
+    """READY=1 only once a client can be served, WATCHDOG=1 again and again while the loop
+    turns (WATCHDOG_USEC=200 ms: every 0.1 s), STOPPING=1 when SIGTERM starts the drain."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(tmp_path / "notify"))
+        notify.settimeout(20)
+        port = socket.create_server(("127.0.0.1", 0))
+        address = port.getsockname()
+        port.close()
+        env = {**ENV, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000"}
+        command = [*MUXPOOL, "serve", "--engine", engine, "--port", str(address[1])]
+        if engine == "prefork":
+            command += ["--processes", "2"]
+        with started(command, env=env) as proc:
+            seen: list[bytes] = []
+            _datagrams_until(notify, b"READY=1", seen)
+            assert greeting(address) == SERVED  # ready meant ready
+            assert f"MAINPID={proc.pid}".encode() in seen[-1]
+            while sum(d == b"WATCHDOG=1" for d in seen) < 3:  # a timer that re-arms itself
+                seen.append(notify.recv(4096))
+            proc.send_signal(signal.SIGTERM)
+            _datagrams_until(notify, b"STOPPING=1", seen)
+            assert proc.wait(20) == 0
+        ready_at = next(i for i, d in enumerate(seen) if b"READY=1" in d)
+        assert b"WATCHDOG=1" not in seen[:ready_at]  # no ping before serving

@@ -108,7 +108,7 @@ class PreforkServer(ServerLifecycle):
             tls=self.ssl_context is not None, framed=not self.request_handler))
         try:
             with _signals_wake(self.mux):
-                self.supervisor.supervise(self, ready=self._serving.set)
+                self.supervisor.supervise(self, ready=self._ready)
         finally:
             self.listener.close()
             if self._socket_file is not None:
@@ -117,7 +117,12 @@ class PreforkServer(ServerLifecycle):
             log.info("muxpool stopped")
             self._stopped.set()
 
+    def _ready(self) -> None:
+        self._serving.set()
+        self._notify_serving(self.mux)
+
     def _begin_drain(self) -> None:
+        self._notify_stopping()
         self.supervisor.drain()
 
     def _hard_stop(self) -> None:
