@@ -92,7 +92,7 @@ def _path(module: str) -> pathlib.Path:
 _BELOW_CORE = {"muxpool.errors", "muxpool.framing", "muxpool.multiplexer", "muxpool.watchdog",
                "muxpool.stats", "muxpool.tls", "muxpool.handlers", "muxpool.config", "muxpool.pools",
                "muxpool.calls", "muxpool.context", "muxpool.conn", "muxpool.logs",
-               "muxpool.metrics", "muxpool.lifecycle", "muxpool.systemd"}
+               "muxpool.metrics", "muxpool.lifecycle", "muxpool.systemd", "muxpool.gevent_signals"}
 _CORE = {"muxpool.server", "muxpool.connection", "muxpool.stream", "muxpool.compat"}
 _ANYTHING = {"muxpool"}
 ALLOWED = {
@@ -107,10 +107,11 @@ ALLOWED = {
     "muxpool.systemd": {"muxpool.errors"},  # stdlib only: sd_listen_fds and sd_notify
     "muxpool.config": {"muxpool.errors", "muxpool.framing", "muxpool.systemd"},
     "muxpool.calls": {"muxpool.errors"},  # calling a handler: what every engine shares
-    "muxpool.lifecycle": {"muxpool.calls"},  # start/shutdown/context manager, for every server
+    "muxpool.gevent_signals": set(),  # imported by gevent's engine and pool only
+    "muxpool.lifecycle": {"muxpool.calls", "muxpool.systemd"},  # start/shutdown/context manager, for every server
     "muxpool.conn": set(),  # the handler's view: a Protocol
     "muxpool.context": {"muxpool.config", "muxpool.multiplexer", "muxpool.stats"},
-    "muxpool.pools": {"muxpool.errors", "muxpool.framing", "muxpool.pools"},
+    "muxpool.pools": {"muxpool.errors", "muxpool.framing", "muxpool.pools", "muxpool.gevent_signals"},
     # Collectors read the snapshots pools and the server's stats keep; the server may serve them.
     "muxpool.metrics": {"muxpool.errors", "muxpool.pools", "muxpool.stats"},
     # The server core: engines by name only (the registry; see the next tests).

@@ -40,7 +40,6 @@ every signal wakes the hub, which then runs the handler.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 
 from ..errors import MissingDependency
@@ -52,6 +51,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingDependency("the gevent engine", "gevent") from exc
 
+from ..gevent_signals import SignalWakeup
 from . import _signals
 from .base import Engine
 
@@ -73,7 +73,7 @@ class GeventEngine(Engine):
         super().__init__(config)
         self._watchdog = None
         self._wrapped: dict[int, tuple] = {}
-        self._wakeup = _SignalWakeup()
+        self._wakeup = SignalWakeup()
 
     def start(self, mux) -> None:
         self._wrapped = _handlers_off_the_hub()
@@ -135,53 +135,3 @@ def _handlers_off_the_hub() -> dict[int, tuple]:
             break
         wrapped[signum] = (handler, off_hub)
     return wrapped
-
-
-class _SignalWakeup:
-    """A pipe for ``signal.set_wakeup_fd``, watched by the hub: any signal wakes it."""
-
-    def __init__(self) -> None:
-        self._fds: tuple[int, int] | None = None
-        self._watcher = None
-
-    def start(self) -> None:
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(read_fd, False)
-        os.set_blocking(write_fd, False)  # set_wakeup_fd requires it: a handler never blocks
-        try:
-            previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        except ValueError:  # not the main thread: signals are not ours to route
-            previous = None
-        if previous is None or previous != -1:
-            if previous is not None:  # someone's own (the server's, say): theirs stays
-                signal.set_wakeup_fd(previous)
-            os.close(read_fd)
-            os.close(write_fd)
-            return
-        self._fds = (read_fd, write_fd)
-        self._watcher = gevent.get_hub().loop.io(read_fd, 1)
-        self._watcher.ref = False  # it must not keep an otherwise finished hub running
-        self._watcher.start(self._drain)
-
-    def _drain(self) -> None:
-        # The wakeup is all it is for: the hub's signal check runs the handlers.
-        try:
-            while os.read(self._fds[0], 4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-
-    def stop(self) -> None:
-        if self._fds is None:
-            return
-        try:
-            current = signal.set_wakeup_fd(-1)
-            if current not in (-1, self._fds[1]):  # replaced since: not ours to clear
-                signal.set_wakeup_fd(current)
-        except ValueError:
-            pass
-        self._watcher.stop()
-        self._watcher.close()
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = self._watcher = None

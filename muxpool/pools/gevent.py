@@ -24,6 +24,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingDependency("GeventPool", "gevent") from exc
 
+from ..gevent_signals import signals_wake_the_hub
 from .base import AsyncFuture, deliver
 from .queued import QueuePool, Runtime
 
@@ -36,7 +37,8 @@ class GeventFuture(Future):
             return
         ready = gevent.event.Event()
         self.add_done_callback(lambda _f: ready.set())
-        ready.wait(timeout)
+        with signals_wake_the_hub():  # a Ctrl-C must end the wait, however it lands
+            ready.wait(timeout)
 
     def result(self, timeout: float | None = None):
         self._wait_cooperatively(timeout)
