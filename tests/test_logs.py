@@ -20,6 +20,7 @@ import threading
 import time
 
 import pytest
+from processes import Logged
 
 from muxpool.prefork import worker_logs as _worker_logs
 from muxpool.logs import JsonFormatter, PlainFormatter, configure_logging, exception_lines
@@ -202,59 +203,32 @@ def handle(message, conn):
 SERVING = r"muxpool serving .* on 127\.0\.0\.1:(\d+) "
 
 
-class Served:
-    """``muxpool serve ARGS``; its stderr read line by line as it comes (a thread, so that
-    waits have deadlines). Used as a context manager: its process group is killed at exit."""
+class Served(Logged):
+    """``muxpool serve ARGS``; its stderr read line by line as it comes. Used as a
+    context manager: its process group is killed at exit."""
 
     def __init__(self, folder, *args: str, env: dict | None = None):
         (folder / "logapp.py").write_text(APP)
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("MUXPOOL_", "LOGAPP_"))}
         environ.update(PYTHONPATH=os.pathsep.join([ROOT, str(folder)]), **(env or {}))
-        self.proc = subprocess.Popen([sys.executable, "-m", "muxpool.cli", "serve", "logapp:handle", *args],
-                                     cwd=folder, env=environ, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for raw in self.proc.stderr:
-            with self._changed:
-                self.lines.append(raw.decode("utf-8", "backslashreplace").removesuffix("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self.lines.append(None)  # EOF
-            self._changed.notify_all()
+        super().__init__([sys.executable, "-m", "muxpool.cli", "serve", "logapp:handle", *args],
+                         environ, cwd=folder)
 
     def wait_for(self, pattern: str, count: int = 1, timeout: float = 30) -> list[re.Match]:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                found = [m for line in self.lines if line is not None and (m := re.search(pattern, line))]
-                if len(found) >= count:
-                    return found
-                left = deadline - time.monotonic()
-                assert left > 0 and None not in self.lines, f"no {count} x {pattern!r} in:\n" + "\n".join(
-                    line for line in self.lines if line is not None)
-                self._changed.wait(left)
+        return self.wait_for_log(pattern, count, timeout)
 
     def stop(self) -> list[str]:
         """SIGTERM, the exit, and every line it wrote."""
         self.proc.send_signal(signal.SIGTERM)
-        assert self.proc.wait(30) == 0
+        assert self.exit_code(30) == 0
         self._reader.join(30)
-        return [line for line in self.lines if line is not None]
+        return list(self.lines)
 
     def __enter__(self) -> Served:
         return self
 
     def __exit__(self, *exc) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # workers too: the session is the server's own
-        self.proc.wait()
-        self._reader.join(30)
-        self.proc.stderr.close()
+        self.kill()  # workers too: the session is the server's own
 
 
 def send_and_wait_for_close(sock: socket.socket, data: bytes) -> None:

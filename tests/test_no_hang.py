@@ -17,10 +17,8 @@ import contextlib
 import ctypes
 import os
 import pathlib
-import re
 import signal
 import ssl
-import subprocess
 import sys
 import textwrap
 import threading
@@ -30,7 +28,7 @@ import warnings
 import pytest
 import server_apps
 from no_hang_apps import RELEASE_ENV
-from processes import process_exists
+from processes import Logged, process_exists
 from test_server_conformance import DEADLINE, PREFIX, start_server, stop_servers, wait_for
 
 from muxpool import Client, ConnectionBroken, Server
@@ -44,72 +42,17 @@ CLOSED = (ConnectionBroken, ConnectionResetError)
 # --- processes and their log ------------------------------------------------------------
 
 
-class Logged:
-    """A subprocess in its own session whose stderr lines are collected as they come."""
-
-    def __init__(self, argv: list[str], env: dict | None = None):
-        path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
-        environ = {**os.environ, "PYTHONPATH": path, **(env or {})}
-        environ.pop("MUXPOOL_GEVENT_SUITE", None)
-        self.proc = subprocess.Popen(argv, cwd=TESTS, env=environ, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     start_new_session=True)
-        self.pid = self.proc.pid
-        self.lines: list[str] = []
-        self._eof = False
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for raw in self.proc.stderr:
-            with self._changed:
-                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._eof = True
-            self._changed.notify_all()
-
-    def log(self) -> str:
-        with self._changed:
-            return "\n".join(self.lines)
-
-    def wait_for_log(self, pattern: str, count: int = 1, timeout: float = DEADLINE) -> list[re.Match]:
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                found = [m for line in self.lines if (m := regex.search(line))]
-                if len(found) >= count:
-                    return found
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._eof:
-                    pytest.fail(f"no {count} log line(s) matching {pattern!r} "
-                                f"({'it exited' if self._eof else f'after {timeout} s'}); "
-                                f"its log:\n" + "\n".join(self.lines[-40:]))
-                self._changed.wait(remaining)
-
-    def exit_code(self, timeout: float = DEADLINE) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"did not exit within {timeout} s; its log:\n{self.log()[-4000:]}")
-
-    def kill(self, also: set[int] = frozenset()) -> None:
-        for pid in also:  # processes outside the session (a fork server's children)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(5)
-        self._reader.join(5)
-        self.proc.stderr.close()
+def start_logged(argv: list[str], env: dict | None = None) -> Logged:
+    """``argv`` in the tests folder, with the test apps importable."""
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
+    environ = {**os.environ, "PYTHONPATH": path, **(env or {})}
+    environ.pop("MUXPOOL_GEVENT_SUITE", None)
+    return Logged(argv, environ, cwd=TESTS)
 
 
 @contextlib.contextmanager
 def logged(argv: list[str], env: dict | None = None):
-    process = Logged(argv, env)
+    process = start_logged(argv, env)
     try:
         yield process
     finally:
@@ -361,7 +304,7 @@ def test_workers_do_not_outlive_a_sigkilled_supervisor(how):
     argv = (serve_cli("--engine", "prefork", "--processes", "2") if how == "fork"
             else [sys.executable, "-c", THREADED_SUPERVISOR])
     pids: set[int] = set()
-    process = Logged(argv)
+    process = start_logged(argv)
     try:
         if how == "fork":
             process.wait_for_log(SERVING)

@@ -33,7 +33,7 @@ import time
 import pytest
 import server_apps
 import watchdog_apps
-from processes import process_exists
+from processes import Logged, process_exists
 from test_server_conformance import DEADLINE, PREFIX, start_server, stop_servers, wait_for
 
 from muxpool import Client, ConnectionBroken, Server
@@ -92,7 +92,7 @@ def prefork_server():
     stop_servers(servers)
 
 
-class ServeProcess:
+class ServeProcess(Logged):
     """``muxpool serve ... --engine prefork`` in a new session; its stderr log collected.
 
     The session makes the parent a process-group leader whose workers share its
@@ -100,47 +100,9 @@ class ServeProcess:
     """
 
     def __init__(self, args: list[str], env: dict):
-        self.proc = subprocess.Popen([sys.executable, "-m", "muxpool.cli", "serve", *args], cwd=TESTS,
-                                     env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True)
-        self.pid = self.proc.pid
+        super().__init__([sys.executable, "-m", "muxpool.cli", "serve", *args], env, cwd=TESTS)
         self.port: int | None = None
         self.worker_pids: set[int] = set()
-        self._lines: list[str] = []
-        self._eof = False
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, name=f"stderr-{self.pid}", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for raw in self.proc.stderr:
-            with self._changed:
-                self._lines.append(raw.decode(errors="replace").rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._eof = True
-            self._changed.notify_all()
-
-    def log(self) -> str:
-        with self._changed:
-            return "\n".join(self._lines)
-
-    def wait_for_log(self, pattern: str, count: int = 1, timeout: float = DEADLINE) -> list[re.Match]:
-        """The first ``count`` log lines matching ``pattern``, waiting up to ``timeout`` s."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                found = [m for line in self._lines if (m := regex.search(line))]
-                if len(found) >= count:
-                    return found[:count]
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._eof:
-                    tail = "\n".join(self._lines[-40:])
-                    pytest.fail(f"no {count} log line(s) matching {pattern!r} "
-                                f"({'the server exited' if self._eof else f'after {timeout} s'}); "
-                                f"its log:\n{tail}")
-                self._changed.wait(remaining)
 
     def wait_until_serving(self, processes: int) -> None:
         match = self.wait_for_log(r"muxpool serving .* on 127\.0\.0\.1:(\d+) \(engine=prefork")[0]
@@ -150,29 +112,8 @@ class ServeProcess:
         # Each worker logs this once its own server is about to accept.
         self.wait_for_log(r"muxpool serving .* \(engine=(loop|threadpool|threaded),", count=processes)
 
-    def exit_code(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the server did not exit within {timeout} s; its log:\n{self.log()}")
-
     def kill_group(self) -> None:
-        for pid in self.worker_pids:  # a worker that left the group would escape killpg
-            try:
-                if os.getpgid(pid) != self.pid:
-                    os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-        self._reader.join(5)
-        self.proc.stderr.close()
+        self.kill(also=self.worker_pids)  # a worker that left the group would escape killpg
 
 
 @pytest.fixture
