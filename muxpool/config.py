@@ -135,6 +135,20 @@ class ServerConfig:
     # A warning, not an error: the server works as asked without the watchdog,
     # and one config is often shared by a prefork deployment and a
     # threadpool run on a laptop. Saying so is what matters.
+    max_requests: int | None = option(None, "prefork: replace a worker once it has handled this many "
+                                      "messages (socketserver handlers: connections); the new one "
+                                      "starts before the old one drains, so nothing is refused "
+                                      "(default: never)", "count", "give 1 or more, or leave it out "
+                                      "for never", least=1, engines=("prefork",))
+    max_requests_jitter: int = option(0, "prefork: add up to this many to each worker's "
+                                      "--max-requests, at random, so workers are not all replaced "
+                                      "at once", "count", "give 0 or more", least=0,
+                                      engines=("prefork",))
+    max_worker_memory: int | None = option(None, "prefork: replace a worker whose resident memory "
+                                           "passes this many bytes, as --max-requests does "
+                                           "(default: never)", "count", "give a size in bytes, 1 "
+                                           "or more, or leave it out for never", least=1,
+                                           engines=("prefork",))
     worker_timeout: float | None = option(30.0, "prefork: kill and replace a worker whose event loop "
                                           "has not run for this many seconds (0: never; default "
                                           "30)", "seconds", _NEVER, least=0, optional=True,

@@ -344,3 +344,16 @@ def _send_outcome(conn) -> dict:
         return {"raised": type(exc).__name__, "cause": None if cause is None else type(cause).__name__,
                 "is_oserror": isinstance(cause, OSError)}
     return {"raised": None}
+
+
+_GROWN: list[bytes] = []
+
+
+class GrowingPidGreeter(PidGreeter):
+    """``grow`` makes this worker hold 64 MiB more (touched, so resident); anything else echoes."""
+
+    def on_message(self, conn, message):
+        if message == b"grow":
+            _GROWN.append(b"x" * (64 << 20))
+            return b"grown"
+        return PREFIX + message

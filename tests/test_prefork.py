@@ -618,3 +618,30 @@ def test_a_full_worker_knows_when_a_sibling_has_room_is_full_or_cannot_say():
     assert worker.sibling_room() is False  # no sibling at all
     worker.on_connection_count(3)
     assert slots.WorkerSlot(shared, 0).open_connections == 3
+
+
+# --- recycling: max_requests (with jitter) and max_worker_memory --------------------------------
+
+
+def test_max_requests_replaces_workers_as_they_serve_and_refuses_no_one(prefork_server):
+    """Workers are replaced after about max_requests messages each (the jitter makes each
+    limit its own), the new one up before the old one drains: every request is answered."""
+    srv = prefork_server(server_apps.PidGreeter, max_requests=40, max_requests_jitter=10)
+    first = workers(srv)
+    seen, answered = set(), 0
+    deadline = time.monotonic() + 30
+    while len(seen - first) < 4 and time.monotonic() < deadline:
+        seen.add(worker_of(srv.address))  # one message per connection, each must be answered
+        answered += 1
+    assert len(seen - first) >= 4, f"{answered} requests, workers {sorted(seen)}, first {sorted(first)}"
+    wait_for(lambda: len(workers(srv)) == 2, what="two workers again")
+
+
+def test_max_worker_memory_replaces_a_worker_that_grows(prefork_server):
+    srv = prefork_server(server_apps.GrowingPidGreeter, processes=1, max_worker_memory=48 << 20)
+    with Client(*srv.address[:2], framing="line", timeout=DEADLINE) as client:
+        grown = int(client.greeting.split()[1])
+        assert client.request(b"grow") == b"grown"
+    wait_for(lambda: worker_of(srv.address) != grown,
+             what=f"worker {grown}, grown past max_worker_memory, to be replaced")
+    wait_for(lambda: grown not in workers(srv), what="the grown worker to drain and exit")

@@ -14,6 +14,7 @@ import time
 from ..multiplexer import EVENT_READ
 from ..stats import format_line
 from . import worker as workers
+from .recycling import CHECK_EVERY, Recycling
 from .slots import COUNTERS, STARTING, UNUSED, WorkerSlot, make_shared
 
 log = logging.getLogger("muxpool.server")
@@ -56,6 +57,7 @@ class Supervisor:
         ``ssl_context`` was given without ``certfile``.
         """
         self._server = server
+        self._recycling = Recycling(self.config, counts_connections=server.request_handler)
         mux = server.mux
         previous = {}
         if threading.current_thread() is threading.main_thread():
@@ -72,6 +74,8 @@ class Supervisor:
                 mux.call_later(self.config.stats_interval, self._report)
             if self.config.worker_timeout:
                 mux.call_later(self._heartbeat_period(), self._check_heartbeats)
+            if self._recycling.enabled:
+                mux.call_later(CHECK_EVERY, self._check_recycling)
             mux.run()
         finally:
             for sig, handler in previous.items():
@@ -96,6 +100,7 @@ class Supervisor:
             self._free_slots.insert(0, slot)
             raise
         self.workers[worker.pid] = worker
+        self._recycling.started(worker.pid)
         self._server.mux.register(worker.sentinel, EVENT_READ, lambda _mask: self._reap())
         if isinstance(worker, workers.ServedWorker):
             self._server.mux.register(worker.logs.reader, EVENT_READ,
@@ -143,6 +148,7 @@ class Supervisor:
             if code is None:
                 continue
             del self.workers[worker.pid]
+            self._recycling.gone(worker.pid)
             self._server.mux.unregister(worker.sentinel)
             if isinstance(worker, workers.ServedWorker):
                 self._server.mux.unregister(worker.logs.reader)
@@ -200,6 +206,20 @@ class Supervisor:
                           "(worker_timeout=%s s); killing it", worker.pid, silent, limit)
                 self._signal(worker.pid, signal.SIGKILL)
         self._server.mux.call_later(self._heartbeat_period(), self._check_heartbeats)
+
+    def _check_recycling(self) -> None:
+        """Replace a worker that has served enough or grown too large: the new one
+        starts before the old one drains (as reload does), so nothing is refused."""
+        for worker in list(self.workers.values()):
+            if worker.retiring or self._draining:
+                continue
+            why = self._recycling.due(worker.pid, WorkerSlot(self.shared, worker.slot).values())
+            if why is not None:
+                log.info("prefork worker %d %s: replacing it", worker.pid, why)
+                self._spawn()
+                worker.retiring = True
+                self._signal(worker.pid, signal.SIGTERM)
+        self._server.mux.call_later(CHECK_EVERY, self._check_recycling)
 
     def _replace_missing(self) -> None:
         while not self._draining and sum(not w.retiring for w in self.workers.values()) < self.processes:
