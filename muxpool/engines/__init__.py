@@ -29,6 +29,7 @@ ENGINES = {
     "threaded": "muxpool.engines.threaded:ThreadedEngine",
     "gevent": "muxpool.engines.gevent:GeventEngine",
     "prefork": "muxpool.engines.prefork:PreforkEngine",
+    "auto": "muxpool.engines.auto:AutoEngine",
 }
 
 DEFAULT_ENGINE = "threadpool"
