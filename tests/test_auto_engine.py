@@ -121,7 +121,7 @@ def test_a_handler_that_stops_blocking_returns_to_the_loop(serve, connect):
 
 def test_200_blocking_calls_wait_in_order_for_at_most_workers_threads(serve):
     before = threading.active_count()
-    srv, app = serve(workers=4, handoff_after=0.01, loop_stall_warning=None)
+    srv, _app = serve(workers=4, handoff_after=0.01, loop_stall_warning=None)
     socks = [socket.create_connection(srv.address[:2], timeout=DEADLINE) for _ in range(200)]
     try:
         for sock in socks:
@@ -164,7 +164,7 @@ def test_per_connection_order_holds_across_a_hand_off(serve, connect):
 
 
 def test_the_stall_warning_does_not_fire_for_a_call_that_was_handed_off(serve, connect, caplog):
-    srv, app = serve(loop_stall_warning=0.1)
+    srv, _app = serve(loop_stall_warning=0.1)
     client = connect(srv)
     with caplog.at_level(logging.WARNING, logger="muxpool.server"):
         assert client.request(b"sleep 0.5") == b"ok sleep 0.5"

@@ -58,41 +58,14 @@ import logging
 import threading
 import time
 
-from ..calls import call_handler, frame_reply, handler_failed, handler_thread
+from ..calls import call_handler, handler_thread
+from ._auto_parts import EXIT, LOOP, LoopGone, Memory, Slot, reply, settle, to_backlog, watch
 from .base import Engine
 from .threadpool import DEFAULT_WORKERS
 
 log = logging.getLogger("muxpool.server")
 
-_IDLE_PERIOD = 0.01  # s between samples while the loop sleeps in select (Go's sysmon: 10 ms)
-_CPU_HANDOFF = 0.05  # s a call busy on the CPU runs before it is handed off all the same
-_FIRST_NEEDED = 8  # quick calls in a row that forgive a handler caught blocking once
 _MOST_NEEDED = 1024
-_LOOP, _EXIT = "loop", "exit"
-
-
-class _LoopGone(BaseException):
-    """The loop stopped while this thread's handed-off call ran: drop its result."""
-
-
-class _Slot:
-    """One engine thread's mailbox: the task it is given, and its wake-up."""
-
-    __slots__ = ("task", "wake", "calling", "handed", "stuck")
-
-    def __init__(self, task=None):
-        self.task = task
-        self.wake = threading.Event()
-        # The number of this thread's handler call on the loop (0: none), and the
-        # call the monitor took the loop from, or found no thread to take it from.
-        self.calling = self.handed = self.stuck = 0
-
-
-class _Memory:
-    __slots__ = ("blocking", "needed", "streak")
-
-    def __init__(self):
-        self.blocking, self.needed, self.streak = True, _FIRST_NEEDED, 0
 
 
 class AutoEngine(Engine):
@@ -108,9 +81,9 @@ class AutoEngine(Engine):
         self.mux = None
         self._lock = threading.Lock()
         self._numbers = itertools.count(1)
-        self._owner_slot: _Slot | None = None
-        self._standby: list[_Slot] = []
-        self._reclaimers: collections.deque[_Slot] = collections.deque()
+        self._owner_slot: Slot | None = None
+        self._standby: list[Slot] = []
+        self._reclaimers: collections.deque[Slot] = collections.deque()
         self._jobs: collections.deque = collections.deque()
         self._workers: list[threading.Thread] = []
         self._memory: dict = {}
@@ -130,41 +103,15 @@ class AutoEngine(Engine):
     def drive(self, mux) -> None:
         """Run the loop on a thread of ours; watch its calls until it stops."""
         with self._lock:
-            self._owner_slot = self._spawn(_Slot(_LOOP))
+            self._owner_slot = self._spawn(Slot(LOOP))
         try:
-            self._monitor()
+            watch(self)
         except BaseException:  # Ctrl-C here, say: what follows run() must not race the loop
             mux.stop()
             self._ended.wait(self.config.drain_timeout)
             raise
 
-    def _monitor(self) -> None:
-        fastest = max(self.handoff_after / 2, 0.0002)
-        period, seen, seen_at, seen_cpu, ticks = fastest, 0, 0.0, 0.0, -1
-        while not self._ended.wait(period):
-            owner = self._owner_slot
-            calling, now = owner.calling, time.monotonic()
-            if not calling:
-                idle = self.mux.ticks == ticks and ticks % 2
-                ticks = self.mux.ticks
-                period = min(period * 2, _IDLE_PERIOD) if idle else fastest
-                continue
-            period = fastest
-            if calling != seen:
-                seen, seen_at, seen_cpu = calling, now, self._owner_cpu()
-                continue
-            ran = now - seen_at
-            if ran >= self.handoff_after and (ran >= _CPU_HANDOFF
-                                              or self._owner_cpu() - seen_cpu < ran / 2):
-                self._hand_off(owner, calling)
-
-    def _owner_cpu(self) -> float:
-        try:
-            return time.clock_gettime(time.pthread_getcpuclockid(self.mux.runner_id))
-        except (AttributeError, OSError, TypeError):
-            return 0.0  # no per-thread clock: every long call counts as blocked
-
-    def _hand_off(self, owner: _Slot, call: int) -> None:
+    def _hand_off(self, owner: Slot, call: int) -> None:
         with self._lock:
             if self._owner_slot is not owner or owner.calling != call or self._finished:
                 return
@@ -181,9 +128,9 @@ class AutoEngine(Engine):
                                 "waits for one (queued=%d)", self.threads, len(self._jobs))
                 return
             if slot is None:
-                slot = self._spawn(_Slot(_LOOP))
+                slot = self._spawn(Slot(LOOP))
             else:
-                slot.task = _LOOP
+                slot.task = LOOP
                 slot.wake.set()
             owner.handed = call
             self._owner_slot = slot
@@ -192,7 +139,7 @@ class AutoEngine(Engine):
 
     # --- the engine's threads -----------------------------------------------------
 
-    def _spawn(self, slot: _Slot) -> _Slot:
+    def _spawn(self, slot: Slot) -> Slot:
         """Start a thread (under _lock) that begins with ``slot``'s task."""
         thread = threading.Thread(target=self._thread_main, args=(slot,), daemon=True,
                                   name=f"muxpool-auto-{len(self._workers) + 1}")
@@ -200,28 +147,28 @@ class AutoEngine(Engine):
         thread.start()
         return slot
 
-    def _thread_main(self, slot: _Slot) -> None:
+    def _thread_main(self, slot: Slot) -> None:
         handler_thread.active = True  # shutdown() from any call here must not wait for itself
         try:
-            while (task := self._next_task(slot)) is not _EXIT:
-                if task is _LOOP:
+            while (task := self._next_task(slot)) is not EXIT:
+                if task is LOOP:
                     self.mux.take_over()
                     self.mux.serve()
                     self._loop_over()
                     return
                 self._run_job(task)
-        except _LoopGone:
+        except LoopGone:
             pass
 
-    def _next_task(self, slot: _Slot):
-        """The loop, a queued call, or _EXIT: what this thread does next."""
+    def _next_task(self, slot: Slot):
+        """The loop, a queued call, or EXIT: what this thread does next."""
         while True:
             with self._lock:
                 if slot.task is not None:
                     task, slot.task = slot.task, None
                     return task
                 if self._finished:
-                    return _EXIT
+                    return EXIT
                 if self._jobs:
                     self._running_jobs += 1
                     return self._jobs.popleft()
@@ -242,21 +189,21 @@ class AutoEngine(Engine):
                 return True
             slot = self._reclaimers.popleft()
             self.mux.yield_requested = bool(self._reclaimers)
-            slot.task = _LOOP
+            slot.task = LOOP
             self._owner_slot = slot
             slot.wake.set()
-        while (task := self._next_task(mine)) is not _EXIT:
-            if task is _LOOP:
+        while (task := self._next_task(mine)) is not EXIT:
+            if task is LOOP:
                 self.mux.take_over()
                 return True
             self._run_job(task)
         return False
 
-    def _reclaim(self, slot: _Slot) -> None:
+    def _reclaim(self, slot: Slot) -> None:
         """This thread's call was handed off and has returned: wait for the loop back."""
         with self._lock:
             if self._finished:
-                raise _LoopGone
+                raise LoopGone
             slot.task = None
             slot.wake.clear()
             self._reclaimers.append(slot)
@@ -265,12 +212,12 @@ class AutoEngine(Engine):
         while True:
             slot.wake.wait()
             with self._lock:
-                if slot.task is _LOOP:
+                if slot.task is LOOP:
                     slot.task = None
                     self._handed -= 1
                     break
                 if self._finished:
-                    raise _LoopGone
+                    raise LoopGone
                 slot.wake.clear()
         self.mux.take_over(mid_iteration=True)
 
@@ -357,66 +304,30 @@ class AutoEngine(Engine):
             if caught or len(deferred) != pending:
                 # The reply after what the handler sent, the rest after the reply:
                 # ahead of the backlog, where a close can drop them or not.
-                self._to_backlog(conn, on_message, messages[index + 1:])
+                to_backlog(conn, on_message, messages[index + 1:])
                 self._in_flight += 1
-                self.mux.defer(lambda: self._resume(conn, ok, value))
+                self.mux.defer(lambda ok=ok, value=value: self._resume(conn, ok, value))
                 return
-            if not self._reply(conn, ok, value) or conn.closing or conn.closed:
+            if not reply(conn, ok, value) or conn.closing or conn.closed:
                 break
             if len(conn.outbuf) > high_water:  # a slow reader: flush() runs the rest
                 conn.held = messages[index + 1:]
                 break
-        self._settle(conn)
+        settle(conn)
 
     def _resume(self, conn, ok, value) -> None:
         """The loop, after a call that was handed off or deferred something."""
         self._in_flight -= 1
-        self._reply(conn, ok, value)
-        self._settle(conn)
+        reply(conn, ok, value)
+        settle(conn)
         if conn.ctx.draining:
             conn.ctx.check_drained()
-
-    def _reply(self, conn, ok, value) -> bool:
-        if not ok:
-            conn.busy = False
-            handler_failed(conn.peer, value)
-            conn.close_when_done(drop_backlog=True)
-            return False
-        if value is not None and not conn.closed:
-            data = frame_reply(conn.encode, value, conn.peer)
-            if data is None:
-                conn.busy = False
-                conn.close_when_done(drop_backlog=True)
-                return False
-            conn.write(data)
-        return True
-
-    @staticmethod
-    def _settle(conn) -> None:
-        """What Connection._call_done does after a call: the next one, or finish."""
-        conn.busy = False
-        if conn.held:
-            return  # flush() answers them, then the backlog, in order
-        if conn.backlog:
-            conn.run_next()
-        else:
-            if not conn.reading and not conn.closing and not conn.eof:
-                conn.resume_if_drained()
-            conn.maybe_finish()
 
     # --- calls on threads ----------------------------------------------------------
 
     def _to_threads(self, conn, on_message, messages) -> None:
-        self._to_backlog(conn, on_message, messages)
+        to_backlog(conn, on_message, messages)
         conn.run_next()
-
-    @staticmethod
-    def _to_backlog(conn, on_message, messages) -> None:
-        """Ahead of the backlog (it holds what arrived after them); they run
-        through the engine, and _call_done counts them again."""
-        conn.ctx.stats.messages_total -= len(messages)
-        conn.backlog.extendleft((on_message, message) for message in reversed(messages))
-        conn.backlog_bytes += sum(map(len, messages))
 
     def _queue(self, job) -> None:
         self._in_flight += 1
@@ -425,7 +336,7 @@ class AutoEngine(Engine):
             if self._standby:
                 self._standby.pop().wake.set()
             elif len(self._workers) < self.threads:
-                self._spawn(_Slot())
+                self._spawn(Slot())
 
     def spawn(self, fn, name: str) -> None:
         """A whole connection (a socketserver handler) on one of our threads."""
@@ -434,7 +345,7 @@ class AutoEngine(Engine):
             if self._standby:
                 self._standby.pop().wake.set()
             elif len(self._workers) < self.threads:
-                self._spawn(_Slot())
+                self._spawn(Slot())
 
     def _run_job(self, job) -> None:
         try:
@@ -462,7 +373,7 @@ class AutoEngine(Engine):
     def _caught(self, key) -> None:
         memory = self._memory.get(key)
         if memory is None:
-            self._memory[key] = _Memory()
+            self._memory[key] = Memory()
         elif not memory.blocking:  # forgiven, and blocking again: forgive it later
             memory.blocking, memory.streak = True, 0
             memory.needed = min(memory.needed * 2, _MOST_NEEDED)
