@@ -31,7 +31,7 @@ _MAX_ENCODED = 0xFFFFFFFF  # the most a 4-byte length prefix can carry
 __all__ = ["ENGINE_NAMES", "WORKER_ENGINES", "ServerConfig", "flag", "make_listener", "option"]
 
 # engines/__init__.py's name table, which sits above this module; a test keeps them equal.
-ENGINE_NAMES = ("loop", "threadpool", "threaded", "gevent", "prefork")
+ENGINE_NAMES = ("loop", "threadpool", "threaded", "gevent", "prefork", "auto")
 WORKER_ENGINES = ("loop", "threadpool", "threaded")  # what a prefork worker can run
 
 _NEVER = "give seconds, or 0 for never"
@@ -87,9 +87,14 @@ class ServerConfig:
                          "choice", choices=ENGINE_NAMES)
     framing: str = option("raw", "raw (each received chunk is a message), line, or length "
                           "(4-byte prefix)", "choice", choices=tuple(FRAMERS))
-    workers: int | None = option(None, "handler threads for the threadpool engine (default 32)",
-                                 "count", "give 1 or more handler threads, or leave it out for 32",
-                                 least=1, engines=("threadpool",))
+    workers: int | None = option(None, "handler threads for the threadpool and auto engines "
+                                 "(default 32)", "count",
+                                 "give 1 or more handler threads, or leave it out for 32",
+                                 least=1, engines=("threadpool", "auto"))
+    handoff_after: float = option(0.002, "auto: a handler call running this many seconds off the "
+                                  "CPU is blocked: another thread takes over the loop (default "
+                                  "0.002)", "seconds", "give seconds, more than 0, e.g. 0.002",
+                                  least=0, above=0, engines=("auto",))
     processes: int | None = option(None, "worker processes for the prefork engine (default: the "
                                    "number of cores)", "count", "give 1 or more worker processes, "
                                    "or leave it out for one per core", least=1, engines=("prefork",))

@@ -241,6 +241,10 @@ class Connection:
     def handle_inline(self, messages: list[bytes]) -> None:
         """The ``loop`` engine's fast path: call the handler right here, with
         none of the engine hand-off (no timers are armed: see Server.inline)."""
+        runner = self.ctx.inline_runner
+        if runner is not None:
+            runner(self, messages)
+            return
         on_message = self.session.on_message
         high_water = self.config.write_high_water
         for index, message in enumerate(messages):

@@ -16,6 +16,12 @@ the heap is rebuilt without them once they are over half of it, as asyncio does.
 
 A signal arriving on any thread wakes the loop: :meth:`Multiplexer.wakeup_fd`
 is the descriptor to hand to ``signal.set_wakeup_fd``.
+
+The loop's thread may change while it runs: an engine that sets ``driver``
+(``auto``) runs the loop on threads of its own, one at a time, and moves it
+from a thread stuck in a handler to another (:meth:`take_over`). ``run()``'s
+caller then only waits (``driver.drive``); ``thread_id``, ``runner_id`` and
+``ticks`` always describe whichever thread runs the loop now.
 """
 
 from __future__ import annotations
@@ -74,8 +80,13 @@ class Multiplexer:
         self._stopping = False
         self._wakeup_sent = False  # see defer()
         self._keys_changed = False  # a callback modified or unregistered an fd: see run()
+        # Who may touch loop state now: in_loop_thread() compares with it. None
+        # while an auto handler call runs on the loop thread (it may be handed off).
         self.thread_id: int | None = None
+        self.runner_id: int | None = None  # the thread running the loop, handler calls included
         self.native_thread_id: int | None = None  # the kernel's id, for /proc
+        self.driver = None  # an engine that runs the loop on its threads (engines.auto)
+        self.yield_requested = False  # the driver wants the loop back at the next iteration
         # Odd while waiting in select() (or not running), even while running
         # callbacks: a watchdog thread reads it (muxpool.watchdog).
         self.ticks = 1
@@ -145,6 +156,10 @@ class Multiplexer:
         self._stopping = True
         self._wake()
 
+    def wake(self) -> None:
+        """End the loop's current wait in select(). Safe from any thread."""
+        self._wake()
+
     def _wake(self) -> None:
         try:
             self._wake_w.send(b"\0")
@@ -155,36 +170,66 @@ class Multiplexer:
 
     def run(self) -> None:
         """Serve until :meth:`stop`. Callbacks that raise are logged, never fatal."""
-        self.thread_id = threading.get_ident()
-        self.native_thread_id = threading.get_native_id()
         self._running = True
-        select = self._selector.select
-        keys = self._selector.get_map()
         try:
-            while not self._stopping:
-                events = select(self._timeout())
-                self.ticks += 1
-                self._keys_changed = False
-                for key, mask in events:
-                    # An earlier callback of this batch may have unregistered
-                    # (and closed) this fd, or swapped its callback: the event
-                    # belongs to a registration that is gone.
-                    if self._keys_changed and keys.get(key.fd) is not key:
-                        continue
-                    try:
-                        key.data(mask)
-                    except Exception:
-                        log.exception("callback for fd %s failed", key.fd)
-                if self._timers:
-                    self._run_due_timers()
-                self._wakeup_sent = False  # before the read of the queue: see defer()
-                if self._deferred:
-                    self._run_deferred()
-                self.ticks += 1
+            if self.driver is not None:
+                self.driver.drive(self)  # the loop runs on the driver's threads until it stops
+            else:
+                self._own()
+                self._serve()
         finally:
+            self._own()  # what follows the loop (closing everything) runs here
             self.ticks |= 1
             self._running = False
             self._stopping = False
+
+    def _own(self) -> None:
+        self.thread_id = self.runner_id = threading.get_ident()
+        self.native_thread_id = threading.get_native_id()
+
+    def take_over(self, mid_iteration: bool = False) -> None:
+        """The calling thread runs the loop from now on (the driver decided so).
+
+        ``mid_iteration``: it resumes an iteration it left in a handler call,
+        so its batch of events is stale: each key is checked again. ``ticks``
+        moves either way (a watchdog must not take the new thread for a stuck
+        one) and gets the parity of where the thread is: odd before select()."""
+        self._own()
+        self._keys_changed = True
+        odd = self.ticks % 2
+        self.ticks += (1 if odd else 2) if mid_iteration else (2 if odd else 1)
+
+    def serve(self) -> None:
+        """The loop itself, on the calling thread (a driver's: see take_over)."""
+        self._serve()
+
+    def _serve(self) -> None:
+        select = self._selector.select
+        keys = self._selector.get_map()
+        while not self._stopping:
+            # The driver's hand-back point: a thread whose handler call was handed
+            # off waits for the loop; this thread parks (False: the loop is over).
+            if self.yield_requested and not self.driver.yield_turn():
+                return
+            events = select(self._timeout())
+            self.ticks += 1
+            self._keys_changed = False
+            for key, mask in events:
+                # An earlier callback of this batch may have unregistered
+                # (and closed) this fd, or swapped its callback: the event
+                # belongs to a registration that is gone.
+                if self._keys_changed and keys.get(key.fd) is not key:
+                    continue
+                try:
+                    key.data(mask)
+                except Exception:
+                    log.exception("callback for fd %s failed", key.fd)
+            if self._timers:
+                self._run_due_timers()
+            self._wakeup_sent = False  # before the read of the queue: see defer()
+            if self._deferred:
+                self._run_deferred()
+            self.ticks += 1
 
     def _timeout(self) -> float | None:
         if self._deferred:
@@ -228,6 +273,8 @@ class Multiplexer:
     def _run_deferred(self) -> None:
         deferred = self._deferred
         for _ in range(len(deferred)):  # only what was queued when the drain began
+            if not deferred:
+                break  # another thread ran the loop meanwhile (a hand-off) and drained it
             fn = deferred.popleft()
             try:
                 fn()

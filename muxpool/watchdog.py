@@ -104,7 +104,7 @@ class LoopWatchdog:
             last_report, unreported = now, 0
 
     def _report(self, stuck_for: float, unreported: int) -> None:
-        frame = sys._current_frames().get(self.mux.thread_id)
+        frame = sys._current_frames().get(self.mux.runner_id)
         where = "".join(traceback.format_stack(frame)[-12:]) if frame is not None else "(stack unavailable)\n"
         also = f" ({unreported} more stalls since the last report)" if unreported else ""
         log.warning("the event loop has been stuck for %.2f s, so every connection waits%s: a "

@@ -144,7 +144,7 @@ CASES = {
     "workers -3": Case("serve --workers -3", 2, "muxpool: error: --workers -3 is out of range (give "
                        "1 or more handler threads, or leave it out for 32)"),
     "workers off threadpool": Case("serve --engine threaded --workers 8", 2, "muxpool: error: "
-                                   "--workers 8 applies to the threadpool engine, not threaded (use "
+                                   "--workers 8 applies to the threadpool or auto engine, not threaded (use "
                                    "engine threadpool, or leave workers out)"),
     "processes off prefork": Case("serve --processes 4", 2, "muxpool: error: --processes 4 applies to "
                                   "the prefork engine, not threadpool (use engine prefork, or leave "

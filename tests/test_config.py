@@ -102,7 +102,7 @@ def test_the_config_is_frozen():
 
 
 def test_replace_validates_again():
-    with pytest.raises(ConfigError, match="workers=4 applies to the threadpool engine, not loop"):
+    with pytest.raises(ConfigError, match="workers=4 applies to the threadpool or auto engine, not loop"):
         dataclasses.replace(ServerConfig(workers=4), engine="loop")
 
 
@@ -147,10 +147,10 @@ REFUSED = [
                    id=f"processes-on-{e}") for e in OTHER_ENGINES],
     *[pytest.param({"engine": e, "worker_engine": "loop"}, "worker_engine", "prefork engine, not " + e,
                    id=f"worker_engine-on-{e}") for e in OTHER_ENGINES],
-    *[pytest.param({"engine": e, "workers": 8}, "workers", "threadpool engine, not " + e,
+    *[pytest.param({"engine": e, "workers": 8}, "workers", "threadpool or auto engine, not " + e,
                    id=f"workers-on-{e}") for e in ("loop", "threaded", "gevent")],
     *[pytest.param({"engine": "prefork", "worker_engine": w, "workers": 8}, "workers",
-                   f"threadpool engine, not prefork's {w} workers", id=f"workers-on-prefork-{w}")
+                   f"threadpool or auto engine, not prefork's {w} workers", id=f"workers-on-prefork-{w}")
       for w in ("loop", "threaded")],
 ]
 
@@ -229,7 +229,7 @@ def run_serve(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args, line", [
     (["--engine", "prefork", "--worker-engine", "loop", "--workers", "8"],
-     ("--workers 8 applies to the threadpool engine, not prefork's loop workers (use worker_engine "
+     ("--workers 8 applies to the threadpool or auto engine, not prefork's loop workers (use worker_engine "
       "threadpool, or leave workers out)")),
     (["--engine", "gevent", "--processes", "2"],
      ("--processes 2 applies to the prefork engine, not gevent (use engine prefork, or leave "

@@ -48,7 +48,7 @@ pytestmark = pytest.mark.timeout(60)
 # The gevent engine needs a monkey-patched process: test_engines.py runs this
 # same suite in a patched subprocess with MUXPOOL_GEVENT_SUITE=1.
 GEVENT_SUITE = os.environ.get("MUXPOOL_GEVENT_SUITE") == "1"
-ENGINES = ["gevent"] if GEVENT_SUITE else ["loop", "threadpool", "threaded", "prefork"]
+ENGINES = ["gevent"] if GEVENT_SUITE else ["loop", "threadpool", "threaded", "prefork", "auto"]
 FRAMINGS = ["raw", "line", "length"]
 
 GREETING = server_apps.GREETING

@@ -28,6 +28,7 @@ ENGINES = {
     "threadpool": "muxpool.engines.threadpool:ThreadPoolEngine",
     "threaded": "muxpool.engines.threaded:ThreadedEngine",
     "gevent": "muxpool.engines.gevent:GeventEngine",
+    "auto": "muxpool.engines.auto:AutoEngine",
     # Not an engine of a Server but a server of its own, made by Server(engine="prefork"):
     # a supervisor whose worker processes each run a Server with worker_engine.
     "prefork": "muxpool.prefork:PreforkServer",

@@ -157,7 +157,7 @@ def serve_muxpool(engine: str, port: int, framing: str, app: Any, workers: int |
 
     # A comparison hands --workers to every row; only the threadpool engine (which
     # prefork's workers run by default) has handler threads, the others refuse it.
-    sized = {"workers": workers} if engine in ("threadpool", "prefork") else {}
+    sized = {"workers": workers} if engine in ("threadpool", "prefork", "auto") else {}
     serve(app, ("127.0.0.1", port), engine=engine, framing=framing, idle_timeout=None, **sized)
 
 

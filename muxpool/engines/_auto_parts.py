@@ -1,0 +1,107 @@
+"""The auto engine's parts: its threads' mailboxes, its memory of blocking
+handlers, its monitor's sampling, and what it does to a connection around a
+call (as Connection._call_done does: write the reply or close, then the next)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from ..calls import frame_reply, handler_failed
+
+_IDLE_PERIOD = 0.01  # s between samples while the loop sleeps in select (Go's sysmon: 10 ms)
+_CPU_HANDOFF = 0.05  # s a call busy on the CPU runs before it is handed off all the same
+_FIRST_NEEDED = 8  # quick calls in a row that forgive a handler caught blocking once
+LOOP, EXIT = "loop", "exit"
+
+
+class LoopGone(BaseException):
+    """The loop stopped while this thread's handed-off call ran: drop its result."""
+
+
+class Slot:
+    """One engine thread's mailbox: the task it is given, and its wake-up."""
+
+    __slots__ = ("task", "wake", "calling", "handed", "stuck")
+
+    def __init__(self, task=None):
+        self.task = task
+        self.wake = threading.Event()
+        # The number of this thread's handler call on the loop (0: none), and the
+        # call the monitor took the loop from, or found no thread to take it from.
+        self.calling = self.handed = self.stuck = 0
+
+
+class Memory:
+    __slots__ = ("blocking", "needed", "streak")
+
+    def __init__(self):
+        self.blocking, self.needed, self.streak = True, _FIRST_NEEDED, 0
+
+
+def watch(engine) -> None:
+    """The monitor (run()'s caller): sample the owner's call until the loop ends;
+    hand off one that has run handoff_after mostly off the CPU."""
+    fastest = max(engine.handoff_after / 2, 0.0002)
+    period, seen, seen_at, seen_cpu, ticks = fastest, 0, 0.0, 0.0, -1
+    while not engine._ended.wait(period):
+        owner = engine._owner_slot
+        calling, now = owner.calling, time.monotonic()
+        if not calling:
+            idle = engine.mux.ticks == ticks and ticks % 2
+            ticks = engine.mux.ticks
+            period = min(period * 2, _IDLE_PERIOD) if idle else fastest
+            continue
+        period = fastest
+        if calling != seen:
+            seen, seen_at, seen_cpu = calling, now, _cpu(engine.mux.runner_id)
+            continue
+        ran = now - seen_at
+        if ran >= engine.handoff_after and (ran >= _CPU_HANDOFF
+                                            or _cpu(engine.mux.runner_id) - seen_cpu < ran / 2):
+            engine._hand_off(owner, calling)
+
+
+def _cpu(runner_id) -> float:
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(runner_id))
+    except (AttributeError, OSError, TypeError):
+        return 0.0  # no per-thread clock: every long call counts as blocked
+
+
+def reply(conn, ok, value) -> bool:
+    """Write the reply; False: the call failed or its reply cannot be framed (closing)."""
+    if not ok:
+        conn.busy = False
+        handler_failed(conn.peer, value)
+        conn.close_when_done(drop_backlog=True)
+        return False
+    if value is not None and not conn.closed:
+        data = frame_reply(conn.encode, value, conn.peer)
+        if data is None:
+            conn.busy = False
+            conn.close_when_done(drop_backlog=True)
+            return False
+        conn.write(data)
+    return True
+
+
+def settle(conn) -> None:
+    """What Connection._call_done does after a call: the next one, or finish."""
+    conn.busy = False
+    if conn.held:
+        return  # flush() answers them, then the backlog, in order
+    if conn.backlog:
+        conn.run_next()
+    else:
+        if not conn.reading and not conn.closing and not conn.eof:
+            conn.resume_if_drained()
+        conn.maybe_finish()
+
+
+def to_backlog(conn, on_message, messages) -> None:
+    """Ahead of the backlog (it holds what arrived after them); they run
+    through the engine, and _call_done counts them again."""
+    conn.ctx.stats.messages_total -= len(messages)
+    conn.backlog.extendleft((on_message, message) for message in reversed(messages))
+    conn.backlog_bytes += sum(map(len, messages))

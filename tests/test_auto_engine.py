@@ -1,0 +1,173 @@
+"""The auto engine's own promises: inline until a call blocks, then the loop moves.
+
+Each test starts real servers on 127.0.0.1 with line framing; the handler
+decides what to do from the message (``sleep <seconds>``) and records where
+each call ran, so a test can tell an inline call (on the thread that runs the
+loop) from one that ran on another thread. Waits are events and deadlines.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import pytest
+
+from muxpool import Client, Server
+
+pytestmark = pytest.mark.timeout(60)
+
+DEADLINE = 10.0
+
+
+class Recorder:
+    """A shared handler: ``sleep S`` sleeps S seconds; anything else echoes."""
+
+    def __init__(self):
+        self.server = None
+        self.calls: list[tuple[bytes, bool]] = []  # (message, ran on the loop's thread)
+        self.started = threading.Semaphore(0)  # released as each sleeping call begins
+
+    def on_message(self, conn, message: bytes) -> bytes:
+        self.calls.append((message, threading.get_ident() == self.server.mux.runner_id))
+        if message.startswith(b"sleep "):
+            self.started.release()
+            time.sleep(float(message.split()[1]))
+        return b"ok " + message
+
+
+@pytest.fixture
+def serve():
+    """``serve(**options) -> (server, app)``: an auto server, always shut down."""
+    servers = []
+
+    def make(**options):
+        app = Recorder()
+        srv = Server(app, port=0, engine="auto", framing="line", **options)
+        app.server = srv
+        servers.append(srv)
+        return srv.start(), app
+
+    yield make
+    for srv in servers:
+        srv.shutdown(timeout=DEADLINE)
+
+
+@pytest.fixture
+def connect():
+    clients = []
+
+    def make(srv):
+        client = Client(*srv.address[:2], framing="line", greeting=False, timeout=DEADLINE)
+        clients.append(client)
+        return client.connect()
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def timed_request(client, message: bytes) -> float:
+    started = time.monotonic()
+    assert client.request(message) == b"ok " + message
+    return time.monotonic() - started
+
+
+def test_echo_clients_are_answered_while_another_connection_sleeps(serve, connect):
+    """The mixed workload: on `loop` every echo here would wait for the 1 s sleep."""
+    srv, app = serve()
+    sleeper = connect(srv)
+    echoes = [connect(srv) for _ in range(20)]
+    sleeper.send(b"sleep 1")
+    assert app.started.acquire(timeout=DEADLINE)
+    slowest = max(timed_request(c, b"echo %d" % i) for i, c in enumerate(echoes))
+    slowest = max(slowest, *(timed_request(c, b"again") for c in echoes))
+    assert slowest < 0.5, f"an echo reply took {slowest:.2f} s while the sleeper slept"
+    assert sleeper.receive() == b"ok sleep 1"
+    assert srv.engine.stats()["handoffs"] >= 1
+
+
+def test_a_handler_that_blocked_goes_to_a_thread_at_once_next_time(serve, connect):
+    srv, app = serve(handoff_after=0.25)
+    blocker, echo = connect(srv), connect(srv)
+    blocker.send(b"sleep 0.6")
+    assert app.started.acquire(timeout=DEADLINE)
+    first = timed_request(echo, b"during the first")  # waits out handoff_after
+    assert blocker.receive() == b"ok sleep 0.6"
+    blocker.send(b"sleep 0.6")
+    assert app.started.acquire(timeout=DEADLINE)
+    second = timed_request(echo, b"during the second")
+    assert blocker.receive() == b"ok sleep 0.6"
+    assert first >= 0.15, f"the first blocking call stalled the loop only {first:.3f} s"
+    assert second < 0.15, f"the remembered blocker stalled the loop {second:.3f} s again"
+    sleeps = [on_loop for message, on_loop in app.calls if message.startswith(b"sleep")]
+    assert sleeps == [True, False]  # the second started on a thread
+    assert srv.engine.stats()["handoffs"] == 1
+
+
+def test_a_handler_that_stops_blocking_returns_to_the_loop(serve, connect):
+    srv, app = serve(handoff_after=0.05)
+    client = connect(srv)
+    assert client.request(b"sleep 0.2") == b"ok sleep 0.2"  # caught blocking
+    for i in range(40):
+        assert client.request(b"quick %d" % i) == b"ok quick %d" % i
+    quick = [on_loop for message, on_loop in app.calls if message.startswith(b"quick")]
+    assert quick[0] is False, "the call after a blocked one should start on a thread"
+    assert quick[-10:] == [True] * 10, f"never back on the loop: {quick}"
+    assert srv.engine.stats()["blocking_handlers"] == 0
+
+
+def test_200_blocking_calls_wait_in_order_for_at_most_workers_threads(serve):
+    before = threading.active_count()
+    srv, _app = serve(workers=4, handoff_after=0.01, loop_stall_warning=None)
+    socks = [socket.create_connection(srv.address[:2], timeout=DEADLINE) for _ in range(200)]
+    try:
+        for sock in socks:
+            sock.sendall(b"sleep 0.02\n")
+        most_threads = most_queued = 0
+        replies = 0
+        deadline = time.monotonic() + DEADLINE
+        pending = list(socks)
+        while pending and time.monotonic() < deadline:
+            stats = srv.engine.stats()
+            most_queued = max(most_queued, stats["queued"])
+            most_threads = max(most_threads, threading.active_count() - before)
+            sock = pending.pop(0)
+            assert sock.recv(64) == b"ok sleep 0.02\n"
+            replies += 1
+        assert replies == 200
+        # + the server thread (the monitor) and nothing else: no watchdog here
+        assert most_threads <= 4 + 1, most_threads
+        assert srv.engine.stats()["threads"] <= 4
+        assert most_queued > 0, "the calls never waited for a thread"
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_per_connection_order_holds_across_a_hand_off(serve, connect):
+    srv, app = serve(handoff_after=0.01)
+    client, bystander = connect(srv), connect(srv)
+    first = [b"m%02d" % i for i in range(30)]
+    # One write, so the server reads the sleep and the 30 after it at once.
+    client._sock.sendall(b"sleep 0.3\n" + b"".join(m + b"\n" for m in first))
+    assert app.started.acquire(timeout=DEADLINE)
+    assert timed_request(bystander, b"meanwhile") < 0.25  # the loop moved on
+    later = [b"late%02d" % i for i in range(30)]
+    for message in later:
+        client.send(message)
+    replies = [client.receive() for _ in range(1 + len(first) + len(later))]
+    assert replies == [b"ok sleep 0.3"] + [b"ok " + m for m in first + later]
+    assert srv.engine.stats()["handoffs"] >= 1
+
+
+def test_the_stall_warning_does_not_fire_for_a_call_that_was_handed_off(serve, connect, caplog):
+    srv, _app = serve(loop_stall_warning=0.1)
+    client = connect(srv)
+    with caplog.at_level(logging.WARNING, logger="muxpool.server"):
+        assert client.request(b"sleep 0.5") == b"ok sleep 0.5"
+    stuck = [r for r in caplog.records if "event loop has been stuck" in r.getMessage()]
+    assert not stuck, stuck[0].getMessage()
+    assert srv.engine.stats()["handoffs"] == 1
