@@ -31,7 +31,7 @@ _MAX_ENCODED = 0xFFFFFFFF  # the most a 4-byte length prefix can carry
 __all__ = ["ENGINE_NAMES", "WORKER_ENGINES", "ServerConfig", "flag", "make_listener", "option"]
 
 # engines/__init__.py's name table, which sits above this module; a test keeps them equal.
-ENGINE_NAMES = ("loop", "threadpool", "threaded", "gevent", "prefork", "auto")
+ENGINE_NAMES = ("loop", "threadpool", "threaded", "gevent", "auto", "prefork")
 WORKER_ENGINES = ("loop", "threadpool", "threaded")  # what a prefork worker can run
 
 _NEVER = "give seconds, or 0 for never"

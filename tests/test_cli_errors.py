@@ -127,7 +127,7 @@ CASES = {
     "log level": Case("serve --log-level bogus", 2, "muxpool: error: argument --log-level: 'bogus' is "
                       f"not a level: choose debug, info, warning, error or critical ({USAGE})"),
     "engine": Case("serve --engine fast", 2, "muxpool: error: argument --engine: invalid choice: "
-                   "'fast' (choose from 'loop', 'threadpool', 'threaded', 'gevent', 'prefork') "
+                   "'fast' (choose from 'loop', 'threadpool', 'threaded', 'gevent', 'auto', 'prefork') "
                    f"({USAGE})"),
     "pool off threadpool": Case("serve --engine loop --pool process", 2, "muxpool: error: --pool "
                                 "offloads handlers from the threadpool engine; the loop engine runs "
@@ -183,7 +183,7 @@ CASES = {
                                "gevent, socketserver, or none)"),
     "compare engines": Case("bench --compare --engines fast", 2, "muxpool: error: --engines 'fast' "
                             "names no such server: fast (choose from loop, threadpool, threaded, "
-                            "gevent, prefork)"),
+                            "gevent, auto, prefork)"),
     "compare address": Case("bench --compare :8088", 2, "muxpool: error: --compare starts its own "
                             "servers, so it takes no address (drop the address, or drop --compare to "
                             "load an existing server)"),
