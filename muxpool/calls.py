@@ -38,8 +38,12 @@ def frame_reply(encode: Callable[[bytes], bytes], reply: Any, peer: Any) -> byte
     try:
         return encode(reply)
     except (ProtocolError, TypeError) as exc:
-        log.error("handler reply to %s cannot be framed: %s", peer, exc)
+        unframeable(peer, exc)
         return None
+
+
+def unframeable(peer: Any, error: Exception) -> None:
+    log.error("handler reply to %s cannot be framed: %s", peer, error)
 
 
 def handler_failed(peer: Any, error: BaseException) -> None:

@@ -255,8 +255,10 @@ class Connection:
                 self.close_when_done(drop_backlog=True)
                 return
             if reply is not None and not self.closed:
-                data = calls.frame_reply(self.encode, reply, self.peer)
-                if data is None:
+                try:  # written out, not calls.frame_reply: a call per message costs requests/s
+                    data = self.encode(reply)
+                except (ProtocolError, TypeError) as exc:
+                    calls.unframeable(self.peer, exc)
                     self.close_when_done(drop_backlog=True)
                     return
                 self.write(data)

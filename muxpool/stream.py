@@ -360,7 +360,11 @@ class StreamConnection:
             for message in messages:
                 reply = handle(self, message)
                 if reply is not None:
-                    out = encode(reply)
+                    try:
+                        out = encode(reply)
+                    except (ProtocolError, TypeError) as exc:  # as on the loop: logged, closed
+                        calls.unframeable(self.peer, exc)
+                        return "linger"
                     acquire()
                     try:
                         if settimeout is not None:

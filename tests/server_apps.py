@@ -357,3 +357,10 @@ class GrowingPidGreeter(PidGreeter):
             _GROWN.append(b"x" * (64 << 20))
             return b"grown"
         return PREFIX + message
+
+
+class UnframeableOn(Greeter):
+    """Reply with an int (no framing can carry it) to ``bad``; echo anything else."""
+
+    def on_message(self, conn, message):
+        return 42 if message == b"bad" else PREFIX + message

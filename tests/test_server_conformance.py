@@ -674,6 +674,21 @@ def test_handler_error_closes_only_that_connection_and_is_logged(make_server, co
     assert bystander.request(b"still here") == b"response: still here"
 
 
+def test_a_reply_the_framing_cannot_carry_closes_only_that_connection_and_is_logged(
+        make_server, connect, peers, server_log):
+    log = server_log(logging.ERROR)
+    srv = make_server(server_apps.UnframeableOn)
+    bystander = connect(srv)
+    victim = peers(srv)
+    assert victim.receive() == GREETING
+    port = victim.local_port
+    victim.send(b"bad")
+    assert victim.receive() is None  # closed by the server
+    wait_for(lambda: [r for r in log.records() if "cannot be framed" in r["message"]
+                      and str(port) in r["message"]], what="the unframeable reply to be logged")
+    assert bystander.request(b"unaffected") == b"response: unaffected"
+
+
 def test_shutdown_delivers_every_in_flight_reply(make_server, connect):
     app = server_apps.SlowEcho(delay=0.2, expected=10)
     srv = make_server(app)
