@@ -273,6 +273,10 @@ def engine(request):
     return request.param
 
 
+# Tests of what lies above the framing need only one (line: the one with every rule).
+ONE_FRAMING = pytest.mark.parametrize("framing", ["line"])
+
+
 @pytest.fixture(params=FRAMINGS)
 def framing(request):
     return request.param
@@ -674,6 +678,7 @@ def test_handler_error_closes_only_that_connection_and_is_logged(make_server, co
     assert bystander.request(b"still here") == b"response: still here"
 
 
+@ONE_FRAMING
 def test_a_reply_the_framing_cannot_carry_closes_only_that_connection_and_is_logged(
         make_server, connect, peers, server_log):
     log = server_log(logging.ERROR)
@@ -813,12 +818,14 @@ def test_slowloris_is_closed_by_idle_timeout(make_server, connect, framing):
 # --- the conn contract (muxpool.Conn), the same on every engine ---------------------------
 
 
+
 def _contract_records(path, event: str, count: int = 1) -> list[dict]:
     found = wait_for(lambda: (r := [x for x in server_apps.read_records(path) if x["event"] == event])
                      and len(r) >= count and r, what=f"the handler to record {event!r}")
     return found
 
 
+@ONE_FRAMING
 def test_conn_is_a_muxpool_conn_and_send_after_its_own_close_raises_connection_closed(
         make_server, connect, tmp_path):
     path = tmp_path / "contract.jsonl"
@@ -833,6 +840,7 @@ def test_conn_is_a_muxpool_conn_and_send_after_its_own_close_raises_connection_c
     assert (end["error"], end["raised"]) == ("NoneType", "ConnectionClosed")
 
 
+@ONE_FRAMING
 def test_conn_send_after_the_peer_reset_raises_connection_broken_caused_by_the_socket_error(
         make_server, tmp_path):
     path = tmp_path / "contract.jsonl"
@@ -848,6 +856,7 @@ def test_conn_send_after_the_peer_reset_raises_connection_broken_caused_by_the_s
     assert (end["raised"], end["is_oserror"]) == ("ConnectionBroken", True), end
 
 
+@ONE_FRAMING
 def test_a_handler_over_handler_timeout_ends_its_connection_with_handler_timeout(
         make_server, connect, tmp_path):
     path = tmp_path / "contract.jsonl"
