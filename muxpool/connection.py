@@ -315,14 +315,18 @@ class Connection:
         else:
             calls.handler_failed(self.peer, value)
             self.close_when_done(drop_backlog=True)
+        self.after_call()
+        if ctx.draining:
+            ctx.check_drained()
+
+    def after_call(self) -> None:
+        """A call has ended: start the next queued one, or resume reading and finish."""
         if self.backlog:
             self.run_next()
         else:
             if not self.reading and not self.closing and not self.eof:
                 self.resume_if_drained()
             self.maybe_finish()
-        if ctx.draining:
-            ctx.check_drained()
 
     def _handler_overdue(self) -> None:
         self.handler_timer = None

@@ -91,12 +91,7 @@ def settle(conn) -> None:
     conn.busy = False
     if conn.held:
         return  # flush() answers them, then the backlog, in order
-    if conn.backlog:
-        conn.run_next()
-    else:
-        if not conn.reading and not conn.closing and not conn.eof:
-            conn.resume_if_drained()
-        conn.maybe_finish()
+    conn.after_call()
 
 
 def to_backlog(conn, on_message, messages) -> None:

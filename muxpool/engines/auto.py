@@ -331,17 +331,16 @@ class AutoEngine(Engine):
 
     def _queue(self, job) -> None:
         self._in_flight += 1
-        with self._lock:
-            self._jobs.append(job)
-            if self._standby:
-                self._standby.pop().wake.set()
-            elif len(self._workers) < self.threads:
-                self._spawn(Slot())
+        self._push(job)
 
     def spawn(self, fn, name: str) -> None:
         """A whole connection (a socketserver handler) on one of our threads."""
+        self._push(fn)
+
+    def _push(self, job) -> None:
+        """Wake a standby thread for ``job``, or start one while under ``workers``."""
         with self._lock:
-            self._jobs.append(fn)
+            self._jobs.append(job)
             if self._standby:
                 self._standby.pop().wake.set()
             elif len(self._workers) < self.threads:
