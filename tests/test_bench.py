@@ -13,31 +13,28 @@ out, pass or fail; readiness is polled with deadlines, never slept for.
 from __future__ import annotations
 
 import array
-import contextlib
 import dataclasses
 import importlib.util
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 
 import pytest
+from support.bench import LATENCY_KEYS, muxpool_server, run_cli
+from support.bench_servers import (
+    GREETING,
+    CountedEchoServer,
+    NeverReadsServer,
+    ResetsAfterFirstRequestServer,
+    StallingEchoServer,
+    WrongReplyServer,
+)
 
-from muxpool import Server, make_framer
+from muxpool import make_framer
 from muxpool.loadtest import LoadSpec, Report, percentiles, run_load
 from muxpool.loadtest.generator import Generator
 
-from bench_servers import (GREETING, CountedEchoServer, NeverReadsServer, ResetsAfterFirstRequestServer,
-                           StallingEchoServer, WrongReplyServer)
-
 pytestmark = pytest.mark.timeout(60)
-
-MUXPOOL = [sys.executable, "-m", "muxpool.cli"]
-LATENCY_KEYS = {"p50", "p90", "p99", "p99.9", "max"}
-
 
 def spec_for(port: int, **overrides) -> LoadSpec:
     """One generator process's worth of load on a loopback port; no warm-up
@@ -45,40 +42,6 @@ def spec_for(port: int, **overrides) -> LoadSpec:
     options = dict(host="127.0.0.1", port=port, connections=4, duration=1.0, warmup=0.0, timeout=5.0)
     options.update(overrides)
     return LoadSpec(**options)
-
-
-@contextlib.contextmanager
-def muxpool_server(**options):
-    srv = Server(port=0, **options).start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown(timeout=10)
-
-
-@contextlib.contextmanager
-def process_group(args, **popen_options):
-    """Run ``args`` in a new session; if it is still running on the way out, kill its
-    whole process group (the bench CLI's generator and server children included)
-    while the group id is surely still ours, then reap it."""
-    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen_options}
-    proc = subprocess.Popen(args, text=True, start_new_session=True, **options)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=10)
-
-
-def run_cli(args, timeout: float) -> tuple[int, str, str]:
-    with process_group(MUXPOOL + args) as proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"muxpool {' '.join(args)} did not finish within {timeout} s")
-        return proc.returncode, out, err
 
 
 def assert_round_trips(report: Report) -> dict:

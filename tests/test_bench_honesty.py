@@ -24,9 +24,9 @@ import textwrap
 import time
 
 import pytest
-from bench_servers import CountedEchoServer, WrongReplyServer
 from rich.console import Console
-from test_bench import MUXPOOL, muxpool_server, process_group
+from support.bench import MUXPOOL, muxpool_server, process_group
+from support.bench_servers import CountedEchoServer, WrongReplyServer
 
 from muxpool.loadtest import LoadSpec, Report, percentiles
 from muxpool.loadtest.compare import Row

@@ -19,8 +19,8 @@ import threading
 import time
 
 import pytest
-from bench_servers import GREETING, PREFIX, ResetsAfterFirstRequestServer, TestServer
-from test_bench import LATENCY_KEYS, muxpool_server, run_cli
+from support.bench import LATENCY_KEYS, muxpool_server, run_cli
+from support.bench_servers import GREETING, PREFIX, ResetsAfterFirstRequestServer, TestServer
 
 from muxpool import Server, make_framer
 from muxpool.loadtest import LoadSpec, Report, run_load

@@ -18,9 +18,10 @@ import sys
 import time
 
 import pytest
+from support.engines import SERVER_ENGINES as ENGINES
+from support.servers import GREETING
 
 from muxpool import Client, Server
-from test_server_conformance import ENGINES, GREETING
 
 pytestmark = pytest.mark.timeout(60)
 

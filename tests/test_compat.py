@@ -25,13 +25,12 @@ import sys
 import textwrap
 import time
 
-import pytest
-
 import compat_handlers
-from compat_handlers import (FailingHandler, LineEchoHandler, MyStreamHandler, MyTCPHandler,
-                             RecordingHandler)
+import pytest
+from compat_handlers import FailingHandler, LineEchoHandler, MyStreamHandler, MyTCPHandler, RecordingHandler
+from support.waiting import wait_for
+
 from muxpool import Server
-from test_server_conformance import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from cli_server import cli_server, stop_gracefully
+from support.cli_process import cli_server, stop_gracefully
 
 from muxpool import ConfigError, Server
 from muxpool.cli import build_parser

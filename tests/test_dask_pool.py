@@ -19,8 +19,9 @@ from concurrent.futures import CancelledError
 
 import pool_tasks
 import pytest
-from pool_support import made_pools, wait_until
-from processes import process_exists
+from support.pools import made_pools
+from support.processes import process_exists
+from support.waiting import wait_for
 
 from muxpool import PoolClosed, RemoteTraceback, SerializationError, TaskTimeout
 
@@ -97,7 +98,7 @@ def test_own_local_cluster_serves_and_close_shuts_it_down(pools):
     assert slow.result(timeout=0) == "late"  # close() lets work finish first
     assert pool.stats().workers == 0
     assert not accepts(address), "the scheduler still accepts connections after close()"
-    wait_until(lambda: not any(process_exists(pid) for pid in worker_pids), 10, "worker processes to exit")
+    wait_for(lambda: not any(process_exists(pid) for pid in worker_pids), 10, "worker processes to exit")
 
 
 def test_terminate_cancels_running_work_and_shuts_the_cluster_down(pools, tmp_path):
@@ -105,7 +106,7 @@ def test_terminate_cancels_running_work_and_shuts_the_cluster_down(pools, tmp_pa
     address = pool.client.scheduler.address
     pid_file = tmp_path / "pid"
     running = pool.submit(pool_tasks.write_pid_then_sleep, str(pid_file), 30)
-    wait_until(pid_file.exists, 20, "the task to start")
+    wait_for(pid_file.exists, 20, "the task to start")
     queued = [pool.submit(pool_tasks.square, i) for i in range(5)]
     calls = []
     pool.run(pool_tasks.square, (3,), lambda ok, result: calls.append((ok, result)))
@@ -118,7 +119,7 @@ def test_terminate_cancels_running_work_and_shuts_the_cluster_down(pools, tmp_pa
     assert pool.join(30)
     assert not accepts(address)
     # Dask cannot interrupt the running call, but the cluster's end kills its worker.
-    wait_until(lambda: not process_exists(int(pid_file.read_text())), 10, "the worker to exit")
+    wait_for(lambda: not process_exists(int(pid_file.read_text())), 10, "the worker to exit")
     s = pool.stats()
     assert (s.cancelled, s.failed, s.completed, s.busy, s.queued) == (6, 1, 0, 0, 0)
 
@@ -169,7 +170,7 @@ def test_task_timeout_fails_the_task_and_the_pool_carries_on(pools, client):
     calls = []
     pool.run(pool_tasks.sleep_then_return, (1.5,), lambda ok, r: calls.append((ok, r)),
              task_timeout=0.2)
-    wait_until(lambda: calls, 10, "the timed-out run callback")
+    wait_for(lambda: calls, 10, "the timed-out run callback")
     assert calls[0][0] is False and isinstance(calls[0][1], TaskTimeout)
 
     # The pool-wide limit (5 s) leaves quick tasks alone.
@@ -220,7 +221,7 @@ def test_a_killed_worker_never_hangs_the_pool(pools, tmp_path):
 
     pid_file = tmp_path / "pid"
     fut = pool.submit(pool_tasks.write_pid_then_sleep, str(pid_file), 1.0)
-    wait_until(pid_file.exists, 20, "the task to start")
+    wait_for(pid_file.exists, 20, "the task to start")
     victim = int(pid_file.read_text())
     assert victim in pids
     os.kill(victim, signal.SIGKILL)
@@ -289,7 +290,7 @@ def test_a_housekeeper_failure_breaks_the_pool(pools, client, tmp_path, caplog):
     started, release = tmp_path / "started", tmp_path / "release"
     try:
         blocked = pool.submit(pool_tasks.block_on_files, str(started), str(release))
-        wait_until(started.exists, 30, what="the blocker to start")
+        wait_for(started.exists, 30, what="the blocker to start")
         pending = [blocked] + [pool.submit(pool_tasks.square, i) for i in range(3)]
         pool.armed = True
         quick = pool.submit(pool_tasks.square, 9)  # its result reaches the housekeeper, which fails

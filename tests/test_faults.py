@@ -29,8 +29,9 @@ import time
 
 import fault_apps
 import pytest
-from test_prefork import CLOSED, ServeProcess, live_children, process_gone, start_loops, worker_of
-from test_server_conformance import DEADLINE, PREFIX, refuses_connections, wait_for
+from support.prefork import CLOSED, ServeProcess, live_children, process_gone, start_loops, worker_of
+from support.servers import PREFIX, refuses_connections
+from support.waiting import DEADLINE, wait_for
 
 from muxpool import Client
 from muxpool.server import DUPLICATE_WINDOW

@@ -28,19 +28,19 @@ import time
 from typing import Self
 
 import pytest
-from reliability_helpers import (
-    ENGINES,
+from support.engines import CLI_ENGINES as ENGINES
+from support.engines import needs_gevent
+from support.served import (
     RAW_GREETING,
     RAW_PREFIX,
     cli_server,
     greeted_echo,
-    needs_gevent,
     percentile,
     plain_cycle,
     raw_echo_large,
     recv_exactly,
 )
-from test_server_conformance import DEADLINE, wait_for
+from support.waiting import DEADLINE, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -20,10 +20,10 @@ import threading
 import time
 
 import pytest
-from processes import Logged
+from support.processes import Logged
 
-from muxpool.prefork import worker_logs as _worker_logs
 from muxpool.logs import JsonFormatter, PlainFormatter, configure_logging, exception_lines
+from muxpool.prefork import worker_logs as _worker_logs
 
 pytestmark = pytest.mark.timeout(90)
 

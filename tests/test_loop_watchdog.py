@@ -15,8 +15,9 @@ import threading
 import time
 
 import pytest
-from reliability_helpers import cli_server, needs_gevent
-from test_server_conformance import DEADLINE, wait_for
+from support.engines import needs_gevent
+from support.served import cli_server
+from support.waiting import DEADLINE, wait_for
 
 from muxpool import Client
 from muxpool.multiplexer import Multiplexer

@@ -31,30 +31,14 @@ import threading
 import time
 
 import pytest
-from reliability_helpers import ENGINES, cli_server, needs_gevent
 from server_apps import read_records
-from test_server_conformance import DEADLINE, wait_for
+from support.engines import CLI_ENGINES as ENGINES
+from support.engines import needs_gevent
+from support.lines import GREETING, Lines
+from support.served import cli_server
+from support.waiting import DEADLINE, wait_for
 
 pytestmark = pytest.mark.timeout(90)
-
-GREETING = b"Hello client-side\n"
-
-
-class Lines:
-    """Line reading over a socket; ``readline()`` returns None at EOF (a reset raises)."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock, self.buffer = sock, b""
-
-    def readline(self) -> bytes | None:
-        while b"\n" not in self.buffer:
-            chunk = self.sock.recv(262144)
-            if not chunk:
-                return None
-            self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line
-
 
 def sigterm_and_wait(server, timeout: float = DEADLINE) -> tuple[int, float]:
     """SIGTERM the server (for prefork: the parent, which drains its workers); its exit

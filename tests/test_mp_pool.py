@@ -22,9 +22,9 @@ import traceback
 import weakref
 from concurrent.futures import CancelledError
 
+import pool_tasks
 import pytest
 
-import pool_tasks
 from muxpool import Pool, SerializationError, WorkerCrashed
 from muxpool.errors import RemoteTraceback
 

@@ -28,8 +28,9 @@ import warnings
 import pytest
 import server_apps
 from no_hang_apps import RELEASE_ENV
-from processes import Logged, process_exists
-from test_server_conformance import DEADLINE, PREFIX, start_server, stop_servers, wait_for
+from support.processes import Logged, process_exists
+from support.servers import PREFIX, start_server, stop_servers
+from support.waiting import DEADLINE, wait_for
 
 from muxpool import Client, ConnectionBroken, Server
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 import offload_apps
-from cli_server import cli_server, stop_gracefully
+import pytest
+from support.cli_process import cli_server, stop_gracefully
+
 from muxpool import Client, ConnectionBroken, EchoService, ProcessPool, Server
 from muxpool.loadtest import LoadSpec, run_load
 

@@ -16,8 +16,10 @@ import socket
 import time
 
 import pytest
-from reliability_helpers import ENGINES, cli_server, needs_gevent
-from test_server_conformance import DEADLINE, wait_for
+from support.engines import CLI_ENGINES as ENGINES
+from support.engines import needs_gevent
+from support.served import cli_server
+from support.waiting import DEADLINE, wait_for
 
 from muxpool import Server
 from muxpool.multiplexer import Multiplexer

@@ -19,7 +19,7 @@ import time
 
 import pool_tasks
 import pytest
-from pool_support import made_pools
+from support.pools import made_pools
 
 from muxpool import PoolBroken, TaskTimeout, ThreadPool
 from muxpool.pools.queued import THREADS, Runtime

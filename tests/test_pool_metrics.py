@@ -15,7 +15,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import pool_tasks
 import pytest
 import recycling_tasks
-from pool_support import made_pools, wait_until
+from support.pools import made_pools
+from support.waiting import wait_for
 
 from muxpool import MissingDependency, PoolCollector, ProcessPool, ThreadPool
 
@@ -94,7 +95,7 @@ def test_busy_and_queued_gauges_under_held_work(make_pool, registry, scrape, tmp
     started = [tmp_path / f"started-{i}" for i in range(2)]
     held = [pool.submit(pool_tasks.block_on_files, str(path), str(release)) for path in started]
     queued = [pool.submit(pool_tasks.square, i) for i in range(3)]
-    wait_until(lambda: all(path.exists() for path in started), 15, what="both tasks to start")
+    wait_for(lambda: all(path.exists() for path in started), 15, what="both tasks to start")
     got = counts(scrape(), "held")
     assert (got["workers"], got["workers_busy"], got["tasks_queued"]) == (2, 2, 3)
     assert got["tasks_submitted_total"] == 5 and got["tasks_completed_total"] == 0

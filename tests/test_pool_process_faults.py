@@ -19,7 +19,8 @@ import time
 
 import pool_tasks
 import pytest
-from pool_support import made_pools, wait_until
+from support.pools import made_pools
+from support.waiting import wait_for
 
 from muxpool import PoolBroken, ProcessPool, SerializationError, WorkerCrashed
 from muxpool.errors import PoolClosed
@@ -68,7 +69,7 @@ def test_a_supervisor_failure_breaks_the_pool_and_fails_every_task(make_pool, tm
     queued = [pool.submit(pool_tasks.square, i) for i in range(3)]
     calls = []
     pool.run(pool_tasks.square, (5,), lambda ok, value: calls.append((ok, value)))
-    wait_until(started.exists, what="the blocker to start")
+    wait_for(started.exists, what="the blocker to start")
     pool.armed.set()
     release.touch()  # its result makes the supervisor fail
 
@@ -76,7 +77,7 @@ def test_a_supervisor_failure_breaks_the_pool_and_fails_every_task(make_pool, tm
         exc = fut.exception(timeout=10)
         assert isinstance(exc, PoolBroken), repr(exc)
         assert isinstance(exc.__cause__, RuntimeError) and "injected" in str(exc.__cause__)
-    wait_until(lambda: calls, what="the run callback")
+    wait_for(lambda: calls, what="the run callback")
     assert calls[0][0] is False and isinstance(calls[0][1], PoolBroken)
     with pytest.raises(PoolBroken):
         pool.submit(pool_tasks.square, 1)
@@ -85,7 +86,7 @@ def test_a_supervisor_failure_breaks_the_pool_and_fails_every_task(make_pool, tm
     pool.close()
     assert pool.join(5)
     pool.terminate()
-    wait_until(lambda: gone(worker_pid), 5, what="the worker to be killed")
+    wait_for(lambda: gone(worker_pid), 5, what="the worker to be killed")
     broken_logs = [r for r in caplog.records if "broken" in r.getMessage()]
     assert len(broken_logs) == 1, [r.getMessage() for r in caplog.records]
 
@@ -169,11 +170,11 @@ def test_workers_do_not_outlive_a_sigkilled_parent(tmp_path):
                               env=env, start_new_session=True, stdout=subprocess.PIPE, text=True)
     try:
         marks = [tmp_path / f"started.{i}" for i in range(2)]
-        wait_until(lambda: all(m.exists() for m in marks), 30, what="both workers to be busy")
+        wait_for(lambda: all(m.exists() for m in marks), 30, what="both workers to be busy")
         pids = [int(m.read_text()) for m in marks]
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(10)
-        wait_until(lambda: all(gone(pid) for pid in pids), 10, what=f"workers {pids} to die")
+        wait_for(lambda: all(gone(pid) for pid in pids), 10, what=f"workers {pids} to die")
     finally:
         try:
             os.killpg(parent.pid, signal.SIGKILL)

@@ -13,9 +13,10 @@ import os
 import time
 
 import pytest
-from processes import process_exists
 import recycling_tasks as tasks
-from pool_support import made_pools, wait_until
+from support.pools import made_pools
+from support.processes import process_exists
+from support.waiting import wait_for
 
 from muxpool import Pool, ProcessPool, TaskTimeout, WorkerCrashed
 from muxpool.pools._memory import parse_size
@@ -49,7 +50,7 @@ def test_a_worker_over_the_mark_is_replaced_after_its_task(make_pool):
     assert {pid for pid, _ in later} != {first_pid}
     assert all(pid != first_pid and rss < MARK for pid, rss in later), later
     assert len({pid for pid, _ in later}) == 1  # one replacement, which stays under the mark
-    wait_until(lambda: not process_exists(first_pid), 10, what="the retired worker to exit")
+    wait_for(lambda: not process_exists(first_pid), 10, what="the retired worker to exit")
     stats = pool.stats()
     assert (stats.recycled, stats.crashed, stats.failed) == (1, 0, 0)
     assert stats.submitted == stats.completed == 6 and stats.workers == 1

@@ -14,7 +14,7 @@ import multiprocessing
 
 import pool_tasks
 import pytest
-from pool_support import made_pools
+from support.pools import made_pools
 
 from muxpool import ProcessPool, WorkerCrashed
 

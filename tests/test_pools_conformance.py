@@ -37,10 +37,10 @@ import threading
 import time
 from concurrent.futures import CancelledError, Future
 
+import pool_tasks
 import pytest
 
 import muxpool
-import pool_tasks
 from muxpool.errors import PoolClosed, QueueFull
 
 pytestmark = pytest.mark.timeout(60)

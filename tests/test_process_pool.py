@@ -17,7 +17,8 @@ import time
 
 import pool_tasks
 import pytest
-from pool_support import made_pools, wait_until
+from support.pools import made_pools
+from support.waiting import wait_for
 
 from muxpool import ProcessPool
 from muxpool.errors import (
@@ -80,7 +81,7 @@ def test_a_dying_worker_fails_only_its_own_task(make_pool, how):
     assert exc.signal == expected["signal"]
     assert [f.result(timeout=20) for f in others] == list(range(8))
 
-    wait_until(lambda: pool.stats().workers == 2, 10, what="the worker to be replaced")
+    wait_for(lambda: pool.stats().workers == 2, 10, what="the worker to be replaced")
     assert_pool_serves(pool)
     s = pool.stats()
     assert s.failed == 1
@@ -91,7 +92,7 @@ def test_a_crash_reported_through_run_callback(make_pool):
     pool = make_pool(1)
     calls = []
     pool.run(pool_tasks.exit_hard, (3,), lambda ok, result: calls.append((ok, result)))
-    wait_until(lambda: calls, 20, what="the crash callback")
+    wait_for(lambda: calls, 20, what="the crash callback")
     [(ok, exc)] = calls
     assert ok is False
     assert isinstance(exc, WorkerCrashed) and exc.exitcode == 3
@@ -104,7 +105,7 @@ def test_repeated_crashes_never_wedge_the_pool(make_pool):
     goods = [pool.submit(pool_tasks.square, i) for i in range(6)]
     assert all(isinstance(f.exception(timeout=30), WorkerCrashed) for f in crashes)
     assert [f.result(timeout=30) for f in goods] == [i * i for i in range(6)]
-    wait_until(lambda: pool.stats().workers == 2, 10, what="workers to be replaced")
+    wait_for(lambda: pool.stats().workers == 2, 10, what="workers to be replaced")
     assert_pool_serves(pool)
 
 
@@ -122,7 +123,7 @@ def test_pool_wide_task_timeout(make_pool):
     assert [f.result(timeout=10) for f in quick] == [i * i for i in range(5)]
     # A task within the limit is untouched.
     assert pool.submit(pool_tasks.sleep_then_return, 0.05, "ok").result(timeout=10) == "ok"
-    wait_until(lambda: pool.stats().workers == 2, 10, what="the worker to be replaced")
+    wait_for(lambda: pool.stats().workers == 2, 10, what="the worker to be replaced")
     assert_pool_serves(pool)
     assert pool.stats().timed_out == 1
 
@@ -137,13 +138,13 @@ def test_per_task_timeout_via_schedule_and_run(make_pool):
     calls = []
     pool.run(pool_tasks.sleep_then_return, (30,), lambda ok, result: calls.append((ok, result)),
              task_timeout=0.3)
-    wait_until(lambda: calls, 15, what="the timeout callback")
+    wait_for(lambda: calls, 15, what="the timeout callback")
     [(ok, exc)] = calls
     assert ok is False and isinstance(exc, TaskTimeout)
 
     # No limit on other tasks of the same pool.
     assert pool.schedule(pool_tasks.sleep_then_return, (0.4, "fine")).result(timeout=10) == "fine"
-    wait_until(lambda: pool.stats().workers == 1, 10, what="the worker to be replaced")
+    wait_for(lambda: pool.stats().workers == 1, 10, what="the worker to be replaced")
     assert_pool_serves(pool)
 
 
@@ -171,7 +172,7 @@ def test_a_worker_exception_keeps_the_remote_traceback(make_pool):
 
     calls = []
     pool.run(pool_tasks.raise_deep, (), lambda ok, result: calls.append((ok, result)))
-    wait_until(lambda: calls, what="the run callback")
+    wait_for(lambda: calls, what="the run callback")
     [(ok, exc)] = calls
     assert ok is False and isinstance(exc.__cause__, RemoteTraceback)
     assert "_deep_helper_for_traceback" in exc.__cause__.text
@@ -219,7 +220,7 @@ def test_unpicklable_arguments_reach_the_run_callback(make_pool):
     pool = make_pool(1)
     calls = []
     pool.run(pool_tasks.identity, (threading.Lock(),), lambda ok, result: calls.append((ok, result)))
-    wait_until(lambda: calls, what="the run callback")
+    wait_for(lambda: calls, what="the run callback")
     [(ok, exc)] = calls
     assert ok is False and isinstance(exc, SerializationError) and exc.what == "arguments"
     assert_pool_serves(pool)
@@ -269,7 +270,7 @@ def test_terminate_kills_a_running_worker(make_pool, tmp_path):
     pid_file = tmp_path / "worker.pid"
     running = pool.submit(pool_tasks.write_pid_then_sleep, str(pid_file), 30)
     queued = [pool.submit(pool_tasks.square, i) for i in range(3)]
-    wait_until(pid_file.exists, 15, what="the task to start")
+    wait_for(pid_file.exists, 15, what="the task to start")
     pid = int(pid_file.read_text())
     assert pid_alive(pid)
 
@@ -278,9 +279,9 @@ def test_terminate_kills_a_running_worker(make_pool, tmp_path):
     elapsed = time.monotonic() - t0
     assert elapsed < 0.5, f"terminate() took {elapsed:.3f} s"
     assert pool.join(5)
-    wait_until(lambda: not pid_alive(pid), 5, what=f"worker {pid} to disappear")
+    wait_for(lambda: not pid_alive(pid), 5, what=f"worker {pid} to disappear")
     assert all(f.cancelled() for f in queued)
-    wait_until(running.done, 5, what="the killed task's future to settle")
+    wait_for(running.done, 5, what="the killed task's future to settle")
     assert running.cancelled() or running.exception(timeout=0) is not None
     assert pool.stats().workers == 0
     with pytest.raises(PoolClosed):
@@ -293,7 +294,7 @@ def test_close_then_join_stops_every_worker_process(make_pool, tmp_path):
     started = [tmp_path / f"started-{i}" for i in range(2)]
     # Two tasks that both must be running before either ends: two workers.
     futs = [pool.submit(pool_tasks.block_on_files, str(s), str(release), 30) for s in started]
-    wait_until(lambda: all(s.exists() for s in started), 15, what="both tasks to start")
+    wait_for(lambda: all(s.exists() for s in started), 15, what="both tasks to start")
     pids = {int(s.read_text()) for s in started}
     assert len(pids) == 2
     pool.close()
@@ -301,7 +302,7 @@ def test_close_then_join_stops_every_worker_process(make_pool, tmp_path):
     assert pool.join(10)
     assert [f.result(timeout=0) for f in futs] == ["released", "released"]
     for pid in pids:
-        wait_until(lambda: not pid_alive(pid), 5, what=f"worker {pid} to exit")
+        wait_for(lambda: not pid_alive(pid), 5, what=f"worker {pid} to exit")
     assert pool.stats().workers == 0
 
 
@@ -362,7 +363,7 @@ def test_multiprocessing_pool_style_code():
         assert list(pool.map(pool_tasks.square, range(10))) == [i * i for i in range(10)]
         assert sorted(pool.imap_unordered(pool_tasks.square, range(10), chunksize=3)) == [
             i * i for i in range(10)]
-    wait_until(lambda: len(got) == 11 and len(errors) == 1, what="the callbacks")
+    wait_for(lambda: len(got) == 11 and len(errors) == 1, what="the callbacks")
     assert sorted(got) == sorted([16] + [i * i for i in range(10)])
     assert type(errors[0]) is ValueError and str(errors[0]) == "nope"
     assert pool.stats().workers == 0

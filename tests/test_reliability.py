@@ -30,13 +30,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
-from reliability_helpers import (
-    ENGINES,
+from support.engines import CLI_ENGINES as ENGINES
+from support.engines import needs_gevent
+from support.served import (
     RAW_GREETING,
     RAW_PREFIX,
     cli_server,
     greeted_echo,
-    needs_gevent,
     percentile,
     plain_cycle,
     raw_echo_large,
@@ -45,12 +45,8 @@ from reliability_helpers import (
     unread_bytes,
     wait_for_close,
 )
-from test_server_conformance import (
-    DEADLINE,
-    GREETING,
-    PREFIX,
-    wait_for,
-)
+from support.servers import GREETING, PREFIX
+from support.waiting import DEADLINE, wait_for
 
 from muxpool import Client, make_framer
 

@@ -16,9 +16,9 @@ import socket
 import threading
 
 import pytest
-from reliability_helpers import children, cli_server
-from test_lossless_close import GREETING, Lines
-from test_server_conformance import DEADLINE, wait_for
+from support.lines import GREETING, Lines
+from support.served import children, cli_server
+from support.waiting import DEADLINE, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

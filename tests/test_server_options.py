@@ -18,25 +18,24 @@ import threading
 import time
 
 import pytest
-
 import server_apps
-from muxpool import Client, Server
-from test_server_conformance import (
-    DEADLINE,
-    ENGINES,
+from support.engines import SERVER_ENGINES as ENGINES
+from support.servers import (
     GREETING,
     PREFIX,
     Peer,
-    engine_options,
     capturing_server_log,
+    engine_options,
     held_connections,
     in_process_only,
     serves_in_process,
     serving_processes,
     start_server,
     stop_servers,
-    wait_for,
 )
+from support.waiting import DEADLINE, wait_for
+
+from muxpool import Client, Server
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,11 +15,12 @@ import threading
 import time
 
 import pytest
-from reliability_helpers import cli_server, needs_gevent
+from support.engines import CLI_ENGINES, needs_gevent
+from support.served import cli_server
 
 pytestmark = pytest.mark.timeout(60)
 
-ENGINES = ["loop", "threadpool", "threaded", "prefork", "prefork-threaded", "gevent"]
+ENGINES = CLI_ENGINES
 INTERVAL = 0.2
 CLIENTS, REQUESTS, SLEEP_MS = 2, 100, 5
 LINE = re.compile(r"messages/s=(\d+) handler p50=([\d.]+)ms p99=([\d.]+)ms")

@@ -27,9 +27,10 @@ import time
 from pathlib import Path
 
 import pytest
-from reliability_helpers import cli_server, needs_gevent, stop
-from test_lossless_close import Lines
-from test_server_conformance import DEADLINE, wait_for
+from support.engines import needs_gevent
+from support.lines import Lines
+from support.served import cli_server, stop
+from support.waiting import DEADLINE, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -22,6 +22,7 @@ import sys
 import uuid
 
 import pytest
+from support.engines import CLI_ENGINES
 
 from muxpool import ConfigError, Server
 from muxpool.config import ServerConfig
@@ -35,7 +36,7 @@ for _name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WA
     ENV.pop(_name, None)
 MUXPOOL = [sys.executable, "-m", "muxpool.cli"]
 GREETING = b"Hello client-side"
-ENGINES = ["loop", "threadpool", "threaded", "prefork", "gevent"]
+ENGINES = [e for e in CLI_ENGINES if e != "prefork-threaded"]
 
 # What systemd does between fork and exec, in the process it starts: the passed
 # descriptors moved to 3, 4, ... and LISTEN_PID set to that process's own pid

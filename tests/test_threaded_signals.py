@@ -18,8 +18,8 @@ import socket
 import threading
 
 import pytest
-from reliability_helpers import unread_bytes
-from test_server_conformance import DEADLINE, wait_for
+from support.served import unread_bytes
+from support.waiting import DEADLINE, wait_for
 
 from muxpool import Server
 

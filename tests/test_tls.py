@@ -10,13 +10,14 @@ import sys
 import time
 
 import pytest
+from support.cli_process import cli_server, stop_gracefully
+from support.engines import SERVER_ENGINES
 
-from cli_server import cli_server, stop_gracefully
 from muxpool import Client, Server
 
 trustme = pytest.importorskip("trustme")
 
-ENGINES = ["loop", "threadpool", "threaded", "prefork"]
+ENGINES = [e for e in SERVER_ENGINES if e != "auto"]
 pytestmark = pytest.mark.timeout(60)
 
 

@@ -25,25 +25,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-from test_server_conformance import DEADLINE, _worker_connections, tcp_sockets, wait_for
+from .cli_process import free_port
+from .engines import CLI_ENGINES as ENGINES  # noqa: F401 - the suites import them from here
+from .servers import _worker_connections, tcp_sockets
+from .waiting import DEADLINE, wait_for
 
 RAW_GREETING = b"Hello client-side"  # the CLI's echo service, raw framing
 RAW_PREFIX = b"response: "
 PREFORK_PROCESSES = 2
-# prefork's workers run threadpool by default; prefork-threaded covers its blocking worker engine.
-ENGINES = ["loop", "threadpool", "threaded", "prefork", "prefork-threaded", "gevent"]
-
-
-def needs_gevent(engine: str) -> None:
-    if engine == "gevent":
-        pytest.importorskip("gevent")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def children(pid: int) -> list[int]:

@@ -3,10 +3,6 @@ it made, and a poll with a deadline."""
 
 from __future__ import annotations
 
-import time
-
-import pytest
-
 
 def made_pools(default_class, join_timeout: float):
     """The body of a pool factory fixture: yields ``make(*args, pool_class=..., **kwargs)``;
@@ -29,12 +25,3 @@ def made_pools(default_class, join_timeout: float):
         except Exception as exc:  # noqa: BLE001 - reported below, after every pool was tried
             problems.append(f"teardown of {pool!r} raised {exc!r}")
     assert not problems, problems
-
-
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-    return value
