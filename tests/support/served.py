@@ -175,7 +175,7 @@ def _start(cmd: list[str], engine: str, log_path: Path, unix_path: Path | None,
 def _environment(extra: dict[str, str] | None) -> dict[str, str]:
     """The server's environment: ours, ``extra``, and this folder on PYTHONPATH, so that
     ``muxpool serve some_test_app:handler`` finds the test apps."""
-    path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
+    path = os.pathsep.join(p for p in (str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PYTHONPATH": path, **(extra or {})}
 
 
