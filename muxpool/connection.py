@@ -56,7 +56,25 @@ def _call_disconnect(conn: "Connection", error: BaseException | None):
     conn.session.on_disconnect(conn, error)
 
 
-class Connection:
+class HandshakeClock:
+    """The TLS handshake deadline both kinds of connection keep: the whole
+    handshake is timed from the accept, not each read, so a client that
+    trickles its hello cannot hold a slot."""
+
+    tls_timer = None
+
+    def _time_handshake(self) -> None:
+        self.tls_timer = self.ctx.mux.call_later(self.config.tls_handshake_timeout, self._handshake_overdue)
+
+    def _handshake_overdue(self) -> None:
+        self.tls_timer = None
+        if not self.closed and not self.handshaken:
+            log.warning("closing %s: no TLS handshake within %s s (tls_handshake_timeout)",
+                        self.peer, self.config.tls_handshake_timeout)
+            self.abort(None, reset=True)
+
+
+class Connection(HandshakeClock):
     """A client connection as a handler sees it: ``send``, ``close``, ``peer``."""
 
     def __init__(self, ctx: "ConnectionContext", sock: socket.socket, peer: Any, conn_id: int):
@@ -108,7 +126,7 @@ class Connection:
         if self.tls is None:
             self.dispatch(_call_connect, None)
         else:
-            self.tls_timer = self.mux.call_later(config.tls_handshake_timeout, self._handshake_overdue)
+            self._time_handshake()
 
     @property
     def handshaken(self) -> bool:
@@ -341,12 +359,6 @@ class Connection:
             self.tls_timer.cancel()
             self.tls_timer = None
         self.dispatch(_call_connect, None)
-
-    def _handshake_overdue(self) -> None:
-        self.tls_timer = None
-        if not self.closed and not self.handshaken:
-            log_handshake_overdue(self.peer, self.config.tls_handshake_timeout)
-            self.abort(None, reset=True)
 
     def _check_idle(self) -> None:
         if self.closed:
@@ -598,10 +610,6 @@ def raise_closed(peer: Any, broken: OSError | None) -> None:
     if broken is not None:
         raise ConnectionBroken(peer, str(broken)) from broken
     raise ConnectionClosed(f"connection {peer} is closed")
-
-
-def log_handshake_overdue(peer: Any, limit: float) -> None:
-    log.warning("closing %s: no TLS handshake within %s s (tls_handshake_timeout)", peer, limit)
 
 
 def discard_ready(sock: socket.socket, limit: int = 16) -> None:

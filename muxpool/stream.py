@@ -42,7 +42,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import calls
-from .connection import log_handshake_overdue, raise_closed
+from .connection import HandshakeClock, raise_closed
 from .errors import ConnectionBroken, ConnectionClosed, HandlerTimeout, MuxpoolError, ProtocolError
 
 if TYPE_CHECKING:
@@ -65,12 +65,12 @@ LINGER_MAX_BYTES = 8 << 20  # a client still sending this much after our FIN is 
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST at once
 
 
-class StreamConnection:
+class StreamConnection(HandshakeClock):
     """What a handler sees as ``conn`` on the thread- and greenlet-per-connection engines."""
 
     # The loop's idle, write and handler timers do not apply: the kernel or a socket
     # timeout times those calls. tls_timer is the loop's, for the whole handshake.
-    idle_timer = write_timer = handler_timer = tls_timer = None
+    idle_timer = write_timer = handler_timer = None
     linger_timer = None  # the loop's: ends a lingering close it started for an idle thread
     handshaken = False
     outbuf = b""  # replies go straight to the kernel: no buffer in user space
@@ -102,15 +102,8 @@ class StreamConnection:
         """Accepted (loop thread): time the whole TLS handshake (not each read), and
         hand the connection to its own thread or greenlet."""
         if self.ctx.ssl_context is not None:
-            self.tls_timer = self.ctx.mux.call_later(self.config.tls_handshake_timeout,
-                                                     self._handshake_overdue)
+            self._time_handshake()
         self.ctx.engine.spawn(self.serve, f"muxpool-conn-{self.id}")
-
-    def _handshake_overdue(self) -> None:
-        self.tls_timer = None
-        if not self.closed and not self.handshaken:
-            log_handshake_overdue(self.peer, self.config.tls_handshake_timeout)
-            self.abort(None, reset=True)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.peer}>"
