@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-DEADLINE = 10.0
+from .waiting import DEADLINE
 
 
 def process_exists(pid: int) -> bool:
