@@ -613,10 +613,12 @@ def raise_closed(peer: Any, broken: OSError | None) -> None:
 
 
 def discard_ready(sock: socket.socket, limit: int = 16) -> None:
-    """Read and drop what is already waiting (at most ``limit`` reads), without blocking."""
+    """Read and drop what is already waiting (at most ``limit`` reads), without blocking.
+    Below any TLS layer (``socket.socket.recv``): an SSLSocket refuses recv flags,
+    and what is dropped here is never decrypted anyway."""
     for _ in range(limit):
         try:
-            if not sock.recv(READ_SIZE, socket.MSG_DONTWAIT):
+            if not socket.socket.recv(sock, READ_SIZE, socket.MSG_DONTWAIT):
                 return
         except OSError:
             return

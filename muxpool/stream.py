@@ -42,7 +42,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import calls
-from .connection import HandshakeClock, raise_closed
+from .connection import HandshakeClock, discard_ready, raise_closed
 from .errors import ConnectionBroken, ConnectionClosed, HandlerTimeout, MuxpoolError, ProtocolError
 
 if TYPE_CHECKING:
@@ -414,7 +414,7 @@ class StreamConnection(HandshakeClock):
             pass
         except (OSError, ValueError):  # reset, or closed: nothing left to protect
             return
-        _discard_ready(sock)  # unread input would turn the close into a reset
+        discard_ready(sock)  # unread input would turn the close into a reset
 
     def _ready_bytes(self) -> bytes:
         try:
@@ -498,15 +498,6 @@ def _tallied(add, handle, conn, message):
         return handle(conn, message)
     finally:
         add(time.perf_counter() - started)
-
-
-def _discard_ready(sock: socket.socket, limit: int = 16) -> None:
-    for _ in range(limit):
-        try:
-            if not socket.socket.recv(sock, READ_SIZE, socket.MSG_DONTWAIT):
-                return
-        except OSError:
-            return
 
 
 def _writable(sock: socket.socket) -> bool:
