@@ -5,7 +5,7 @@ a background thread, stopping from any thread, the context manager.
 :class:`~muxpool.prefork.PreforkServer` (a supervisor of worker processes,
 each running a ``Server``) both have this surface and nothing else public.
 A subclass provides ``serve_forever()``, ``_begin_drain`` and ``_hard_stop``
-(run on its loop), and sets ``listener``, ``mux``, ``_address``.
+(run on its loop), and sets ``config``, ``_listener``, ``_mux`` and ``_address``.
 """
 
 from __future__ import annotations
@@ -21,16 +21,18 @@ log = logging.getLogger("muxpool.server")
 
 
 class ServerLifecycle:
-    listener: socket.socket
+    config: Any  # the ServerConfig it runs: read it, never change it (it is frozen)
+    _listener: socket.socket
+    _mux: Any  # the Multiplexer its loop runs
     _address: Any
     _failure: BaseException | None = None
     # serve(): called from the drain deadline thread, when one runs, to interrupt
     # a main thread whose loop is stuck in a handler.
-    on_drain_overdue = None
+    _on_drain_overdue = None
     # serve(), in the process a service manager started: a muxpool.systemd.Notifier
     # told READY=1 once serving, STOPPING=1 as the drain begins, and WATCHDOG=1 from
     # a timer on the loop (a loop that stops turning stops the pings: systemd restarts us).
-    notifier = None
+    _notifier = None
 
     def _init_lifecycle(self) -> None:
         self._thread: threading.Thread | None = None
@@ -47,29 +49,29 @@ class ServerLifecycle:
 
     @property
     def socket(self) -> socket.socket:
-        return self.listener
+        return self._listener
 
     def serve_forever(self) -> None:
         raise NotImplementedError
 
     def _notify_serving(self, mux) -> None:
         """On the loop, once serving: READY=1, and the watchdog pings if asked for."""
-        if self.notifier is None:
+        if self._notifier is None:
             return
-        self.notifier.ready()
+        self._notifier.ready()
         from .systemd import watchdog_interval
 
         interval = watchdog_interval()
         if interval:
             def ping() -> None:
-                self.notifier.watchdog()
+                self._notifier.watchdog()
                 mux.call_later(interval, ping)
 
             mux.call_later(0, ping)
 
     def _notify_stopping(self) -> None:
-        if self.notifier is not None:
-            self.notifier.stopping()
+        if self._notifier is not None:
+            self._notifier.stopping()
 
     def start(self):
         """Serve on a background thread; returns once the server accepts, or
@@ -100,8 +102,8 @@ class ServerLifecycle:
         if self._stopped.is_set():
             return
         self._before_drain()
-        self.mux.defer(self._begin_drain)
-        in_handler = self.mux.in_loop_thread() or getattr(calls.handler_thread, "active", False)
+        self._mux.defer(self._begin_drain)
+        in_handler = self._mux.in_loop_thread() or getattr(calls.handler_thread, "active", False)
         if wait and not in_handler and self._serving.is_set():
             self._stopped.wait(timeout)
 
@@ -110,7 +112,7 @@ class ServerLifecycle:
 
     def stop_now(self) -> None:
         """Close every connection at once and stop (a second SIGTERM)."""
-        self.mux.defer(self._hard_stop)
+        self._mux.defer(self._hard_stop)
 
     def __enter__(self):
         if self._thread is None and not self._serving.is_set():

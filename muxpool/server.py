@@ -27,7 +27,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from .compat import RequestHandlerConnection, is_request_handler
 from .config import ServerConfig, make_listener, resolve_config, socket_identity, unlink_own_socket
@@ -56,6 +56,28 @@ _REJECT_PASSES = 64  # x _ACCEPTS_PER_EVENT: the most one reject pass closes bef
 _SHARED_FULL_WAIT_MAX = 0.5  # s at most, while they say they have room (what they say may be stale)
 
 
+class Siblings(Protocol):
+    """The other processes serving the same listening socket, as one ``Server``
+    sees them: a prefork worker's siblings, behind its supervisor's shared
+    memory (``muxpool.prefork.worker.SlotSiblings``). Called on the loop thread."""
+
+    def serving(self, mux: Multiplexer, stats: ServerStats, stop: Any) -> None:
+        """The server's loop is about to run: ``stop()`` drains it (its supervisor went away, say)."""
+
+    def room(self) -> bool | None:
+        """This server is full: has a live sibling room (True), is every one full
+        (False), or can one not say (None: still starting, or silent)?"""
+
+    def holding(self, connections: int) -> None:
+        """This server now holds ``connections`` open."""
+
+    def report(self, stats: ServerStats, connections: int, queued: int) -> None:
+        """The ``stats_interval`` report, in place of this server's own log line."""
+
+    def stopped(self, stats: ServerStats) -> None:
+        """The loop has stopped; ``stats`` are final."""
+
+
 class Server(ServerLifecycle):
     """Serve ``app`` (default: the lesson's echo service) on one engine.
 
@@ -79,54 +101,51 @@ class Server(ServerLifecycle):
 
     def __init__(self, app: Any = None, *, config: ServerConfig | None = None,
                  listener: socket.socket | None = None, ssl_context: ssl.SSLContext | None = None,
-                 pool: Any = None, **overrides: Any):
+                 pool: Any = None, siblings: "Siblings | None" = None, **overrides: Any):
         self.config = config = resolve_config(config, overrides)
-        self.app = app if app is not None else EchoService()
+        self._app = app if app is not None else EchoService()
         engine_class = load_engine(config.engine)
         if pool is not None:
             if config.engine != "threadpool":
                 raise ValueError("pool= offloads handlers from the threadpool engine; "
                                  f"the {config.engine} engine runs them itself")
-            self.engine = engine_class(config, pool=pool)
+            self._engine = engine_class(config, pool=pool)
         else:
-            self.engine = engine_class(config)
-        self.request_handler = is_request_handler(self.app)
-        if self.request_handler:
-            if not self.engine.can_block:
-                raise ValueError(cannot_block(config.engine, self.app))
+            self._engine = engine_class(config)
+        self._request_handler = is_request_handler(self._app)
+        self._new_session = None  # a socketserver handler class runs whole connections itself
+        if self._request_handler:
+            if not self._engine.can_block:
+                raise ValueError(cannot_block(config.engine, self._app))
         else:
-            self.new_session = resolve_handler(self.app)
+            self._new_session = resolve_handler(self._app)
         # One stateless encoder for every reply: what we send is not bound by
         # the limit on what we accept.
-        self.encoder = make_framer(config.framing, _MAX_ENCODED)
+        self._encoder = make_framer(config.framing, _MAX_ENCODED)
         # Handlers called straight from the read path when nothing needs the
         # engine's hand-off: the loop engine, with no per-call timer or timing.
-        self.inline = (getattr(self.engine, "inline", False) and not config.handler_timeout
+        self._inline = (getattr(self._engine, "inline", False) and not config.handler_timeout
                        and not config.stats_interval)
         if ssl_context is None and config.certfile:
             ssl_context = server_context(config.certfile, config.keyfile)
-        self.ssl_context = ssl_context
-        self.mux = Multiplexer()
+        self._ssl_context = ssl_context
+        self._mux = Multiplexer()
         # A prefork worker serves the socket its parent bound and handed down.
-        self.listener = listener if listener is not None else make_listener(config)
+        self._listener = listener if listener is not None else make_listener(config)
         self._owns_listener = listener is None  # a prefork worker must not unlink its parent's path
         # The socket file we bound, so a server unlinks its own and never a newer server's.
         self._socket_file = (socket_identity(config.unix_path)
                              if config.unix_path and self._owns_listener else None)
-        self._busy_reply = (self.encoder.encode(config.busy_message.encode())
+        self._busy_reply = (self._encoder.encode(config.busy_message.encode())
                             if config.busy_message else None)
         self._rejected_unlogged = 0
         self._rejecting = False
         self._full_since: float | None = None
-        # A prefork worker's: do the other workers have room? (their open
-        # connections, through the supervisor's shared array) and a callback
-        # to publish its own count.
-        self.sibling_room: Any = None  # prefork: Callable[[], bool | None]
-        self.on_connection_count: Any = None
+        self._siblings = siblings  # a prefork worker's: the others serving the same socket
         self._reject_logged_at = -_REJECT_LOG_EVERY
-        self._address = self.listener.getsockname()
-        self.stats = ServerStats()
-        self.connections: dict[int, Connection] = {}
+        self._address = self._listener.getsockname()
+        self._stats = ServerStats()
+        self._connections: dict[int, Connection] = {}
         self._ids = itertools.count(1)
         self._accepting = False
         self._draining = False
@@ -135,39 +154,43 @@ class Server(ServerLifecycle):
         self._deadline_lock = threading.Lock()
         # Called (from the deadline thread) when drain_timeout passed with the loop
         # stuck in a handler: serve() interrupts its main thread with it.
-        self.on_drain_overdue = None
+        self._on_drain_overdue = None
         self._init_lifecycle()
         # All a connection knows of its server.
         self._ctx = ConnectionContext(
-            config=config, mux=self.mux, engine=self.engine, encode=self.encoder.encode,
-            new_session=getattr(self, "new_session", None), new_framer=self.new_framer,
-            stats=self.stats, ssl_context=self.ssl_context, inline=self.inline, server=self,
-            app=self.app, closed=self.forget, check_drained=self._stop_if_drained)
+            config=config, mux=self._mux, engine=self._engine, encode=self._encoder.encode,
+            new_session=self._new_session, new_framer=self._new_framer,
+            stats=self._stats, ssl_context=self._ssl_context, inline=self._inline, server=self,
+            app=self._app, closed=self._forget, check_drained=self._stop_if_drained)
 
     # --- lifecycle -----------------------------------------------------------
 
     def serve_forever(self) -> None:
-        self.engine.start(self.mux)
+        self._engine.start(self._mux)
         self._set_accepting(True)
         if self.config.stats_interval:
-            self.mux.call_later(self.config.stats_interval, self._report_stats)
+            self._mux.call_later(self.config.stats_interval, self._stats_tick)
         log.info("muxpool serving %s", _serving(self))
         watchdog = None
-        if self.config.loop_stall_warning and not self.engine.watches_its_loop:
-            watchdog = LoopWatchdog(self.mux, self.config.loop_stall_warning).start()
+        if self.config.loop_stall_warning and not self._engine.watches_its_loop:
+            watchdog = LoopWatchdog(self._mux, self.config.loop_stall_warning).start()
+        if self._siblings is not None:
+            self._siblings.serving(self._mux, self._stats, lambda: self.shutdown(wait=False))
         self._serving.set()
-        self._notify_serving(self.mux)
+        self._notify_serving(self._mux)
         try:
-            with _signals_wake(self.mux):
-                self.mux.run()
+            with _signals_wake(self._mux):
+                self._mux.run()
         finally:
             if watchdog is not None:
                 watchdog.stop()
             self._close_everything()
             # After a hard stop, handler calls still running are abandoned, not waited for.
-            self.engine.stop(wait=not self._stopped_hard)
-            self.mux.close()
-            served = self.stats.connections_total
+            self._engine.stop(wait=not self._stopped_hard)
+            self._mux.close()
+            if self._siblings is not None:
+                self._siblings.stopped(self._stats)
+            served = self._stats.connections_total
             log.info("muxpool stopped (%d connection%s served)", served, "" if served == 1 else "s")
             self._stopped.set()
 
@@ -178,12 +201,12 @@ class Server(ServerLifecycle):
         self._notify_stopping()
         self._ctx.drain_deadline = time.monotonic() + self.config.drain_timeout
         self._set_accepting(False)
-        self.listener.close()
+        self._listener.close()
         if self._socket_file is not None:
             unlink_own_socket(self.config.unix_path, self._socket_file)
-        for conn in list(self.connections.values()):
+        for conn in list(self._connections.values()):
             conn.drain()
-        self.mux.call_later(self.config.drain_timeout, self._hard_stop)
+        self._mux.call_later(self.config.drain_timeout, self._hard_stop)
         self._stop_if_drained()
 
     def stop_now(self) -> None:
@@ -211,32 +234,32 @@ class Server(ServerLifecycle):
             return
         log.error("drain_timeout=%s s has passed and the event loop is still blocked (a handler "
                   "has not returned): closing every connection", self.config.drain_timeout)
-        for conn in _snapshot(self.connections):
+        for conn in _snapshot(self._connections):
             conn.shutdown_socket()
         self.stop_now()
-        if self.on_drain_overdue is not None and self.mux.ticks % 2 == 0:
-            self.on_drain_overdue()
+        if self._on_drain_overdue is not None and self._mux.ticks % 2 == 0:
+            self._on_drain_overdue()
 
     def _stop_if_drained(self) -> None:
-        if self._draining and not self.connections and self.engine.idle():
-            self.mux.stop()
+        if self._draining and not self._connections and self._engine.idle():
+            self._mux.stop()
 
     _deadline_fired = False  # _hard_stop has run on the loop: it is not stuck
 
     def _hard_stop(self) -> None:
         self._deadline_fired = True
-        if self.connections:
-            log.warning("closing %d connections that did not finish in time", len(self.connections))
+        if self._connections:
+            log.warning("closing %d connections that did not finish in time", len(self._connections))
         self._stopped_hard = True
         self._close_everything()
-        self.mux.stop()
+        self._mux.stop()
 
     def _close_everything(self) -> None:
         self._set_accepting(False)
-        for conn in list(self.connections.values()):
+        for conn in list(self._connections.values()):
             conn.abort(None, reset=True)
         try:
-            self.listener.close()
+            self._listener.close()
         except OSError:
             pass
 
@@ -247,18 +270,18 @@ class Server(ServerLifecycle):
             return
         self._accepting = on
         if on:
-            self.mux.register(self.listener, EVENT_READ, self._on_accept)
+            self._mux.register(self._listener, EVENT_READ, self._on_accept)
         else:
-            self.mux.unregister(self.listener)
+            self._mux.unregister(self._listener)
 
     def _on_accept(self, mask: int) -> bool:
         """Accept what waits, at most _ACCEPTS_PER_EVENT; True once the queue is empty."""
         for _ in range(_ACCEPTS_PER_EVENT):
-            full = len(self.connections) >= self.config.max_connections
+            full = len(self._connections) >= self.config.max_connections
             if full and self._leave_to_siblings():
                 return False
             try:
-                sock, peer = self.listener.accept()
+                sock, peer = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return True
             except ConnectionAbortedError:
@@ -267,7 +290,7 @@ class Server(ServerLifecycle):
                 if exc.errno in _OVERLOAD_ERRNOS:
                     log.error("accept failed (%s); pausing accepts for 0.1 s", exc)
                     self._set_accepting(False)
-                    self.mux.call_later(0.1, lambda: self._set_accepting(True))
+                    self._mux.call_later(0.1, lambda: self._set_accepting(True))
                     return False
                 raise
             if full:
@@ -280,23 +303,23 @@ class Server(ServerLifecycle):
         """A full prefork worker shares the listen queue: while a sibling may have
         room, stop accepting for a moment and let it take what waits. When every
         sibling says it is full there is no one to wait for: close at once."""
-        if self._owns_listener or self._rejecting or self.sibling_room is None:
+        if self._siblings is None or self._rejecting:
             return False
-        if self.sibling_room() is False:
+        if self._siblings.room() is False:
             return False
         self._set_accepting(False)
         if self._full_since is None:
             self._full_since = time.monotonic()
-        self.mux.call_later(_SHARED_FULL_PAUSE, self._reject_waiting)
+        self._mux.call_later(_SHARED_FULL_PAUSE, self._reject_waiting)
         return True
 
     def _reject_waiting(self) -> None:
         if self._draining:
             return
         waited = time.monotonic() - (self._full_since or 0.0)
-        if (waited < _SHARED_FULL_WAIT_MAX and len(self.connections) >= self.config.max_connections
-                and self.sibling_room() is not False):
-            self.mux.call_later(_SHARED_FULL_PAUSE, self._reject_waiting)  # theirs to take
+        if (waited < _SHARED_FULL_WAIT_MAX and len(self._connections) >= self.config.max_connections
+                and self._siblings.room() is not False):
+            self._mux.call_later(_SHARED_FULL_PAUSE, self._reject_waiting)  # theirs to take
             return
         self._full_since = None
         # Close what waited, now, to the end of the queue: a flag left for the next
@@ -315,7 +338,7 @@ class Server(ServerLifecycle):
         """No room: close at once (nginx does the same), so the client knows now
         instead of waiting on a connection that the kernel would drop from a
         full accept queue, with its handshake done and no one to serve it."""
-        self.stats.connections_rejected += 1
+        self._stats.connections_rejected += 1
         try:
             sock.setblocking(False)
             if self._busy_reply is not None:
@@ -335,38 +358,39 @@ class Server(ServerLifecycle):
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = peer or self.config.unix_path
-        if self.request_handler:
+        if self._request_handler:
             kind = RequestHandlerConnection
-        elif self.engine.per_connection:
+        elif self._engine.per_connection:
             kind = StreamConnection
         else:
             kind = Connection
         conn = kind(self._ctx, sock, peer, next(self._ids))
-        self.connections[id(conn)] = conn
-        if self.on_connection_count is not None:
-            self.on_connection_count(len(self.connections))
-        self.stats.connections_total += 1
+        self._connections[id(conn)] = conn
+        if self._siblings is not None:
+            self._siblings.holding(len(self._connections))
+        self._stats.connections_total += 1
         conn.start()
 
-    def forget(self, conn: Connection) -> None:
+    def _forget(self, conn: Connection) -> None:
         """A connection's socket closed: free its slot, resume accepting."""
-        self.connections.pop(id(conn), None)
-        if self.on_connection_count is not None:
-            self.on_connection_count(len(self.connections))
-        if not self._accepting and not self._draining and len(self.connections) < self.config.max_connections:
+        self._connections.pop(id(conn), None)
+        if self._siblings is not None:
+            self._siblings.holding(len(self._connections))
+        if not self._accepting and not self._draining and len(self._connections) < self.config.max_connections:
             self._full_since = None
             self._set_accepting(True)
         self._stop_if_drained()
 
-    def _report_stats(self) -> None:
-        self.report_stats(len(self.connections), self.engine.queue_depth())
-        self.mux.call_later(self.config.stats_interval, self._report_stats)
+    def _stats_tick(self) -> None:
+        """The ``--stats-interval`` line (a prefork worker's siblings report it instead)."""
+        connections, queued = len(self._connections), self._engine.queue_depth()
+        if self._siblings is not None:
+            self._siblings.report(self._stats, connections, queued)
+        else:
+            log.info("%s", self._stats.line(connections, queued))
+        self._mux.call_later(self.config.stats_interval, self._stats_tick)
 
-    def report_stats(self, connections: int, queued: int) -> None:
-        """Log the ``--stats-interval`` line (a prefork worker publishes it instead)."""
-        log.info("%s", self.stats.line(connections, queued))
-
-    def new_framer(self):
+    def _new_framer(self):
         return make_framer(self.config.framing, self.config.max_message_size)
 
 
@@ -379,7 +403,7 @@ def serve(app: Any = None, address: tuple[str, int] | None = None, **options: An
     if address is not None:
         options["host"], options["port"] = address
     server = Server(app, **options)
-    server.notifier = Notifier()  # a no-op unless a service manager set NOTIFY_SOCKET
+    server._notifier = Notifier()  # a no-op unless a service manager set NOTIFY_SOCKET
     stop_signals = None
     if threading.current_thread() is threading.main_thread():
         stop_signals = StopSignals(server).install()
@@ -390,7 +414,7 @@ def serve(app: Any = None, address: tuple[str, int] | None = None, **options: An
     finally:
         if stop_signals is not None:
             stop_signals.restore()
-        server.notifier.close()
+        server._notifier.close()
 
 
 DUPLICATE_WINDOW = 0.5  # s: a repeat of the first stop signal this soon is the same request
@@ -422,11 +446,11 @@ class StopSignals:
             self.overdue = True
             signal.pthread_kill(main, signal.SIGTERM)
 
-        self.server.on_drain_overdue = interrupt
+        self.server._on_drain_overdue = interrupt
         return self
 
     def restore(self) -> None:
-        self.server.on_drain_overdue = None
+        self.server._on_drain_overdue = None
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
 
@@ -453,7 +477,7 @@ class StopSignals:
         server = self.server
         server.stop_now()
         # (On gevent this handler runs in a greenlet of its own: raising would end only it.)
-        if server.config.engine != "gevent" and server.mux.in_loop_thread() and server.mux.ticks % 2 == 0:
+        if server.config.engine != "gevent" and server._mux.in_loop_thread() and server._mux.ticks % 2 == 0:
             # The loop is inside a callback — a handler that may never return —
             # so it would never get to run stop_now: unwind it from here.
             raise _StopNow
@@ -499,8 +523,8 @@ def cannot_block(where: str, app: Any) -> str:
 
 
 def _serving(server: Server) -> str:
-    return serving_line(server.app, server.address, server.config, server.engine.describe(),
-                        tls=server.ssl_context is not None, framed=not server.request_handler)
+    return serving_line(server._app, server.address, server.config, server._engine.describe(),
+                        tls=server._ssl_context is not None, framed=not server._request_handler)
 
 
 def serving_line(app: Any, address: Any, config: ServerConfig, how: str, tls: bool, framed: bool) -> str:

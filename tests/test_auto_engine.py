@@ -31,7 +31,7 @@ class Recorder:
         self.started = threading.Semaphore(0)  # released as each sleeping call begins
 
     def on_message(self, conn, message: bytes) -> bytes:
-        self.calls.append((message, threading.get_ident() == self.server.mux.runner_id))
+        self.calls.append((message, threading.get_ident() == self.server._mux.runner_id))
         if message.startswith(b"sleep "):
             self.started.release()
             time.sleep(float(message.split()[1]))
@@ -86,7 +86,7 @@ def test_echo_clients_are_answered_while_another_connection_sleeps(serve, connec
     slowest = max(slowest, *(timed_request(c, b"again") for c in echoes))
     assert slowest < 0.5, f"an echo reply took {slowest:.2f} s while the sleeper slept"
     assert sleeper.receive() == b"ok sleep 1"
-    assert srv.engine.stats()["handoffs"] >= 1
+    assert srv._engine.stats()["handoffs"] >= 1
 
 
 def test_a_handler_that_blocked_goes_to_a_thread_at_once_next_time(serve, connect):
@@ -104,7 +104,7 @@ def test_a_handler_that_blocked_goes_to_a_thread_at_once_next_time(serve, connec
     assert second < 0.15, f"the remembered blocker stalled the loop {second:.3f} s again"
     sleeps = [on_loop for message, on_loop in app.calls if message.startswith(b"sleep")]
     assert sleeps == [True, False]  # the second started on a thread
-    assert srv.engine.stats()["handoffs"] == 1
+    assert srv._engine.stats()["handoffs"] == 1
 
 
 def test_a_handler_that_stops_blocking_returns_to_the_loop(serve, connect):
@@ -116,7 +116,7 @@ def test_a_handler_that_stops_blocking_returns_to_the_loop(serve, connect):
     quick = [on_loop for message, on_loop in app.calls if message.startswith(b"quick")]
     assert quick[0] is False, "the call after a blocked one should start on a thread"
     assert quick[-10:] == [True] * 10, f"never back on the loop: {quick}"
-    assert srv.engine.stats()["blocking_handlers"] == 0
+    assert srv._engine.stats()["blocking_handlers"] == 0
 
 
 def test_200_blocking_calls_wait_in_order_for_at_most_workers_threads(serve):
@@ -131,7 +131,7 @@ def test_200_blocking_calls_wait_in_order_for_at_most_workers_threads(serve):
         deadline = time.monotonic() + DEADLINE
         pending = list(socks)
         while pending and time.monotonic() < deadline:
-            stats = srv.engine.stats()
+            stats = srv._engine.stats()
             most_queued = max(most_queued, stats["queued"])
             most_threads = max(most_threads, threading.active_count() - before)
             sock = pending.pop(0)
@@ -140,7 +140,7 @@ def test_200_blocking_calls_wait_in_order_for_at_most_workers_threads(serve):
         assert replies == 200
         # + the server thread (the monitor) and nothing else: no watchdog here
         assert most_threads <= 4 + 1, most_threads
-        assert srv.engine.stats()["threads"] <= 4
+        assert srv._engine.stats()["threads"] <= 4
         assert most_queued > 0, "the calls never waited for a thread"
     finally:
         for sock in socks:
@@ -160,7 +160,7 @@ def test_per_connection_order_holds_across_a_hand_off(serve, connect):
         client.send(message)
     replies = [client.receive() for _ in range(1 + len(first) + len(later))]
     assert replies == [b"ok sleep 0.3"] + [b"ok " + m for m in first + later]
-    assert srv.engine.stats()["handoffs"] >= 1
+    assert srv._engine.stats()["handoffs"] >= 1
 
 
 def test_the_stall_warning_does_not_fire_for_a_call_that_was_handed_off(serve, connect, caplog):
@@ -170,4 +170,4 @@ def test_the_stall_warning_does_not_fire_for_a_call_that_was_handed_off(serve, c
         assert client.request(b"sleep 0.5") == b"ok sleep 0.5"
     stuck = [r for r in caplog.records if "event loop has been stuck" in r.getMessage()]
     assert not stuck, stuck[0].getMessage()
-    assert srv.engine.stats()["handoffs"] == 1
+    assert srv._engine.stats()["handoffs"] == 1

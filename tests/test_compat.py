@@ -375,7 +375,7 @@ def test_prefork_with_loop_workers_refuses_a_socketserver_handler():
     finally:
         if srv is not None:  # built but never started: release its socket and selector
             srv.socket.close()
-            srv.mux.close()
+            srv._mux.close()
 
 
 # --- graceful shutdown -------------------------------------------------------------------

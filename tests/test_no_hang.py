@@ -265,7 +265,7 @@ def _serve_forever_with_a_thread_running(srv: Server) -> None:
     finally:
         stop.set()
         other.join()
-        srv.listener.close()
+        srv._listener.close()
 
 
 def test_an_app_the_fork_server_cannot_take_is_refused_clearly():

@@ -97,9 +97,9 @@ def test_connection_churn_leaves_no_timers_behind_a_long_lived_connection(engine
         for _ in range(1_500):
             with socket.create_connection(srv.address, timeout=DEADLINE) as sock:
                 assert sock.recv(64) == GREETING
-        wait_for(lambda: len(srv.connections) == 1, what="the churned connections closed")
+        wait_for(lambda: len(srv._connections) == 1, what="the churned connections closed")
         # Each closed connection cancelled its 300 s idle timer; compaction removed them.
-        assert srv.mux.pending_timers < 300, srv.mux.pending_timers
+        assert srv._mux.pending_timers < 300, srv._mux.pending_timers
         keeper.close()
 
 

@@ -332,7 +332,7 @@ def test_totals_sum_every_workers_counters_through_shared_memory(prefork_server,
 
     # Workers that exit hand their counters on: a reload leaves the totals whole.
     old = workers(srv)
-    srv.mux.defer(srv.reload)  # on the supervisor's loop thread, as SIGHUP does
+    srv.reload()  # as SIGHUP does
 
     def reloaded():
         now = workers(srv)
@@ -404,7 +404,7 @@ def test_reload_keeps_the_unix_socket_reachable(prefork_server):
         with Client(unix_path=path, framing="line", timeout=DEADLINE) as client:
             assert client.request(b"before") == b"response: before"
         old = workers(srv)
-        srv.mux.defer(srv.reload)
+        srv.reload()
         wait_for(lambda: len(workers(srv)) == 2 and not workers(srv) & old
                  and all(map(process_gone, old)), what="the reload to replace both workers")
         with Client(unix_path=path, framing="line", timeout=DEADLINE) as client:
@@ -469,31 +469,28 @@ def test_a_full_worker_knows_when_a_sibling_has_room_is_full_or_cannot_say():
     waiting client to a sibling (room, or cannot say) or closes it at once (every
     sibling full): waiting for siblings that are all full strands a burst in the
     listen queue, and closing while one is still starting refuses clients it could take."""
-    from types import SimpleNamespace
-
     from muxpool.prefork import slots
     from muxpool.prefork import worker as workers
 
     limit, period = 5, 0.5
     shared = slots.make_shared(3)  # three slots; slot 2 is free
-    worker = SimpleNamespace(config=SimpleNamespace(max_connections=limit))
-    workers.share_room(worker, shared, 0, period)
+    siblings = workers.SlotSiblings(shared, 0, period, limit, parent_gone_fd=None)
     other = slots.WorkerSlot(shared, 1)
 
     def sibling(open_connections: int, beat: int) -> None:
         other.open_connections, other.heartbeat = open_connections, beat
 
     sibling(0, slots.STARTING)
-    assert worker.sibling_room() is None  # its loop has not run yet: it may take them soon
+    assert siblings.room() is None  # its loop has not run yet: it may take them soon
     sibling(limit - 1, time.monotonic_ns())
-    assert worker.sibling_room() is True
+    assert siblings.room() is True
     sibling(limit, time.monotonic_ns())
-    assert worker.sibling_room() is False  # every sibling full: close at once
+    assert siblings.room() is False  # every sibling full: close at once
     sibling(0, time.monotonic_ns() - int(10 * period * 1e9))
-    assert worker.sibling_room() is None  # silent for a while: no one can say
+    assert siblings.room() is None  # silent for a while: no one can say
     sibling(0, slots.UNUSED)
-    assert worker.sibling_room() is False  # no sibling at all
-    worker.on_connection_count(3)
+    assert siblings.room() is False  # no sibling at all
+    siblings.holding(3)
     assert slots.WorkerSlot(shared, 0).open_connections == 3
 
 

@@ -91,7 +91,7 @@ def line_client(address, closing, **options) -> Client:
 
 def connection_for(srv: Server, local_port: int):
     """The server's connection whose peer is our socket's local port (or None)."""
-    for conn in list(srv.connections.values()):
+    for conn in list(srv._connections.values()):
         if isinstance(conn.peer, tuple) and conn.peer[1] == local_port:
             return conn
     return None

@@ -66,67 +66,66 @@ class PreforkServer(ServerLifecycle):
         if pool is not None:
             raise ValueError("pool= offloads handlers from the threadpool engine; "
                              "the prefork engine runs them itself")
-        self.app = app if app is not None else EchoService()
-        self.request_handler = is_request_handler(self.app)
-        if self.request_handler and config.worker_engine == "loop":
-            raise ValueError(cannot_block("prefork engine's loop", self.app))
-        if not self.request_handler:
-            resolve_handler(self.app)  # a handler that cannot be called fails here, not in a worker
+        self._app = app if app is not None else EchoService()
+        self._request_handler = is_request_handler(self._app)
+        if self._request_handler and config.worker_engine == "loop":
+            raise ValueError(cannot_block("prefork engine's loop", self._app))
+        if not self._request_handler:
+            resolve_handler(self._app)  # a handler that cannot be called fails here, not in a worker
         if ssl_context is None and config.certfile:
             ssl_context = server_context(config.certfile, config.keyfile)
-        self.ssl_context = ssl_context
-        self.mux = Multiplexer()
-        self.listener = listener if listener is not None else make_listener(config)
+        self._ssl_context = ssl_context
+        self._mux = Multiplexer()
+        self._listener = listener if listener is not None else make_listener(config)
         self._socket_file = (socket_identity(config.unix_path)
                              if config.unix_path and listener is None else None)
-        self._address = self.listener.getsockname()
-        self.supervisor = Supervisor(config)
+        self._address = self._listener.getsockname()
+        self._supervisor = Supervisor(config)
         self._init_lifecycle()
 
     # What tests and operators ask of the workers.
     @property
     def processes(self) -> int:
-        return self.supervisor.processes
+        return self._supervisor.processes
 
     @property
     def workers(self) -> dict:
         """pid -> worker, for the workers running now."""
-        return self.supervisor.workers
+        return self._supervisor.workers
 
     def reload(self) -> None:
-        """Replace the workers one by one (SIGHUP does the same); call on the server's loop
-        (``srv.mux.defer(srv.reload)``) or from a signal handler."""
-        self.supervisor.reload()
+        """Replace the workers one by one, as SIGHUP does; from any thread."""
+        self._mux.defer(self._supervisor.reload)
 
     def totals(self) -> tuple[int, int]:
         """Connections served and messages handled by every worker, past and present."""
-        return self.supervisor.totals()
+        return self._supervisor.totals()
 
     def serve_forever(self) -> None:
         log.info("muxpool serving %s", serving_line(
-            self.app, self.address, self.config, self.supervisor.describe(),
-            tls=self.ssl_context is not None, framed=not self.request_handler))
+            self._app, self.address, self.config, self._supervisor.describe(),
+            tls=self._ssl_context is not None, framed=not self._request_handler))
         try:
-            with _signals_wake(self.mux):
-                self.supervisor.supervise(self, ready=self._ready)
+            with _signals_wake(self._mux):
+                self._supervisor.supervise(self, ready=self._ready)
         finally:
-            self.listener.close()
+            self._listener.close()
             if self._socket_file is not None:
                 unlink_own_socket(self.config.unix_path, self._socket_file)
-            self.mux.close()
+            self._mux.close()
             log.info("muxpool stopped")
             self._stopped.set()
 
     def _ready(self) -> None:
         self._serving.set()
-        self._notify_serving(self.mux)
+        self._notify_serving(self._mux)
 
     def _begin_drain(self) -> None:
         self._notify_stopping()
-        self.supervisor.drain()
+        self._supervisor.drain()
 
     def _hard_stop(self) -> None:
-        self.supervisor.kill_all()
+        self._supervisor.kill_all()
 
 
 __all__ = ["PreforkServer"]

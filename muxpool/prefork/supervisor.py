@@ -57,8 +57,8 @@ class Supervisor:
         ``ssl_context`` was given without ``certfile``.
         """
         self._server = server
-        self._recycling = Recycling(self.config, counts_connections=server.request_handler)
-        mux = server.mux
+        self._recycling = Recycling(self.config, counts_connections=server._request_handler)
+        mux = server._mux
         previous = {}
         if threading.current_thread() is threading.main_thread():
             previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: mux.defer(self.reload))
@@ -88,12 +88,12 @@ class Supervisor:
         WorkerSlot(self.shared, slot).clear(heartbeat=STARTING)
         try:
             if not self._fork_server and workers.thread_count() > 1:
-                workers.check_fork_server_can_serve(self.config, self._server.ssl_context)
+                workers.check_fork_server_can_serve(self.config, self._server._ssl_context)
                 self._fork_server = True
             if not self._fork_server:
                 worker = self._fork(slot)
             else:
-                worker = workers.start_served(self._server.app, self._server.listener, self.config,
+                worker = workers.start_served(self._server._app, self._server._listener, self.config,
                                               self.shared, slot, self._heartbeat_period_or_default())
         except BaseException:
             WorkerSlot(self.shared, slot).heartbeat = UNUSED
@@ -101,9 +101,9 @@ class Supervisor:
             raise
         self.workers[worker.pid] = worker
         self._recycling.started(worker.pid)
-        self._server.mux.register(worker.sentinel, EVENT_READ, lambda _mask: self._reap())
+        self._server._mux.register(worker.sentinel, EVENT_READ, lambda _mask: self._reap())
         if isinstance(worker, workers.ServedWorker):
-            self._server.mux.register(worker.logs.reader, EVENT_READ,
+            self._server._mux.register(worker.logs.reader, EVENT_READ,
                                       lambda _mask: worker.logs.forward())
         log.info("prefork worker %d started", worker.pid)
 
@@ -135,10 +135,10 @@ class Supervisor:
 
     def _run_forked(self, slot: int, mask: set) -> None:
         parent = self._server
-        parent.mux.close()  # the parent's epoll and wakeup fds, inherited: not ours
+        parent._mux.close()  # the parent's epoll and wakeup fds, inherited: not ours
         for other in self.workers.values():
             other.close()
-        workers.serve(parent.app, parent.listener, parent.ssl_context, self.config, self.shared,
+        workers.serve(parent._app, parent._listener, parent._ssl_context, self.config, self.shared,
                       slot, self._heartbeat_period_or_default(), mask=mask)
 
     def _reap(self) -> None:
@@ -149,9 +149,9 @@ class Supervisor:
                 continue
             del self.workers[worker.pid]
             self._recycling.gone(worker.pid)
-            self._server.mux.unregister(worker.sentinel)
+            self._server._mux.unregister(worker.sentinel)
             if isinstance(worker, workers.ServedWorker):
-                self._server.mux.unregister(worker.logs.reader)
+                self._server._mux.unregister(worker.logs.reader)
             worker.close()
             slot = WorkerSlot(self.shared, worker.slot)
             for name in COUNTERS:  # the other fields are gauges
@@ -160,7 +160,7 @@ class Supervisor:
             self._free_slots.append(worker.slot)
             self._on_exit(worker, code)
         if self._draining and not self.workers:
-            self._server.mux.stop()
+            self._server._mux.stop()
 
     def _reap_when_gone(self, timeout: float = 5.0) -> None:
         """After kill_all: wait (on each worker's sentinel) until every worker is reaped."""
@@ -181,7 +181,7 @@ class Supervisor:
         log.warning("prefork worker %d %s; replacing it%s", worker.pid, how,
                     f" in {delay:.1f} s" if delay else "")
         if delay:
-            self._server.mux.call_later(delay, self._replace_missing)
+            self._server._mux.call_later(delay, self._replace_missing)
         else:
             self._spawn()
 
@@ -205,7 +205,7 @@ class Supervisor:
                 log.error("prefork worker %d: its event loop has not run for %.1f s "
                           "(worker_timeout=%s s); killing it", worker.pid, silent, limit)
                 self._signal(worker.pid, signal.SIGKILL)
-        self._server.mux.call_later(self._heartbeat_period(), self._check_heartbeats)
+        self._server._mux.call_later(self._heartbeat_period(), self._check_heartbeats)
 
     def _check_recycling(self) -> None:
         """Replace a worker that has served enough or grown too large: the new one
@@ -219,7 +219,7 @@ class Supervisor:
                 self._spawn()
                 worker.retiring = True
                 self._signal(worker.pid, signal.SIGTERM)
-        self._server.mux.call_later(CHECK_EVERY, self._check_recycling)
+        self._server._mux.call_later(CHECK_EVERY, self._check_recycling)
 
     def _replace_missing(self) -> None:
         while not self._draining and sum(not w.retiring for w in self.workers.values()) < self.processes:
@@ -238,7 +238,7 @@ class Supervisor:
         self._spawn()  # the new one accepts before the old one stops
         worker.retiring = True
         self._signal(worker.pid, signal.SIGTERM)
-        self._server.mux.call_later(0.2, lambda: self._replace_next(old))
+        self._server._mux.call_later(0.2, lambda: self._replace_next(old))
 
     def drain(self) -> None:
         """SIGTERM: every worker finishes its in-flight messages; then we stop."""
@@ -247,7 +247,7 @@ class Supervisor:
         self._draining = True
         for pid in list(self.workers):
             self._signal(pid, signal.SIGTERM)
-        self._server.mux.call_later(self.config.drain_timeout + 2.0, self.kill_all)
+        self._server._mux.call_later(self.config.drain_timeout + 2.0, self.kill_all)
         self._reap()
 
     def kill_all(self) -> None:
@@ -256,7 +256,7 @@ class Supervisor:
         for pid in list(self.workers):
             self._signal(pid, signal.SIGKILL)
         if self._server is not None and not self.workers:
-            self._server.mux.stop()
+            self._server._mux.stop()
 
     @staticmethod
     def _signal(pid: int, sig: int) -> None:
@@ -288,5 +288,5 @@ class Supervisor:
             sum(s["open_connections"] for s in slots), rate,
             max((s["p50_us"] for s in slots), default=0) / 1000,
             max((s["p99_us"] for s in slots), default=0) / 1000, sum(s["queued"] for s in slots)))
-        self._server.mux.call_later(self.config.stats_interval, self._report)
+        self._server._mux.call_later(self.config.stats_interval, self._report)
 

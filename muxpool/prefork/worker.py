@@ -49,36 +49,14 @@ def serve(app, listener, ssl_context, config, shared, slot: int, period: float,
     worker_logs.mark_worker()
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides
-    worker = Server(app, config=_worker_config(config), listener=listener, ssl_context=ssl_context)
+    worker_config = _worker_config(config)
+    siblings = SlotSiblings(shared, slot, period, worker_config.max_connections, parent_gone_fd)
+    worker = Server(app, config=worker_config, listener=listener, ssl_context=ssl_context,
+                    siblings=siblings)
     signal.signal(signal.SIGTERM, lambda *_: worker.shutdown(wait=False))
     if mask is not None:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a SIGTERM held back arrives now
-    if parent_gone_fd is not None:
-        def parent_gone(_mask: int) -> None:
-            worker.mux.unregister(parent_gone_fd)  # EOF stays readable: once is enough
-            worker.shutdown(wait=False)
-
-        # Readable (EOF) once the supervisor is gone, however it went: drain and exit.
-        worker.mux.register(parent_gone_fd, EVENT_READ, parent_gone)
-    mine = WorkerSlot(shared, slot)
-    share_room(worker, shared, slot, period)
-
-    def publish_totals():  # on the worker's loop, so it is also the loop's heartbeat
-        mine.connections_total = worker.stats.connections_total
-        mine.messages_total = worker.stats.messages_total
-        mine.heartbeat = time.monotonic_ns()
-        worker.mux.call_later(period, publish_totals)
-
-    def publish_interval(connections: int, queued: int) -> None:  # instead of logging
-        _rate, p50, p99 = worker.stats.snapshot()
-        mine.open_connections, mine.queued = connections, queued
-        mine.p50_us, mine.p99_us = int(p50 * 1000), int(p99 * 1000)
-
-    worker.report_stats = publish_interval
-    worker.mux.call_later(0, publish_totals)  # the first beat says: started
     worker.serve_forever()
-    mine.connections_total = worker.stats.connections_total
-    mine.messages_total = worker.stats.messages_total
 
 
 def _worker_config(config):
@@ -89,32 +67,64 @@ def _worker_config(config):
     return replace(config, **defaults, engine=config.worker_engine)
 
 
-def share_room(worker, shared, slot: int, period: float) -> None:
-    """Each worker publishes its open connections; a full one asks whether a live
-    sibling has room before it closes a waiting client (Server._on_accept): the
-    kernel hands a connection to whichever worker accepts first."""
-    limit, mine = worker.config.max_connections, WorkerSlot(shared, slot)
-    siblings = [WorkerSlot(shared, other) for other in range(slot_count(shared)) if other != slot]
+class SlotSiblings:
+    """A worker's :class:`~muxpool.server.Siblings`, through the supervisor's shared
+    slots: it publishes its own counters and heartbeat in its slot, and reads the
+    others' to know whether one has room (the kernel hands a connection to
+    whichever worker accepts first, so a full one asks before it closes a
+    waiting client)."""
 
-    def count(n: int) -> None:
-        mine.open_connections = n
+    def __init__(self, shared, slot: int, period: float, limit: int, parent_gone_fd: int | None):
+        self._mine = WorkerSlot(shared, slot)
+        self._others = [WorkerSlot(shared, other) for other in range(slot_count(shared)) if other != slot]
+        self._period, self._limit = period, limit
+        self._parent_gone_fd = parent_gone_fd
 
-    def sibling_room() -> bool | None:
-        """True if a live sibling has room, False if every sibling is full, None if
-        one cannot say (still starting, or its loop has not beaten lately)."""
+    def serving(self, mux, stats, stop) -> None:
+        if self._parent_gone_fd is not None:
+            fd = self._parent_gone_fd
+
+            def parent_gone(_mask: int) -> None:
+                mux.unregister(fd)  # EOF stays readable: once is enough
+                stop()
+
+            # Readable (EOF) once the supervisor is gone, however it went: drain and exit.
+            mux.register(fd, EVENT_READ, parent_gone)
+
+        def beat() -> None:  # on the worker's loop, so it is also the loop's heartbeat
+            self._publish_totals(stats)
+            self._mine.heartbeat = time.monotonic_ns()
+            mux.call_later(self._period, beat)
+
+        mux.call_later(0, beat)  # the first beat says: started
+
+    def room(self) -> bool | None:
         now, unknown = time.monotonic_ns(), False
-        for sibling in siblings:
+        for sibling in self._others:
             beat = sibling.heartbeat
             if beat == UNUSED:
                 continue
-            if beat == STARTING or now - beat >= (2 * period + 1) * 1e9:
+            if beat == STARTING or now - beat >= (2 * self._period + 1) * 1e9:
                 unknown = True
-            elif sibling.open_connections < limit:
+            elif sibling.open_connections < self._limit:
                 return True
         return None if unknown else False
 
-    worker.on_connection_count = count
-    worker.sibling_room = sibling_room
+    def holding(self, connections: int) -> None:
+        self._mine.open_connections = connections
+
+    def report(self, stats, connections: int, queued: int) -> None:  # the supervisor logs them all
+        _rate, p50, p99 = stats.snapshot()
+        mine = self._mine
+        mine.open_connections, mine.queued = connections, queued
+        mine.p50_us, mine.p99_us = int(p50 * 1000), int(p99 * 1000)
+
+    def stopped(self, stats) -> None:
+        self._publish_totals(stats)
+
+    def _publish_totals(self, stats) -> None:
+        self._mine.connections_total = stats.connections_total
+        self._mine.messages_total = stats.messages_total
 
 
 # --- fork -------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def serves_in_process(engine: str) -> bool:
     """Does ``engine`` serve connections in this (the test's) process?
 
     ``prefork`` does not: its connections, handler apps and log calls live in
-    forked worker processes; ``srv.connections`` stays empty in the parent.
+    forked worker processes; ``srv._connections`` stays empty in the parent.
     """
     return engine != "prefork"
 
@@ -124,13 +124,13 @@ def _kill_survivors(pids, timeout: float = 5.0) -> list[int]:
 def held_connections(srv: Server) -> int:
     """How many client connections ``srv`` holds open right now.
 
-    ``len(srv.connections)`` where the server serves in this process; for
+    ``len(srv._connections)`` where the server serves in this process; for
     prefork, the TCP sockets on the server's port that its worker processes
     still hold (from ``/proc``: a connection the worker has dropped has left
     its descriptor table; the shared listening socket is not counted).
     """
     if serves_in_process(srv.config.engine):
-        return len(srv.connections)
+        return len(srv._connections)
     # /proc/net/tcp is not read atomically (a socket may show twice or not at all
     # while the table changes), so read until two readings agree.
     previous = None
