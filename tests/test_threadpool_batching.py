@@ -18,6 +18,7 @@ import pytest
 from test_server_conformance import Peer, wait_for
 
 from muxpool import Server
+from muxpool.engines import threadpool
 
 DEADLINE = 10.0
 
@@ -206,3 +207,30 @@ def test_a_whole_connection_on_a_handler_thread_socketserver_style(workers):
             assert sock.makefile("rb").readline() == b"ABC\n"
     finally:
         srv.shutdown(timeout=DEADLINE)
+
+
+def test_idle_handler_threads_exit_and_new_calls_start_others(monkeypatch):
+    monkeypatch.setattr(threadpool, "IDLE_TIMEOUT", 0.2)
+    with serving(WaitForAll(2), workers=2) as (srv, connect):
+        handlers = srv.engine._handlers
+        first = [connect(), connect()]
+        for peer in first:
+            peer.send(b"a")
+        assert [peer.receive() for peer in first] == [b"together a"] * 2
+        wait_for(lambda: not handlers._threads, what="the idle threads to exit")
+        for peer in first:  # both again at once: two threads, started afresh
+            peer.send(b"b")
+        assert [peer.receive() for peer in first] == [b"together b"] * 2
+        assert handlers.started == 4
+
+
+def test_threads_timing_out_as_calls_arrive_strand_no_call(monkeypatch):
+    # Idle waits that end just as calls come: a wake-up landing on a worker whose
+    # wait has timed out must not leave the queue with nobody coming for it.
+    monkeypatch.setattr(threadpool, "IDLE_TIMEOUT", 0.001)
+    with serving(Echo(), workers=3) as (srv, connect):
+        peers = [connect() for _ in range(5)]
+        for round_ in range(300):
+            for peer in peers:
+                peer.send(b"%d" % round_)
+            assert [peer.receive() for peer in peers] == [b"echo %d" % round_] * 5

@@ -39,6 +39,7 @@ from .base import Engine
 log = logging.getLogger("muxpool.server")
 
 DEFAULT_WORKERS = 32
+IDLE_TIMEOUT = 10.0  # seconds: an idle handler thread exits, so a burst's threads do not stay
 
 
 class ThreadPoolEngine(Engine):
@@ -58,7 +59,7 @@ class ThreadPoolEngine(Engine):
 
     def start(self, mux) -> None:
         self._mux = mux
-        self._handlers = HandlerThreads(self.threads, self._deliver_later)
+        self._handlers = HandlerThreads(self.threads, self._deliver_later, IDLE_TIMEOUT)
 
     def stop(self, wait: bool = True) -> None:
         if self._handlers is not None:
@@ -148,15 +149,16 @@ class HandlerThreads:
     will look again when its call returns.
     """
 
-    def __init__(self, limit: int, results_waiting) -> None:
+    def __init__(self, limit: int, results_waiting, idle_timeout: float | None = None) -> None:
         self.limit = limit
+        self.idle_timeout = idle_timeout
         self._results_waiting = results_waiting
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._calls: collections.deque[tuple] = collections.deque()
         self._results: collections.deque[tuple] = collections.deque()
         self._report_pending = False  # results_waiting() was called and no drain began since
-        self._threads: list[threading.Thread] = []
+        self._threads: list[threading.Thread] = []  # alive: a thread removes itself as it exits
         self._waiting = 0  # workers blocked in wait()
         self._waking = False  # a worker has been woken or started and has not taken a call yet
         self._closed = False
@@ -178,13 +180,17 @@ class HandlerThreads:
             self.wakeups += 1
             self._wakeup.notify()
         elif len(self._threads) < self.limit:
+            self.started += 1
+            thread = threading.Thread(target=self._work, name=f"muxpool-handler-{self.started}",
+                                      daemon=True)  # an abandoned handler must not hold the process
+            try:
+                thread.start()
+            except RuntimeError:  # out of threads: the workers there are take the calls in turn
+                log.exception("could not start a handler thread (%d running)", len(self._threads))
+                return
             self._waking = True
             self.wakeups += 1
-            self.started += 1
-            thread = threading.Thread(target=self._work, name=f"muxpool-handler-{len(self._threads) + 1}",
-                                      daemon=True)  # an abandoned handler must not hold the process
             self._threads.append(thread)
-            thread.start()
         # else every worker is busy: each looks at the queue when its call returns
 
     def queued(self) -> int:
@@ -219,11 +225,18 @@ class HandlerThreads:
                 while not calls:
                     if self._closed:
                         self._wakeup.notify()  # pass the stop on
+                        self._threads.remove(threading.current_thread())
                         return
                     self._waiting += 1
-                    self._wakeup.wait()
+                    notified = self._wakeup.wait(self.idle_timeout)
                     self._waiting -= 1
+                    # Cleared even on a timeout: a notify can land on a waiter whose wait
+                    # has just timed out, and is then lost; an extra wake-up costs less
+                    # than a flag that says a worker is coming when none is.
                     self._waking = False
+                    if not notified and not calls and not self._closed:  # (closed: pass the stop on)
+                        self._threads.remove(threading.current_thread())  # idle too long
+                        return
                 fn, conn, arg, done = calls.popleft()
                 if calls and not self._waking:
                     self._wake_one_locked()  # a helper, in case this call blocks
@@ -245,10 +258,12 @@ class HandlerThreads:
 
     def join(self, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
-        for thread in list(self._threads):
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             thread.join(remaining)
-        return not any(thread.is_alive() for thread in self._threads)
+        return not any(thread.is_alive() for thread in threads)
 
 
 class RemotePeer:
