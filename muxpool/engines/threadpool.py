@@ -14,8 +14,11 @@ one queue, and only the first result after a drain asks the loop to drain
 again. A worker that takes a call while more are queued wakes one helper
 (one at a time): if its handler blocks, the helper takes the next call, and
 so on, so blocking handlers still spread over every thread; if handlers are
-quick, the helper finds the queue empty — the GIL keeps it waiting until the
-first worker is done — and goes back to sleep.
+quick, the helper usually finds the queue empty — the GIL keeps it waiting
+until the first worker lets go (its calls done, or blocked) — and sleeps
+again. Measured on a 50-connection echo: about 20 calls per hand-over, 1.7
+worker wake-ups per hand-over and 25 results per drain, where the engine
+used to wake a worker and the loop once per call.
 
 ``pool=`` offloads each message's ``on_message`` to any muxpool pool — a
 ``ProcessPool`` for CPU-bound handlers, a ``DaskPool`` to use a cluster —
