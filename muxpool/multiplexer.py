@@ -107,6 +107,11 @@ class Multiplexer:
             pass  # already gone: closing twice is not an error
         self._keys_changed = True
 
+    def call_soon(self, fn: Callable[[], object]) -> None:
+        """Run ``fn()`` after this iteration's callbacks (loop thread only): a
+        :meth:`defer` without the wakeup byte, which the loop does not need."""
+        self._deferred.append(fn)
+
     def call_later(self, delay: float, fn: Callable[[], object]) -> Timer:
         timer = Timer(time.monotonic() + delay, fn, self)
         timers = self._timers
