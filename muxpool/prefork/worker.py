@@ -61,7 +61,7 @@ def serve(app, listener, ssl_context, config, shared, slot: int, period: float,
         # Readable (EOF) once the supervisor is gone, however it went: drain and exit.
         worker.mux.register(parent_gone_fd, EVENT_READ, parent_gone)
     mine = WorkerSlot(shared, slot)
-    share_room(worker, shared, slot, period)
+    share_room(worker, shared, slot, period, private_queue=config.reuse_port)
 
     def publish_totals():  # on the worker's loop, so it is also the loop's heartbeat
         mine.connections_total = worker.stats.connections_total
@@ -89,15 +89,21 @@ def _worker_config(config):
     return replace(config, **defaults, engine=config.worker_engine)
 
 
-def share_room(worker, shared, slot: int, period: float) -> None:
-    """Each worker publishes its open connections; a full one asks whether a live
-    sibling has room before it closes a waiting client (Server._on_accept): the
-    kernel hands a connection to whichever worker accepts first."""
+def share_room(worker, shared, slot: int, period: float, private_queue: bool = False) -> None:
+    """Each worker publishes its open connections; a full one on the shared socket
+    asks whether a live sibling has room before it closes a waiting client
+    (Server._on_accept): the kernel hands a connection to whichever worker accepts
+    first. With reuse_port a worker's socket is its own: what waits there no
+    sibling will ever take, so a full worker closes it at once, as one server does."""
     limit, mine = worker.config.max_connections, WorkerSlot(shared, slot)
     siblings = [WorkerSlot(shared, other) for other in range(slot_count(shared)) if other != slot]
 
     def count(n: int) -> None:
         mine.open_connections = n
+
+    worker.on_connection_count = count
+    if private_queue:
+        return
 
     def sibling_room() -> bool | None:
         """True if a live sibling has room, False if every sibling is full, None if
@@ -113,7 +119,6 @@ def share_room(worker, shared, slot: int, period: float) -> None:
                 return True
         return None if unknown else False
 
-    worker.on_connection_count = count
     worker.sibling_room = sibling_room
 
 
@@ -121,15 +126,18 @@ def share_room(worker, shared, slot: int, period: float) -> None:
 
 
 class ForkedWorker:
-    """A worker forked from a single-threaded supervisor: our child, watched by pidfd."""
+    """A worker forked from a single-threaded supervisor: our child, watched by pidfd.
+    Its log records come to us as a served worker's do (:mod:`.worker_logs` says why)."""
 
-    __slots__ = ("pid", "retiring", "sentinel", "slot", "started")
+    __slots__ = ("lane", "logs", "pid", "retiring", "sentinel", "slot", "started")
 
-    def __init__(self, pid: int, slot: int):
+    def __init__(self, pid: int, slot: int, lane: int, logs: LogForwarder):
         self.pid = pid
         self.slot = slot
+        self.lane = lane  # which of the server's listening sockets it serves
         self.started = time.monotonic()
         self.retiring = False
+        self.logs = logs
         self.sentinel = os.pidfd_open(pid)
 
     def exit_status(self) -> int | None:
@@ -141,6 +149,13 @@ class ForkedWorker:
         return None if pid == 0 else os.waitstatus_to_exitcode(status)
 
     def close(self) -> None:
+        self.logs.finish(self.pid)  # what it logged on its way out
+        self.logs.close()
+        os.close(self.sentinel)
+
+    def release(self) -> None:
+        """In a worker forked after this one: close the copies of its fds, reading nothing."""
+        self.logs.close()
         os.close(self.sentinel)
 
 
@@ -161,12 +176,14 @@ def die_with_parent(parent: int) -> None:
 class ServedWorker:
     """A worker forked by ``multiprocessing``'s fork server: watched through its sentinel."""
 
-    __slots__ = ("logs", "pid", "process", "retiring", "sentinel", "slot", "started")
+    __slots__ = ("lane", "logs", "pid", "process", "retiring", "sentinel", "slot", "started")
 
-    def __init__(self, process: multiprocessing.process.BaseProcess, slot: int, logs: LogForwarder):
+    def __init__(self, process: multiprocessing.process.BaseProcess, slot: int, lane: int,
+                 logs: LogForwarder):
         self.process = process
         self.pid = process.pid
         self.slot = slot
+        self.lane = lane
         self.started = time.monotonic()
         self.retiring = False
         self.sentinel = process.sentinel
@@ -176,12 +193,16 @@ class ServedWorker:
         return self.process.exitcode
 
     def close(self) -> None:
-        self.logs.forward()  # what it logged on its way out
+        self.logs.finish(self.pid)  # what it logged on its way out
         self.logs.close()
         self.process.close()
 
+    def release(self) -> None:
+        self.logs.close()
 
-def start_served(app, listener, config, shared, slot: int, period: float) -> ServedWorker:
+
+def start_served(app, listener, config, shared, slot: int, lane: int,
+                 period: float) -> ServedWorker:
     """Start a worker through the fork server. Raises ``TypeError`` naming the fix when
     the app cannot be pickled (the other arguments always can)."""
     context = multiprocessing.get_context("forkserver")
@@ -205,7 +226,7 @@ def start_served(app, listener, config, shared, slot: int, period: float) -> Ser
             f"multiprocessing objects it holds from multiprocessing.get_context('forkserver')), "
             f"or run the server on the main thread of a process with no other thread "
             f"(`muxpool serve module:app --engine prefork`)") from exc
-    return ServedWorker(process, slot, logs)
+    return ServedWorker(process, slot, lane, logs)
 
 
 def _served_main(environ: dict, log_socket, log_levels: dict, app, listener, config, shared,
