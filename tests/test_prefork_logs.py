@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -113,6 +114,28 @@ def test_long_records_from_every_worker_at_once_arrive_whole_and_apart(tmp_path,
         assert exc.endswith(f"ValueError: failed at the bottom {tag}")
         assert len(re.findall(r", in deeper\n", exc)) == DEPTH  # every frame
         assert len(exc) > 4096 and entry["worker_pid"] in workers
+
+
+def test_forked_workers_still_log_their_drain_when_the_supervisor_is_killed(tmp_path):
+    """With no supervisor left to forward to, a forked worker writes through the handlers
+    it inherited (stderr here), as it did before forwarding: its drain is not silent."""
+    (tmp_path / "longlogs.py").write_text(APP)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("MUXPOOL_", "LOGAPP_"))}
+    environ.update(PYTHONPATH=os.pathsep.join([ROOT, str(tmp_path)]))
+    served = Logged([sys.executable, "-m", "muxpool.cli", "serve", "longlogs:handle", "--engine",
+                     "prefork", "--processes", "2", "--worker-engine", "loop", "--port", "0"],
+                    environ, cwd=tmp_path)
+    workers: set[int] = set()
+    try:
+        served.wait_for_log(SERVING, timeout=30)
+        workers = {int(m.group(1)) for m in served.wait_for_log(r"prefork worker (\d+) started", 2)}
+        served.wait_for_log(r"muxpool serving .* \(engine=loop", count=2, timeout=30)
+        os.kill(served.pid, signal.SIGKILL)  # the workers get SIGTERM (PR_SET_PDEATHSIG) and drain
+        stopped = served.wait_for_log(r"muxpool stopped \(\d+ connections? served\)", count=2,
+                                      timeout=30)
+    finally:
+        served.kill(also=workers)
+    assert len(stopped) == 2
 
 
 # --- the forwarding itself, over a real socket pair -----------------------------------------

@@ -132,7 +132,7 @@ class Supervisor:
                 code = 1
                 try:
                     logs.reader.close()
-                    send_logs_to(logs.writer)
+                    send_logs_to(logs.writer, fallback=True)
                     workers.die_with_parent(parent)
                     self._run_forked(slot, lane, mask)
                     code = 0

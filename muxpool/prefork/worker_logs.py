@@ -108,25 +108,40 @@ def mark_worker() -> None:
     logging.setLogRecordFactory(factory)
 
 
-def send_logs_to(sock: socket.socket, wanted: dict[str, int] | None = None) -> None:
+def send_logs_to(sock: socket.socket, wanted: dict[str, int] | None = None,
+                 fallback: bool = False) -> None:
     """In the worker: every record goes to the supervisor, filtered by its levels
-    (``wanted``; a forked worker has them already)."""
+    (``wanted``; a forked worker has them already). With ``fallback`` (a forked
+    worker, which inherited its parent's handlers), should the supervisor be gone
+    the records go through those handlers instead, as they did before: a worker
+    draining after its supervisor was killed still says so."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
+    previous = list(root.handlers)
+    for handler in previous:
         root.removeHandler(handler)
-    root.addHandler(_ToSupervisor(sock))
+    root.addHandler(_ToSupervisor(sock, previous if fallback else []))
     for name, level in (wanted or {}).items():
         logging.getLogger(name or None).setLevel(level)
 
 
 class _ToSupervisor(logging.handlers.SocketHandler):
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, fallback: list[logging.Handler] | tuple = ()):
         super().__init__(None, None)
         sock.setblocking(True)
         self.sock = sock
+        self._fallback = fallback
 
     def makeSocket(self, timeout=1):
         raise OSError("the supervisor's end of the log socket is closed")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.sock is not None:
+            super().emit(record)  # a failed send closes the socket and sets it to None
+            if self.sock is not None:
+                return
+        for handler in self._fallback:
+            if record.levelno >= handler.level:
+                handler.handle(record)
 
     def makePickle(self, record: logging.LogRecord) -> bytes:
         """As SocketHandler's, but the exception travels too when it pickles (its
