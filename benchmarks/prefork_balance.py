@@ -16,6 +16,7 @@ requests/s and p99, as a cross-check of the client.
 from __future__ import annotations
 
 import argparse
+import array
 import json
 import multiprocessing
 import os
@@ -167,8 +168,6 @@ def measure(served: Served, connections: int, warmup: float, duration: float, si
 def _p99(latencies: list[float]) -> float | None:
     if not latencies:
         return None
-    import array
-
     return round(percentiles(array.array("d", latencies))["p99"], 2)
 
 
@@ -210,34 +209,46 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(runs, f, indent=1)
-    print(table(runs))
+    print(table(runs, args.connections))
     return 0
 
 
-def table(runs: list[dict]) -> str:
-    lines = ["| workers | listener | request shares per worker (each round) | connection shares "
-             "(median round) | p99 ms per worker (median over rounds, busiest first) | client "
-             "requests/s (median) | bench requests/s (median) | bench p99 ms (median) |",
-             "|---:|---|---|---|---|---:|---:|---:|"]
-    keys = sorted({(r["processes"], r["reuse_port"]) for r in runs})
-    for processes, reuse_port in keys:
+HEADER = ("| workers | listener | connections | connection shares, each round (largest first) | "
+          "smallest–largest share (median round) | request shares, each round | p99 ms per worker "
+          "(median of rounds, busiest first) | client requests/s median (min–max) | `muxpool bench` "
+          "requests/s median (min–max) | bench p99 ms (median) | bench errors |\n"
+          "|---:|---|---:|---|---|---|---|---:|---:|---:|---:|")
+
+
+def table(runs: list[dict], connections: int) -> str:
+    """The rows docs/benchmarks.md shows, one per (workers, listener)."""
+    lines = [HEADER]
+    for processes, reuse_port in sorted({(r["processes"], r["reuse_port"]) for r in runs}):
         mine = [r for r in runs if (r["processes"], r["reuse_port"]) == (processes, reuse_port)]
-        shares = "; ".join("/".join(f"{w['requests']:.2f}" for w in r["workers"]) for r in mine)
-        conn_shares = "/".join(f"{statistics.median(r['workers'][i]['connections'] for r in mine):.2f}"
-                               for i in range(processes))
+        held = "; ".join("/".join(f"{x:.2f}" for x in sorted((w["connections"] for w in r["workers"]),
+                                                               reverse=True)) for r in mine)
+        answered = "; ".join("/".join(f"{w['requests']:.2f}" for w in r["workers"]) for r in mine)
         p99 = "/".join(_median_or_dash([r["workers"][i]["p99_ms"] for r in mine])
                        for i in range(processes))
-        rps = statistics.median(r["requests_per_s"] for r in mine)
-        bench_rps = statistics.median(r["bench"]["requests_per_s"] for r in mine)
+        least = statistics.median(min(w["connections"] for w in r["workers"]) for r in mine)
+        most = statistics.median(max(w["connections"] for w in r["workers"]) for r in mine)
+        rps = [r["requests_per_s"] for r in mine]
+        bench_rps = [r["bench"]["requests_per_s"] for r in mine]
         bench_p99 = statistics.median(r["bench"]["p99_ms"] for r in mine)
-        lines.append(f"| {processes} | {'reuse-port' if reuse_port else 'shared'} | {shares} | "
-                     f"{conn_shares} | {p99} | {rps:,.0f} | {bench_rps:,.0f} | {bench_p99:.2f} |")
+        errors = sum(r["bench"]["errors"] for r in mine)
+        lines.append(f"| {processes} | {'reuse-port' if reuse_port else 'shared'} | {connections} | "
+                     f"{held} | {least:.2f}–{most:.2f} | {answered} | {p99} | {_spread(rps)} | "
+                     f"{_spread(bench_rps)} | {bench_p99:.1f} | {errors} |")
     return "\n".join(lines)
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):,.0f} ({min(values):,.0f}–{max(values):,.0f})"
 
 
 def _median_or_dash(values: list) -> str:
     present = [v for v in values if v is not None]
-    return f"{statistics.median(present):.2f}" if present else "–"
+    return f"{statistics.median(present):.1f}" if present else "–"
 
 
 if __name__ == "__main__":
