@@ -262,6 +262,26 @@ def test_sighup_with_reuse_port_refuses_no_connection_and_serves_every_lane(serv
     assert all(listening_sockets(pid, server.port) == 1 for pid in new)
 
 
+def test_recycled_workers_take_their_predecessors_lanes(prefork_server):
+    """max_requests replaces workers as they serve: each new one on its old one's lane, so
+    no lane is left without a worker and none gets two."""
+    srv = prefork_server(server_apps.PidGreeter, processes=2, reuse_port=True, max_requests=15)
+    first = workers(srv)
+    seen: set[int] = set()
+    deadline = time.monotonic() + 30
+    while len(seen - first) < 4 and time.monotonic() < deadline:
+        seen.add(worker_of(srv.address))  # one message per connection, each answered
+    assert len(seen - first) >= 4, f"workers seen {sorted(seen)}, first {sorted(first)}"
+
+    def settled():
+        now = srv.workers.copy()
+        running = [w for w in now.values() if not w.retiring]
+        return running if len(now) == 2 and len(running) == 2 else None
+
+    running = wait_for(settled, what="two workers, none retiring")
+    assert sorted(w.lane for w in running) == [0, 1]
+
+
 # --- max_connections on a private queue -------------------------------------------------------
 
 

@@ -46,7 +46,8 @@ class Supervisor:
         self._fork_server = False
 
     def describe(self) -> str:
-        return f"{self.processes} worker processes running {self.config.worker_engine}"
+        sockets = ", each on its own SO_REUSEPORT socket" if self.config.reuse_port else ""
+        return f"{self.processes} worker processes running {self.config.worker_engine}{sockets}"
 
     # --- the parent --------------------------------------------------------------
 
