@@ -122,7 +122,9 @@ class ServerConfig:
     # the kernel caps it at net.core.somaxconn.
     backlog: int = option(4096, "listen() backlog", "count",
                           "give 0 or more; the kernel caps it at net.core.somaxconn", least=0)
-    reuse_port: bool = option(False, "set SO_REUSEPORT on the listening socket", "switch")
+    reuse_port: bool = option(False, "set SO_REUSEPORT on the listening socket (TCP only); prefork: "
+                              "one such socket per worker, kept open by the supervisor, so the "
+                              "kernel spreads connections evenly over the workers", "switch")
     stats_interval: float | None = option(None, "log connections, messages/s, handler p50/p99 every "
                                           "N seconds", "seconds", "give seconds between stats "
                                           "lines, or 0 for none", least=0)
@@ -255,6 +257,9 @@ def _check_combinations(config: Any) -> None:
         raise ConfigError("max_message_size", config.max_message_size,
                           "is more than a 4-byte length prefix can carry",
                           f"give at most {_MAX_ENCODED} with framing length")
+    if config.reuse_port and config.unix_path:
+        raise ConfigError("reuse_port", config.reuse_port, "is for TCP: a Unix socket's path has "
+                          "one listener", "leave reuse_port out with unix_path")
     if config.dualstack and ":" not in config.host:
         raise ConfigError("dualstack", config.dualstack, f"needs an IPv6 host, not {config.host!r}",
                           "listen on host '::' to accept IPv4 and IPv6")

@@ -21,12 +21,11 @@ its own, nor hide text behind terminal escapes.
   client chose. Backslashes are left alone: ``\\n`` in a plain log may be a
   client's two characters or an escaped newline; JSON tells them apart.
 
-Each record goes to its stream as one ``write`` and is flushed at once, so
-prefork workers that share the supervisor's stderr (forked ones) never cut
-into one another's lines: each record is one ``write(2)``, which a pipe keeps
-whole up to ``PIPE_BUF`` (4 KiB) and Linux in practice further unless the
-pipe is full. Workers the fork server starts send their records to the
-supervisor (:mod:`muxpool.prefork.worker_logs`), which writes them itself.
+Each record goes to its stream as one ``write`` and is flushed at once. A
+pipe keeps a ``write(2)`` whole only up to ``PIPE_BUF`` (4 KiB) once it is
+full, so processes sharing one stderr would cut into one another's long
+records: prefork workers (forked or from the fork server) send their records
+to the supervisor (:mod:`muxpool.prefork.worker_logs`), which writes them itself.
 
 Fields core code may attach with ``extra=``: ``peer``, ``conn_id``,
 ``engine``, ``worker_pid`` (set in every prefork worker). A record forwarded

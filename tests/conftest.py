@@ -1,5 +1,6 @@
 """Shared by every test module: the tests folder on sys.path (the app modules the
-servers under test import), the descriptor limit, and a TLS certificate made at test time."""
+servers under test import), the descriptor limit, a TLS certificate made at test time, and
+the fixtures more than one module uses."""
 
 import pathlib
 import resource
@@ -8,7 +9,11 @@ import sys
 
 import pytest
 
+from muxpool import Server
+
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+from support import servers as servers_support  # noqa: E402 - found through the path just set
 
 
 @pytest.fixture
@@ -44,3 +49,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.module.__name__ in _SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+
+@pytest.fixture
+def prefork_server():
+    """``prefork_server(app=None, **options)``: an in-process prefork server, started
+    with every worker forked; always shut down, its workers checked gone."""
+    servers: list[Server] = []
+
+    def make(app=None, **options):
+        options = {"port": 0, "processes": 2, "worker_engine": "loop", "framing": "line", **options}
+        srv = Server(app, engine="prefork", **options)
+        servers.append(srv)
+        return servers_support.start_server(srv)
+
+    yield make
+    servers_support.stop_servers(servers)

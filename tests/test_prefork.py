@@ -27,17 +27,24 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import pytest
 import server_apps
 import watchdog_apps
-from support.prefork import CLOSED, ServeProcess, live_children, process_gone, start_loops, worker_of
-from support.servers import PREFIX, start_server, stop_servers
+from support.prefork import (
+    CLOSED,
+    ConnectLoop,
+    ServeProcess,
+    live_children,
+    process_gone,
+    start_loops,
+    worker_of,
+    workers,
+)
 from support.waiting import DEADLINE, wait_for
 
-from muxpool import Client, Server
+from muxpool import Client
 from muxpool.server import DUPLICATE_WINDOW
 
 pytestmark = pytest.mark.timeout(60)
@@ -46,27 +53,6 @@ TESTS = pathlib.Path(__file__).resolve().parent
 
 
 # --- processes -------------------------------------------------------------------------
-
-
-def workers(srv: Server) -> set[int]:
-    """An in-process prefork server's worker pids (a copy: the supervisor thread changes it)."""
-    return set(srv.workers.copy())
-
-
-@pytest.fixture
-def prefork_server():
-    """``prefork_server(app=None, **options)``: an in-process prefork server, started
-    with every worker forked; always shut down, its workers checked gone."""
-    servers: list[Server] = []
-
-    def make(app=None, **options):
-        options = {"port": 0, "processes": 2, "worker_engine": "loop", "framing": "line", **options}
-        srv = Server(app, engine="prefork", **options)
-        servers.append(srv)
-        return start_server(srv)
-
-    yield make
-    stop_servers(servers)
 
 
 @pytest.fixture
@@ -235,41 +221,6 @@ def test_sigterm_while_the_workers_start_up_still_stops_them_all_at_once():
 
 
 # --- 4. rolling restart ------------------------------------------------------------------------
-
-
-class ConnectLoop(threading.Thread):
-    """A client that keeps opening a connection, making one request and closing it."""
-
-    def __init__(self, address):
-        super().__init__(name="connect-loop", daemon=True)
-        self.address = address
-        self.halt = threading.Event()
-        self.ok = 0
-        self.refused = 0
-        self.closed_early = 0  # accepted by a retiring worker that closed it while draining
-        self.problems: list[str] = []
-
-    def run(self) -> None:
-        count = 0
-        while not self.halt.is_set():
-            message = b"connection %d" % count
-            count += 1
-            try:
-                with Client(*self.address, framing="line", timeout=DEADLINE) as client:
-                    reply = client.request(message)
-            except ConnectionRefusedError:
-                self.refused += 1
-                continue
-            except CLOSED:
-                self.closed_early += 1
-                continue
-            except Exception as exc:  # noqa: BLE001 - a timeout, say: the test reports it
-                self.problems.append(repr(exc))
-                return
-            if reply != PREFIX + message:
-                self.problems.append(f"{message!r} got {reply!r}")
-                return
-            self.ok += 1
 
 
 def test_sighup_replaces_every_worker_without_refusing_a_connection(serve_cli):

@@ -15,7 +15,8 @@ import socket
 import threading
 
 import pytest
-from test_server_conformance import Peer, wait_for
+from support.servers import Peer
+from support.waiting import wait_for
 
 from muxpool import Server
 from muxpool.engines import threadpool
@@ -83,7 +84,7 @@ def test_every_pipelined_reply_arrives_in_each_connections_order():
         for index, peer in enumerate(peers):
             replies = [peer.receive() for _ in range(depth)]
             assert replies == [b"echo %d-%d" % (index, n) for n in range(depth)]
-        handlers = srv.engine._handlers
+        handlers = srv._engine._handlers
         calls = connections * depth
         # Per call, the old engine woke a worker and wrote a wakeup byte for the loop.
         assert handlers.wakeups < calls / 2, (handlers.wakeups, calls)
@@ -144,7 +145,7 @@ def test_a_call_over_handler_timeout_ends_its_connection_while_the_others_go_on(
         gate.release.set()
         other.send(b"after")
         assert other.receive() == b"echo after"
-        wait_for(srv.engine.idle, what="the late call's result to come back")
+        wait_for(srv._engine.idle, what="the late call's result to come back")
 
 
 def test_stop_while_calls_wait_for_a_thread_still_answers_them():
@@ -156,7 +157,7 @@ def test_stop_while_calls_wait_for_a_thread_still_answers_them():
         waiting = [connect() for _ in range(6)]
         for index, peer in enumerate(waiting):
             peer.send(b"%d" % index)
-        wait_for(lambda: srv.engine.queue_depth() == len(waiting), what="six calls queued")
+        wait_for(lambda: srv._engine.queue_depth() == len(waiting), what="six calls queued")
         stopper = threading.Thread(target=srv.shutdown, kwargs={"timeout": DEADLINE})
         stopper.start()
         try:
@@ -172,7 +173,7 @@ def test_stop_while_calls_wait_for_a_thread_still_answers_them():
 def test_the_handler_threads_are_bounded_and_started_only_when_needed():
     parties = 3
     with serving(WaitForAll(parties), workers=3) as (srv, connect):
-        handlers = srv.engine._handlers
+        handlers = srv._engine._handlers
         assert handlers.started == 0  # no call yet: no thread
         peers = [connect() for _ in range(2 * parties)]
         for index, peer in enumerate(peers):
@@ -187,7 +188,7 @@ def test_a_stopped_engines_threads_exit():
         peer = connect()
         peer.send(b"x")
         assert peer.receive() == b"echo x"
-        threads = list(srv.engine._handlers._threads)
+        threads = list(srv._engine._handlers._threads)
     assert threads and not any(thread.is_alive() for thread in threads)
 
 
@@ -212,7 +213,7 @@ def test_a_whole_connection_on_a_handler_thread_socketserver_style(workers):
 def test_idle_handler_threads_exit_and_new_calls_start_others(monkeypatch):
     monkeypatch.setattr(threadpool, "IDLE_TIMEOUT", 0.2)
     with serving(WaitForAll(2), workers=2) as (srv, connect):
-        handlers = srv.engine._handlers
+        handlers = srv._engine._handlers
         first = [connect(), connect()]
         for peer in first:
             peer.send(b"a")

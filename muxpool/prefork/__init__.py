@@ -6,7 +6,9 @@ the number of cores), and from then on only supervises — boring and explicit:
 
 * each worker serves the inherited listening socket with the ``loop`` or
   ``threadpool`` engine (``worker_engine``); the kernel hands each new
-  connection to one of them;
+  connection to one of them — or, with ``reuse_port``, each worker serves a
+  socket of its own, which the supervisor holds open across the worker's
+  replacements (:mod:`muxpool.prefork.listeners`);
 * a worker that dies is reaped and replaced; one that keeps dying young is
   replaced after a growing back-off, so a crash loop cannot spin;
 * SIGTERM/SIGINT (or ``shutdown()``): every worker drains, then the parent
@@ -51,6 +53,7 @@ from ..lifecycle import ServerLifecycle
 from ..multiplexer import Multiplexer
 from ..server import _signals_wake, cannot_block, serving_line
 from ..tls import server_context
+from .listeners import bind_lanes
 from .supervisor import Supervisor
 
 log = logging.getLogger("muxpool.server")
@@ -75,12 +78,19 @@ class PreforkServer(ServerLifecycle):
         if ssl_context is None and config.certfile:
             ssl_context = server_context(config.certfile, config.keyfile)
         self._ssl_context = ssl_context
+        self._supervisor = Supervisor(config)
+        if config.reuse_port and listener is not None:
+            raise ValueError("reuse_port: the prefork supervisor binds one listening socket per "
+                             "worker itself, so it cannot serve listener=; pass fd= for an "
+                             "inherited SO_REUSEPORT socket, or leave reuse_port out")
+        # Every worker's socket (one each with reuse_port, else one for all), open until we stop.
+        self._listeners = (bind_lanes(config, self._supervisor.processes) if config.reuse_port
+                          else [listener if listener is not None else make_listener(config)])
+        self._listener = self._listeners[0]
         self._mux = Multiplexer()
-        self._listener = listener if listener is not None else make_listener(config)
         self._socket_file = (socket_identity(config.unix_path)
                              if config.unix_path and listener is None else None)
         self._address = self._listener.getsockname()
-        self._supervisor = Supervisor(config)
         self._init_lifecycle()
 
     # What tests and operators ask of the workers.
@@ -109,7 +119,8 @@ class PreforkServer(ServerLifecycle):
             with _signals_wake(self._mux):
                 self._supervisor.supervise(self, ready=self._ready)
         finally:
-            self._listener.close()
+            for listener in self._listeners:
+                listener.close()
             if self._socket_file is not None:
                 unlink_own_socket(self.config.unix_path, self._socket_file)
             self._mux.close()

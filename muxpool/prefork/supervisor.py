@@ -16,6 +16,7 @@ from ..stats import format_line
 from . import worker as workers
 from .recycling import CHECK_EVERY, Recycling
 from .slots import COUNTERS, STARTING, UNUSED, WorkerSlot, make_shared
+from .worker_logs import LogForwarder, send_logs_to
 
 log = logging.getLogger("muxpool.server")
 
@@ -45,7 +46,8 @@ class Supervisor:
         self._fork_server = False
 
     def describe(self) -> str:
-        return f"{self.processes} worker processes running {self.config.worker_engine}"
+        sockets = ", each on its own SO_REUSEPORT socket" if self.config.reuse_port else ""
+        return f"{self.processes} worker processes running {self.config.worker_engine}{sockets}"
 
     # --- the parent --------------------------------------------------------------
 
@@ -83,7 +85,10 @@ class Supervisor:
             self.kill_all()
             self._reap_when_gone()
 
-    def _spawn(self) -> None:
+    def _spawn(self, lane: int | None = None) -> None:
+        """Start a worker on ``lane`` (its listening socket), by default one no running
+        worker serves: with reuse_port, a lane's queue waits for a worker of its own."""
+        lane = self._free_lane() if lane is None else lane
         slot = self._free_slots.pop(0)
         WorkerSlot(self.shared, slot).clear(heartbeat=STARTING)
         try:
@@ -91,10 +96,11 @@ class Supervisor:
                 workers.check_fork_server_can_serve(self.config, self._server._ssl_context)
                 self._fork_server = True
             if not self._fork_server:
-                worker = self._fork(slot)
+                worker = self._fork(slot, lane)
             else:
-                worker = workers.start_served(self._server._app, self._server._listener, self.config,
-                                              self.shared, slot, self._heartbeat_period_or_default())
+                worker = workers.start_served(self._server._app, self._server._listeners[lane],
+                                              self.config, self.shared, slot, lane,
+                                              self._heartbeat_period_or_default())
         except BaseException:
             WorkerSlot(self.shared, slot).heartbeat = UNUSED
             self._free_slots.insert(0, slot)
@@ -102,14 +108,19 @@ class Supervisor:
         self.workers[worker.pid] = worker
         self._recycling.started(worker.pid)
         self._server._mux.register(worker.sentinel, EVENT_READ, lambda _mask: self._reap())
-        if isinstance(worker, workers.ServedWorker):
-            self._server._mux.register(worker.logs.reader, EVENT_READ,
-                                      lambda _mask: worker.logs.forward())
+        self._server._mux.register(worker.logs.reader, EVENT_READ, lambda _mask: worker.logs.forward())
         log.info("prefork worker %d started", worker.pid)
 
-    def _fork(self, slot: int) -> workers.ForkedWorker:
+    def _free_lane(self) -> int:
+        """The listening socket fewest running (non-retiring) workers serve: one none
+        does, when a worker is replaced; the one shared socket when there is no other."""
+        served = [w.lane for w in self.workers.values() if not w.retiring]
+        return min(range(len(self._server._listeners)), key=served.count)
+
+    def _fork(self, slot: int, lane: int) -> workers.ForkedWorker:
         """Fork a worker: only ever from a process with no other thread."""
         parent = os.getpid()
+        logs = LogForwarder()
         # A SIGTERM that reached a worker before its own handler was installed
         # would run the parent's handler there, to no effect, and be lost: the
         # worker then served on until drain_timeout ran out. Blocked across the
@@ -121,8 +132,10 @@ class Supervisor:
             if pid == 0:  # the worker: never returns into the parent's code
                 code = 1
                 try:
+                    logs.reader.close()
+                    send_logs_to(logs.writer, fallback=True)
                     workers.die_with_parent(parent)
-                    self._run_forked(slot, mask)
+                    self._run_forked(slot, lane, mask)
                     code = 0
                 except BaseException:
                     log.exception("prefork worker %d failed", os.getpid())
@@ -131,15 +144,21 @@ class Supervisor:
         finally:
             if pid != 0:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        return workers.ForkedWorker(pid, slot)
+                logs.writer.close()  # the worker's: EOF once it exits
+                if pid < 0:
+                    logs.close()
+        return workers.ForkedWorker(pid, slot, lane, logs)
 
-    def _run_forked(self, slot: int, mask: set) -> None:
+    def _run_forked(self, slot: int, lane: int, mask: set) -> None:
         parent = self._server
         parent._mux.close()  # the parent's epoll and wakeup fds, inherited: not ours
         for other in self.workers.values():
-            other.close()
-        workers.serve(parent._app, parent._listener, parent._ssl_context, self.config, self.shared,
-                      slot, self._heartbeat_period_or_default(), mask=mask)
+            other.release()
+        for index, listener in enumerate(parent._listeners):
+            if index != lane:
+                listener.close()  # another lane's: its worker alone accepts there
+        workers.serve(parent._app, parent._listeners[lane], parent._ssl_context, self.config,
+                      self.shared, slot, self._heartbeat_period_or_default(), mask=mask)
 
     def _reap(self) -> None:
         # Our own workers only: other children of this process are not ours to reap.
@@ -150,8 +169,7 @@ class Supervisor:
             del self.workers[worker.pid]
             self._recycling.gone(worker.pid)
             self._server._mux.unregister(worker.sentinel)
-            if isinstance(worker, workers.ServedWorker):
-                self._server._mux.unregister(worker.logs.reader)
+            self._server._mux.unregister(worker.logs.reader)
             worker.close()
             slot = WorkerSlot(self.shared, worker.slot)
             for name in COUNTERS:  # the other fields are gauges
@@ -216,7 +234,7 @@ class Supervisor:
             why = self._recycling.due(worker.pid, WorkerSlot(self.shared, worker.slot).values())
             if why is not None:
                 log.info("prefork worker %d %s: replacing it", worker.pid, why)
-                self._spawn()
+                self._spawn(worker.lane)
                 worker.retiring = True
                 self._signal(worker.pid, signal.SIGTERM)
         self._server._mux.call_later(CHECK_EVERY, self._check_recycling)
@@ -235,7 +253,7 @@ class Supervisor:
         if not old or self._draining:
             return
         worker = old.pop(0)
-        self._spawn()  # the new one accepts before the old one stops
+        self._spawn(worker.lane)  # the new one accepts before the old one stops
         worker.retiring = True
         self._signal(worker.pid, signal.SIGTERM)
         self._server._mux.call_later(0.2, lambda: self._replace_next(old))

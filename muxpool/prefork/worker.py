@@ -50,7 +50,8 @@ def serve(app, listener, ssl_context, config, shared, slot: int, period: float,
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides
     worker_config = _worker_config(config)
-    siblings = SlotSiblings(shared, slot, period, worker_config.max_connections, parent_gone_fd)
+    siblings = SlotSiblings(shared, slot, period, worker_config.max_connections, parent_gone_fd,
+                            private_queue=config.reuse_port)
     worker = Server(app, config=worker_config, listener=listener, ssl_context=ssl_context,
                     siblings=siblings)
     signal.signal(signal.SIGTERM, lambda *_: worker.shutdown(wait=False))
@@ -70,11 +71,15 @@ def _worker_config(config):
 class SlotSiblings:
     """A worker's :class:`~muxpool.server.Siblings`, through the supervisor's shared
     slots: it publishes its own counters and heartbeat in its slot, and reads the
-    others' to know whether one has room (the kernel hands a connection to
-    whichever worker accepts first, so a full one asks before it closes a
-    waiting client)."""
+    others' to know whether one has room (on the shared socket the kernel hands
+    a connection to whichever worker accepts first, so a full one asks before it
+    closes a waiting client). With reuse_port a worker's socket is its own: what
+    waits there no sibling will ever take, so a full worker closes it at once,
+    as one server does."""
 
-    def __init__(self, shared, slot: int, period: float, limit: int, parent_gone_fd: int | None):
+    def __init__(self, shared, slot: int, period: float, limit: int, parent_gone_fd: int | None,
+                 private_queue: bool = False):
+        self._private_queue = private_queue
         self._mine = WorkerSlot(shared, slot)
         self._others = [WorkerSlot(shared, other) for other in range(slot_count(shared)) if other != slot]
         self._period, self._limit = period, limit
@@ -99,6 +104,8 @@ class SlotSiblings:
         mux.call_later(0, beat)  # the first beat says: started
 
     def room(self) -> bool | None:
+        if self._private_queue:
+            return False
         now, unknown = time.monotonic_ns(), False
         for sibling in self._others:
             beat = sibling.heartbeat
@@ -131,15 +138,18 @@ class SlotSiblings:
 
 
 class ForkedWorker:
-    """A worker forked from a single-threaded supervisor: our child, watched by pidfd."""
+    """A worker forked from a single-threaded supervisor: our child, watched by pidfd.
+    Its log records come to us as a served worker's do (:mod:`.worker_logs` says why)."""
 
-    __slots__ = ("pid", "retiring", "sentinel", "slot", "started")
+    __slots__ = ("lane", "logs", "pid", "retiring", "sentinel", "slot", "started")
 
-    def __init__(self, pid: int, slot: int):
+    def __init__(self, pid: int, slot: int, lane: int, logs: LogForwarder):
         self.pid = pid
         self.slot = slot
+        self.lane = lane  # which of the server's listening sockets it serves
         self.started = time.monotonic()
         self.retiring = False
+        self.logs = logs
         self.sentinel = os.pidfd_open(pid)
 
     def exit_status(self) -> int | None:
@@ -151,6 +161,13 @@ class ForkedWorker:
         return None if pid == 0 else os.waitstatus_to_exitcode(status)
 
     def close(self) -> None:
+        self.logs.finish(self.pid)  # what it logged on its way out
+        self.logs.close()
+        os.close(self.sentinel)
+
+    def release(self) -> None:
+        """In a worker forked after this one: close the copies of its fds, reading nothing."""
+        self.logs.close()
         os.close(self.sentinel)
 
 
@@ -171,12 +188,14 @@ def die_with_parent(parent: int) -> None:
 class ServedWorker:
     """A worker forked by ``multiprocessing``'s fork server: watched through its sentinel."""
 
-    __slots__ = ("logs", "pid", "process", "retiring", "sentinel", "slot", "started")
+    __slots__ = ("lane", "logs", "pid", "process", "retiring", "sentinel", "slot", "started")
 
-    def __init__(self, process: multiprocessing.process.BaseProcess, slot: int, logs: LogForwarder):
+    def __init__(self, process: multiprocessing.process.BaseProcess, slot: int, lane: int,
+                 logs: LogForwarder):
         self.process = process
         self.pid = process.pid
         self.slot = slot
+        self.lane = lane
         self.started = time.monotonic()
         self.retiring = False
         self.sentinel = process.sentinel
@@ -186,12 +205,16 @@ class ServedWorker:
         return self.process.exitcode
 
     def close(self) -> None:
-        self.logs.forward()  # what it logged on its way out
+        self.logs.finish(self.pid)  # what it logged on its way out
         self.logs.close()
         self.process.close()
 
+    def release(self) -> None:
+        self.logs.close()
 
-def start_served(app, listener, config, shared, slot: int, period: float) -> ServedWorker:
+
+def start_served(app, listener, config, shared, slot: int, lane: int,
+                 period: float) -> ServedWorker:
     """Start a worker through the fork server. Raises ``TypeError`` naming the fix when
     the app cannot be pickled (the other arguments always can)."""
     context = multiprocessing.get_context("forkserver")
@@ -215,7 +238,7 @@ def start_served(app, listener, config, shared, slot: int, period: float) -> Ser
             f"multiprocessing objects it holds from multiprocessing.get_context('forkserver')), "
             f"or run the server on the main thread of a process with no other thread "
             f"(`muxpool serve module:app --engine prefork`)") from exc
-    return ServedWorker(process, slot, logs)
+    return ServedWorker(process, slot, lane, logs)
 
 
 def _served_main(environ: dict, log_socket, log_levels: dict, app, listener, config, shared,

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from muxpool import Client, ConnectionBroken
+from muxpool import Client, ConnectionBroken, Server
 
 from .processes import Logged, process_exists
 from .servers import PREFIX
@@ -143,3 +143,43 @@ def worker_of(address) -> int:
         pid = int(client.greeting.split()[1])
         assert client.request(b"which") == PREFIX + b"which"
         return pid
+
+
+class ConnectLoop(threading.Thread):
+    """A client that keeps opening a connection, making one request and closing it."""
+
+    def __init__(self, address):
+        super().__init__(name="connect-loop", daemon=True)
+        self.address = address
+        self.halt = threading.Event()
+        self.ok = 0
+        self.refused = 0
+        self.closed_early = 0  # accepted by a retiring worker that closed it while draining
+        self.problems: list[str] = []
+
+    def run(self) -> None:
+        count = 0
+        while not self.halt.is_set():
+            message = b"connection %d" % count
+            count += 1
+            try:
+                with Client(*self.address, framing="line", timeout=DEADLINE) as client:
+                    reply = client.request(message)
+            except ConnectionRefusedError:
+                self.refused += 1
+                continue
+            except CLOSED:
+                self.closed_early += 1
+                continue
+            except Exception as exc:  # noqa: BLE001 - a timeout, say: the test reports it
+                self.problems.append(repr(exc))
+                return
+            if reply != PREFIX + message:
+                self.problems.append(f"{message!r} got {reply!r}")
+                return
+            self.ok += 1
+
+
+def workers(srv: Server) -> set[int]:
+    """An in-process prefork server's worker pids (a copy: the supervisor thread changes it)."""
+    return set(srv.workers.copy())
