@@ -221,7 +221,7 @@ HEADER = ("| workers | listener | connections | connection shares, each round (l
 
 
 def table(runs: list[dict], connections: int) -> str:
-    """The rows docs/benchmarks.md shows, one per (workers, listener)."""
+    """The rows docs/prefork-balance.md shows, one per (workers, listener)."""
     lines = [HEADER]
     for processes, reuse_port in sorted({(r["processes"], r["reuse_port"]) for r in runs}):
         mine = [r for r in runs if (r["processes"], r["reuse_port"]) == (processes, reuse_port)]
