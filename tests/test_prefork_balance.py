@@ -132,7 +132,7 @@ def test_each_worker_serves_its_own_socket_and_takes_an_even_share(prefork_serve
     assert set(shares) == workers(srv)
     # A hash of each connection's addresses picks its lane: binomial, sd = 10 (n=2) or
     # 8.7 (n=4) around 100. [50, 150] is past 5 sd either way; the shared socket,
-    # measured on this machine, gave one of 4 workers 6% and another 72% (docs/benchmarks.md).
+    # measured on this machine, gave one of 4 workers 6% and another 72% (docs/prefork-balance.md).
     assert all(50 <= count <= 150 for count in shares.values()), dict(shares)
 
 
