@@ -27,6 +27,7 @@ import time
 import psutil
 import pytest
 import server_apps
+from support.lines import first_line
 from support.prefork import (
     ConnectLoop,
     ServeProcess,
@@ -49,13 +50,7 @@ TESTS = pathlib.Path(__file__).resolve().parent
 def greeted_by(sock: socket.socket) -> bytes:
     """The first line the server sends on ``sock`` (a PidGreeter's ``pid <n>``, or a busy
     message), without its newline; b"" at EOF."""
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            return data
-        data += chunk
-    return data[:-1]
+    return first_line(sock).removesuffix(b"\n")
 
 
 def pid_of(greeting: bytes) -> int:

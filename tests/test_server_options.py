@@ -20,6 +20,7 @@ import time
 import pytest
 import server_apps
 from support.engines import SERVER_ENGINES as ENGINES
+from support.lines import first_line
 from support.servers import (
     GREETING,
     PREFIX,
@@ -133,16 +134,6 @@ def test_idle_timeout_closes_a_silent_client_but_not_an_active_one(make_server, 
     assert active.request(b"still open") == b"response: still open"
 
 
-def _greeting_or_close(sock: socket.socket) -> bytes:
-    """What a client gets first: the greeting line, or b"" when the server closed it."""
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1024)
-        if not chunk:
-            return data
-        data += chunk
-    return data
-
 
 @pytest.mark.parametrize("busy", [None, "busy, try later"])
 def test_max_connections_serves_that_many_and_closes_the_rest_at_once(make_server, closing, busy):
@@ -153,7 +144,7 @@ def test_max_connections_serves_that_many_and_closes_the_rest_at_once(make_serve
     started = time.monotonic()
     for i in range(limit + 15):
         sock = closing(socket.create_connection(srv.address, timeout=DEADLINE))
-        first = _greeting_or_close(sock)
+        first = first_line(sock)
         if first == GREETING + b"\n":
             served.append(sock)
         else:
@@ -172,7 +163,7 @@ def test_max_connections_serves_that_many_and_closes_the_rest_at_once(make_serve
     assert newcomer.request(b"server is up") == b"response: server is up"
     for sock in served:
         sock.sendall(b"still here\n")
-        assert _greeting_or_close(sock) == b"response: still here\n"
+        assert first_line(sock) == b"response: still here\n"
 
 
 def test_slow_reader_is_bounded_then_closed_after_write_timeout(make_server, closing, server_log, engine):

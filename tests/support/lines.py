@@ -24,3 +24,15 @@ class Lines:
             self.buffer += chunk
         line, _, self.buffer = self.buffer.partition(b"\n")
         return line
+
+
+def first_line(sock: socket.socket) -> bytes:
+    """The first line the server sends on ``sock``, newline included: a greeting, a
+    busy message; what came before EOF (b"" for none) when the server closed it."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
+    return data
