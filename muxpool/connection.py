@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from . import calls
 from .errors import ConnectionBroken, ConnectionClosed, MuxpoolError, ProtocolError
 from .multiplexer import EVENT_READ, EVENT_WRITE
+from .stats import handler_failed, set_reason
 from .tls import TLSSession
 
 if TYPE_CHECKING:
@@ -58,6 +59,10 @@ def _call_disconnect(conn: "Connection", error: BaseException | None):
 
 class Connection:
     """A client connection as a handler sees it: ``send``, ``close``, ``peer``."""
+
+    # What the metrics and the access log read once it closes (stats.CLOSE_REASONS).
+    close_reason: str | None = None
+    bytes_in = bytes_out = messages = errors = 0
 
     def __init__(self, ctx: "ConnectionContext", sock: socket.socket, peer: Any, conn_id: int):
         self.ctx = ctx
@@ -83,7 +88,7 @@ class Connection:
         self.held: list[bytes] = []  # inline messages waiting for a slow reader to catch up
         self.timing_message = False  # the call in hand is a message's (what the stats count)
         self.events = 0
-        self.last_active = time.monotonic()
+        self.last_active = self.opened = time.monotonic()
         self.write_progress = 0.0
         self.idle_timer = None
         self.write_timer = None
@@ -135,6 +140,7 @@ class Connection:
     def close(self) -> None:
         """Stop reading, flush what was sent, then close. Idempotent."""
         self._close_called = True
+        set_reason(self, "closed")
         mux = self.mux
         if mux.in_loop_thread():
             self.close_when_done(drop_backlog=True)
@@ -178,6 +184,7 @@ class Connection:
             self.abort(exc)
             return
         n = len(data)
+        self.bytes_in += n
         if self.tls is not None:
             data = self.tls_receive(data)
             if data is None:
@@ -191,6 +198,7 @@ class Connection:
                 messages += framer.feed(b"")
         except ProtocolError as exc:
             log.warning("closing %s: %s", self.peer, exc)
+            set_reason(self, "protocol_error")
             self.close_when_done()
             return
         if n == 0:
@@ -203,6 +211,7 @@ class Connection:
             self.heard = True
         if ctx.inline and not self.busy:
             ctx.stats.messages_total += len(messages)
+            self.messages += len(messages)
             if self.held:
                 self.held.extend(messages)  # after those that wait for a slow reader
             else:
@@ -212,8 +221,10 @@ class Connection:
                 self.dispatch(self.session.on_message, message)
         if framer.pending_error is not None:  # after good messages: answer them, then close
             log.warning("closing %s: %s", self.peer, framer.pending_error)
+            set_reason(self, "protocol_error")
             self.close_when_done()
         elif n == 0:
+            set_reason(self, "eof")
             self.maybe_finish()
         elif self._draining_new and messages:
             self._draining_new = False
@@ -228,6 +239,7 @@ class Connection:
             plaintext, reply = tls.receive(data)
         except ProtocolError as exc:
             log.warning("closing %s: %s", self.peer, exc)
+            set_reason(self, "protocol_error")
             self.abort(exc)
             return None
         if reply:
@@ -252,6 +264,7 @@ class Connection:
                 reply = on_message(self, message)
             except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
                 calls.handler_failed(self.peer, exc)
+                handler_failed(self)
                 self.close_when_done(drop_backlog=True)
                 return
             if reply is not None and not self.closed:
@@ -259,6 +272,7 @@ class Connection:
                     data = self.encode(reply)
                 except (ProtocolError, TypeError) as exc:
                     calls.unframeable(self.peer, exc)
+                    handler_failed(self)
                     self.close_when_done(drop_backlog=True)
                     return
                 self.write(data)
@@ -298,22 +312,26 @@ class Connection:
         ctx = self.ctx
         if self.timing_message:
             ctx.stats.record(elapsed)
+            self.messages += 1
         if self.handler_timer is not None:
             self.handler_timer.cancel()
             self.handler_timer = None
             limit = self.config.handler_timeout
             if elapsed > limit and not self.closed:
+                set_reason(self, "handler_timeout")
                 self.abort(calls.over_time(self.peer, limit, elapsed), reset=True)
         self.busy = False
         if ok:
             if value is not None and not self.closed:
                 data = calls.frame_reply(self.encode, value, self.peer)
                 if data is None:
+                    handler_failed(self)
                     self.close_when_done(drop_backlog=True)
                 else:
                     self.write(data)
         else:
             calls.handler_failed(self.peer, value)
+            handler_failed(self)
             self.close_when_done(drop_backlog=True)
         self.after_call()
         if ctx.draining:
@@ -331,6 +349,7 @@ class Connection:
     def _handler_overdue(self) -> None:
         self.handler_timer = None
         if not self.closed:
+            set_reason(self, "handler_timeout")
             self.abort(calls.over_time(self.peer, self.config.handler_timeout), reset=True)
 
     # --- the connection's clocks (loop thread) ---------------------------------
@@ -346,6 +365,7 @@ class Connection:
         self.tls_timer = None
         if not self.closed and not self.handshaken:
             log_handshake_overdue(self.peer, self.config.tls_handshake_timeout)
+            set_reason(self, "tls_timeout")
             self.abort(None, reset=True)
 
     def _check_idle(self) -> None:
@@ -355,6 +375,7 @@ class Connection:
         quiet = time.monotonic() - self.last_active
         if quiet >= limit and not self.busy and not self.backlog and not self.held:
             log.info("closing %s: idle for %.1f s (idle_timeout)", self.peer, quiet)
+            set_reason(self, "idle")
             self.abort(None)
         else:
             self.idle_timer = self.mux.call_later(max(0.05, limit - quiet), self._check_idle)
@@ -374,6 +395,7 @@ class Connection:
         if stalled >= limit:
             log.warning("closing %s: no reply bytes accepted for %.1f s (write_timeout), "
                         "%d bytes unsent", self.peer, stalled, len(self.outbuf))
+            set_reason(self, "write_timeout")
             self.abort(None, reset=True)
         else:
             self.write_timer = self.mux.call_later(limit - stalled, self._check_write)
@@ -419,6 +441,7 @@ class Connection:
             except OSError as exc:
                 self.abort(exc)
                 return
+            self.bytes_out += sent
             if sent == len(data):
                 return
             data = memoryview(data)[sent:]
@@ -438,6 +461,7 @@ class Connection:
             self.abort(exc)
             return
         del self.outbuf[:sent]
+        self.bytes_out += sent
         self.write_progress = time.monotonic()
         if len(self.outbuf) <= self.config.write_high_water // 4:
             if self.held:
@@ -481,6 +505,7 @@ class Connection:
         way — has its first message answered if it comes within linger_timeout."""
         if self.closing or self.closed:
             return
+        set_reason(self, "drain")
         if self.heard or self.eof:
             self.close_when_done()
             return
@@ -574,6 +599,7 @@ class Connection:
         self.closed = True
         if isinstance(error, OSError) and not isinstance(error, MuxpoolError):
             self.broken = error  # the socket's: the peer broke it (a HandlerTimeout is ours)
+        set_reason(self, "reset" if self.broken is not None else "shutdown")
         self.backlog.clear()
         self.backlog_bytes = 0
         self.held = []

@@ -38,6 +38,7 @@ from .framing import make_framer
 from .handlers import EchoService, resolve_handler
 from .lifecycle import ServerLifecycle
 from .multiplexer import EVENT_READ, Multiplexer
+from .server_metrics import ServerMetrics, log_access, timed_sessions
 from .stats import ServerStats
 from .systemd import Notifier
 from .stream import StreamConnection
@@ -125,7 +126,10 @@ class Server(ServerLifecycle):
         self.on_connection_count: Any = None
         self._reject_logged_at = -_REJECT_LOG_EVERY
         self._address = self.listener.getsockname()
-        self.stats = ServerStats()
+        self.stats = ServerStats(metrics=config.metrics_port is not None)
+        self.metrics = ServerMetrics(self) if config.metrics_port is not None else None
+        if self.metrics is not None and self.inline:  # inline calls are timed by no engine
+            self.new_session = timed_sessions(self.new_session, self.stats.inline_times)
         self.connections: dict[int, Connection] = {}
         self._ids = itertools.count(1)
         self._accepting = False
@@ -148,6 +152,8 @@ class Server(ServerLifecycle):
 
     def serve_forever(self) -> None:
         self.engine.start(self.mux)
+        if self.metrics is not None:
+            self.metrics.start(on_failure=self.engine.stop)
         self._set_accepting(True)
         if self.config.stats_interval:
             self.mux.call_later(self.config.stats_interval, self._report_stats)
@@ -163,6 +169,8 @@ class Server(ServerLifecycle):
         finally:
             if watchdog is not None:
                 watchdog.stop()
+            if self.metrics is not None:
+                self.metrics.stop()
             self._close_everything()
             # After a hard stop, handler calls still running are abandoned, not waited for.
             self.engine.stop(wait=not self._stopped_hard)
@@ -350,7 +358,10 @@ class Server(ServerLifecycle):
 
     def forget(self, conn: Connection) -> None:
         """A connection's socket closed: free its slot, resume accepting."""
-        self.connections.pop(id(conn), None)
+        if self.connections.pop(id(conn), None) is not None:
+            self.stats.closed(conn)
+            if self.config.access_log:
+                log_access(conn, time.monotonic())
         if self.on_connection_count is not None:
             self.on_connection_count(len(self.connections))
         if not self._accepting and not self._draining and len(self.connections) < self.config.max_connections:

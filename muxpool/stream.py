@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from . import calls
 from .connection import log_handshake_overdue, raise_closed
 from .errors import ConnectionBroken, ConnectionClosed, HandlerTimeout, MuxpoolError, ProtocolError
+from .stats import handler_failed, set_reason
 
 if TYPE_CHECKING:
     from .context import ConnectionContext
@@ -74,6 +75,9 @@ class StreamConnection:
     linger_timer = None  # the loop's: ends a lingering close it started for an idle thread
     handshaken = False
     outbuf = b""  # replies go straight to the kernel: no buffer in user space
+    # Written by the connection's thread, read by the loop (stats.CLOSE_REASONS).
+    close_reason: str | None = None
+    bytes_in = bytes_out = messages = errors = 0
 
     def __init__(self, ctx: "ConnectionContext", sock: socket.socket, peer: Any, conn_id: int):
         self.ctx = ctx
@@ -96,7 +100,8 @@ class StreamConnection:
         self._calls = 0  # handler calls started; a handler_timeout timer checks it
         self._kernel_timeouts = False
         # Made here, on the loop thread, which collects it for the stats line.
-        self.tally = ctx.stats.tally() if ctx.config.stats_interval else None
+        self.tally = ctx.stats.tally() if ctx.config.stats_interval or ctx.stats.timed else None
+        self.opened = time.monotonic()
 
     def start(self) -> None:
         """Accepted (loop thread): time the whole TLS handshake (not each read), and
@@ -110,6 +115,7 @@ class StreamConnection:
         self.tls_timer = None
         if not self.closed and not self.handshaken:
             log_handshake_overdue(self.peer, self.config.tls_handshake_timeout)
+            set_reason(self, "tls_timeout")
             self.abort(None, reset=True)
 
     def __repr__(self) -> str:
@@ -133,6 +139,7 @@ class StreamConnection:
     def close(self) -> None:
         """Read no more; the reply in progress is still sent, then the socket closes."""
         self._close_called = True
+        set_reason(self, "closed")
         self.close_when_done()
 
     # --- for the server (any thread) ----------------------------------------------
@@ -173,6 +180,7 @@ class StreamConnection:
         message answered if it comes within linger_timeout."""
         if self.closing or self.closed:
             return
+        set_reason(self, "drain")
         if self.heard:
             self.close_when_done()
             return
@@ -226,6 +234,7 @@ class StreamConnection:
                 sent = self.sock.send(data)
                 if sent != len(data):
                     self._send_rest(data, sent)
+                self.bytes_out += len(data)
             except _WRITE_TIMEOUTS:
                 self._log_write_timeout()
                 raise
@@ -245,6 +254,7 @@ class StreamConnection:
             view = view[self.sock.send(view):]
 
     def _log_write_timeout(self) -> None:
+        set_reason(self, "write_timeout")
         self._reset = True  # a client that stopped reading: RST frees what the kernel still holds
         log.warning("closing %s: reply blocked for %s s (write_timeout)", self.peer,
                     self.config.write_timeout)
@@ -276,6 +286,7 @@ class StreamConnection:
             ending = self.run()
         except HandlerTimeout as exc:  # returned late: logged; reset, as the loop engines do
             error, self._reset = exc, True
+            set_reason(self, "handler_timeout")
         except (OSError, ProtocolError, ConnectionClosed) as exc:
             # When we closed it (drain, close()), the blocked read's error is
             # our own doing: gevent raises where a thread's recv returns b"".
@@ -284,9 +295,12 @@ class StreamConnection:
                 log.debug("connection %s ended: %s", self.peer, exc)
                 if isinstance(exc, OSError) and not isinstance(exc, MuxpoolError):
                     self.broken = exc
+                set_reason(self, "protocol_error" if isinstance(exc, (ProtocolError, ssl.SSLError))
+                           else "reset")
         except (Exception, SystemExit) as exc:  # a handler's (sys.exit() too): logged, the server goes on
             error = exc
             calls.handler_failed(self.peer, exc)
+            handler_failed(self)
         finally:
             self.finish(error or self._timed_out, ending)
 
@@ -334,6 +348,7 @@ class StreamConnection:
                     return "linger"  # the loop sent our FIN meanwhile: finish the linger
                 log.info("closing %s: no complete message for %s s (idle_timeout)", self.peer,
                          full_idle)
+                set_reason(self, "idle")
                 return "abort"
             if not claimed("recv", False):
                 # The loop sent our FIN while we waited: the client's EOF, or
@@ -347,13 +362,16 @@ class StreamConnection:
                 # read would have (raw framing treats a chunk as a message).
                 data += self._ready_bytes()
                 read_size = READ_SIZE
+            self.bytes_in += len(data)
             try:
                 messages = feed(data)
             except ProtocolError as exc:
                 log.warning("closing %s: %s", self.peer, exc)
+                set_reason(self, "protocol_error")
                 return "linger" if data else "eof"
             if messages:
                 self.heard = True
+                self.messages += len(messages)
                 if self._draining_new:  # the first message of a client accepted just before a drain
                     self._draining_new = False
                     self.closing = True
@@ -364,6 +382,7 @@ class StreamConnection:
                         out = encode(reply)
                     except (ProtocolError, TypeError) as exc:  # as on the loop: logged, closed
                         calls.unframeable(self.peer, exc)
+                        handler_failed(self)
                         return "linger"
                     acquire()
                     try:
@@ -372,6 +391,7 @@ class StreamConnection:
                         sent = send(out)
                         if sent != len(out):
                             self._send_rest(out, sent)
+                        self.bytes_out += len(out)
                     except _WRITE_TIMEOUTS:
                         self._log_write_timeout()
                         raise
@@ -381,6 +401,7 @@ class StreamConnection:
                 partial_since, idle = self._idle_left(framer, messages, partial_since)
             if framer.pending_error is not None:
                 log.warning("closing %s: %s", self.peer, framer.pending_error)
+                set_reason(self, "protocol_error")
                 return "linger"
             if not data:
                 return "eof"
@@ -476,6 +497,9 @@ class StreamConnection:
 
     def finish(self, error: BaseException | None, ending: str = "abort") -> None:
         self.closed = True
+        if self._timed_out is not None:
+            set_reason(self, "handler_timeout")
+        set_reason(self, "eof" if ending == "eof" else "shutdown")
         if self.tally is not None:
             self.tally.done = True  # its last count is in: the loop may drop it once collected
         graceful = error is None and not self._aborted

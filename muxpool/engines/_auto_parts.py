@@ -8,6 +8,7 @@ import threading
 import time
 
 from ..calls import frame_reply, handler_failed
+from ..stats import handler_failed as count_failure
 
 _IDLE_PERIOD = 0.01  # s between samples while the loop sleeps in select (Go's sysmon: 10 ms)
 _CPU_HANDOFF = 0.05  # s a call busy on the CPU runs before it is handed off all the same
@@ -74,12 +75,14 @@ def reply(conn, ok, value) -> bool:
     if not ok:
         conn.busy = False
         handler_failed(conn.peer, value)
+        count_failure(conn)
         conn.close_when_done(drop_backlog=True)
         return False
     if value is not None and not conn.closed:
         data = frame_reply(conn.encode, value, conn.peer)
         if data is None:
             conn.busy = False
+            count_failure(conn)
             conn.close_when_done(drop_backlog=True)
             return False
         conn.write(data)

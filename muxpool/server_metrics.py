@@ -1,0 +1,160 @@
+"""A server's ``/metrics`` endpoint and its access log (``metrics_port``, ``access_log``).
+
+The counters live in :class:`~muxpool.stats.ServerStats`, on the loop thread,
+as they did for the stats line; a scrape (on the HTTP server's thread) asks
+the loop for a :class:`~muxpool.stats.MetricsSnapshot` through ``defer`` and
+waits for it, so nothing is read while the loop changes it. A loop that does
+not answer in time (a handler blocking the ``loop`` engine) gets the last
+snapshot served again: a scrape never hangs on a stuck loop.
+
+The loop engine's inline path calls handlers with no engine in between and
+so times nothing; with metrics on, each session's ``on_message`` is timed by
+a small wrapper that appends to a list the loop folds into the histogram.
+
+The access log is one line per closed connection on the ``muxpool.access``
+logger: peer, connection id, duration, messages, bytes and close reason, as
+fields of the record (``--log-format json`` writes them as JSON fields) and
+in the plain line, where the peer, which a Unix client chooses, comes last
+and quoted, so it can neither end the line nor pose as another field.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from .handlers import Session
+from .metrics import PoolCollector, ServerCollector, require_client, start_endpoint
+from .stats import MetricsSnapshot
+
+log = logging.getLogger("muxpool.server")
+access = logging.getLogger("muxpool.access")
+
+_SCRAPE_WAIT = 2.0  # s a scrape waits for the loop to answer
+_COLLECT_EVERY = 1.0  # s: threads' tallies are folded in this often, so their samples stay few
+
+
+class ServerMetrics:
+    """One server's metrics: built with the server, started and stopped with its loop."""
+
+    def __init__(self, server: Any):
+        require_client()  # at set-up, not when serving starts
+        self.server = server
+        self.serve_http = True  # a prefork worker publishes to its supervisor instead
+        self.registry = None
+        self._endpoint = None
+        self._last = MetricsSnapshot()
+
+    @property
+    def address(self) -> tuple | None:
+        """Where ``/metrics`` is served (``None`` until the server runs)."""
+        return self._endpoint.address if self._endpoint is not None else None
+
+    def start(self, on_failure=lambda: None) -> None:
+        """Before the loop runs: the collect timer and the endpoint. If the endpoint
+        cannot start (its port is taken), ``on_failure()`` and the error is raised."""
+        self.server.mux.call_later(_COLLECT_EVERY, self._collect)
+        if not self.serve_http:
+            return
+        try:
+            self._serve()
+        except BaseException:
+            on_failure()
+            raise
+
+    def _serve(self) -> None:
+        from prometheus_client import CollectorRegistry
+
+        config = self.server.config
+        registry = CollectorRegistry(auto_describe=True)
+        registry.register(ServerCollector(self.scrape))
+        pools = PoolCollector()
+        engine = self.server.engine
+        # The engine's own handler pool, and a pool= it offloads to (not a public attribute:
+        # engines keep their pools to themselves, and only the threadpool engine has any).
+        for pool in (getattr(engine, "_pool", None), getattr(engine, "_offload", None)):
+            if pool is not None and callable(getattr(pool, "stats", None)):
+                pools.add(pool)
+        registry.register(pools)
+        self.registry = registry
+        self._endpoint = start_endpoint(registry, config.metrics_host, config.metrics_port)
+        log.info("metrics on http://%s/metrics", _format(self._endpoint.address))
+
+    def stop(self) -> None:
+        if self._endpoint is not None:
+            self._endpoint.stop()
+
+    def _collect(self) -> None:
+        self.server.stats.collect()
+        self.server.mux.call_later(_COLLECT_EVERY, self._collect)
+
+    def snapshot(self) -> MetricsSnapshot:
+        """Loop thread."""
+        server = self.server
+        self._last = server.stats.metrics(server.connections.values(), server.engine.queue_depth())
+        return self._last
+
+    def scrape(self) -> MetricsSnapshot:
+        """Any thread: the loop's snapshot, or the last one if the loop is stuck."""
+        mux = self.server.mux
+        if mux.in_loop_thread():
+            return self.snapshot()
+        answered = threading.Event()
+        result: list[MetricsSnapshot] = []
+
+        def on_loop() -> None:
+            result.append(self.snapshot())
+            answered.set()
+
+        mux.defer(on_loop)
+        if answered.wait(_SCRAPE_WAIT):
+            return result[0]
+        log.warning("metrics: the event loop did not answer a scrape in %s s; serving the last "
+                    "snapshot", _SCRAPE_WAIT)
+        return self._last
+
+
+def timed_sessions(new_session, times: list):
+    """``new_session`` whose sessions time ``on_message`` into ``times`` (the inline path)."""
+    def make() -> Session:
+        session = new_session()
+        return Session(session.on_connect, _Timed(session.on_message, times.append).on_message,
+                       session.on_disconnect)
+    return make
+
+
+class _Timed:
+    __slots__ = ("_add", "_call")
+
+    def __init__(self, call, add):
+        self._call, self._add = call, add
+
+    def on_message(self, conn, message):  # a method: the auto engine keys what it learns on it
+        started = time.perf_counter()
+        try:
+            return self._call(conn, message)
+        finally:
+            self._add(time.perf_counter() - started)
+
+
+def log_access(conn: Any, now: float) -> None:
+    """The access log's line for a connection that has closed."""
+    duration = now - conn.opened
+    reason = conn.close_reason or "eof"
+    peer = _format(conn.peer)
+    access.info("conn=%d reason=%s duration=%.3fs messages=%d bytes_in=%d bytes_out=%d peer=%s",
+                conn.id, reason, duration, conn.messages, conn.bytes_in, conn.bytes_out,
+                json.dumps(str(peer)), extra={
+                    "peer": conn.peer, "conn_id": conn.id, "close_reason": reason,
+                    "duration": round(duration, 6), "messages": conn.messages,
+                    "bytes_in": conn.bytes_in, "bytes_out": conn.bytes_out})
+
+
+def _format(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)
