@@ -93,6 +93,11 @@ class PreforkServer(ServerLifecycle):
         """pid -> worker, for the workers running now."""
         return self.supervisor.workers
 
+    @property
+    def metrics(self):
+        """The supervisor's ``/metrics`` (``.address``), or ``None`` without metrics_port."""
+        return self.supervisor.metrics
+
     def reload(self) -> None:
         """Replace the workers one by one (SIGHUP does the same); call on the server's loop
         (``srv.mux.defer(srv.reload)``) or from a signal handler."""

@@ -62,10 +62,14 @@ def serve(app, listener, ssl_context, config, shared, slot: int, period: float,
         worker.mux.register(parent_gone_fd, EVENT_READ, parent_gone)
     mine = WorkerSlot(shared, slot)
     share_room(worker, shared, slot, period)
+    if worker.metrics is not None:
+        worker.metrics.serve_http = False  # the supervisor serves /metrics for every worker
 
     def publish_totals():  # on the worker's loop, so it is also the loop's heartbeat
         mine.connections_total = worker.stats.connections_total
         mine.messages_total = worker.stats.messages_total
+        if worker.metrics is not None:
+            mine.publish(worker.metrics.snapshot())
         mine.heartbeat = time.monotonic_ns()
         worker.mux.call_later(period, publish_totals)
 
@@ -79,6 +83,8 @@ def serve(app, listener, ssl_context, config, shared, slot: int, period: float,
     worker.serve_forever()
     mine.connections_total = worker.stats.connections_total
     mine.messages_total = worker.stats.messages_total
+    if worker.metrics is not None:
+        mine.publish(worker.metrics.snapshot())
 
 
 def _worker_config(config):
