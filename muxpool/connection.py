@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import calls
 from .errors import ConnectionBroken, ConnectionClosed, MuxpoolError, ProtocolError
+from .logs import conn_fields
 from .multiplexer import EVENT_READ, EVENT_WRITE
 from .stats import handler_failed, set_reason
 from .tls import TLSSession
@@ -197,7 +198,7 @@ class Connection:
             if n == 0 and data and framer.pending_error is None:
                 messages += framer.feed(b"")
         except ProtocolError as exc:
-            log.warning("closing %s: %s", self.peer, exc)
+            log.warning("closing %s: %s", self.peer, exc, extra=conn_fields(self))
             set_reason(self, "protocol_error")
             self.close_when_done()
             return
@@ -220,7 +221,7 @@ class Connection:
             for message in messages:
                 self.dispatch(self.session.on_message, message)
         if framer.pending_error is not None:  # after good messages: answer them, then close
-            log.warning("closing %s: %s", self.peer, framer.pending_error)
+            log.warning("closing %s: %s", self.peer, framer.pending_error, extra=conn_fields(self))
             set_reason(self, "protocol_error")
             self.close_when_done()
         elif n == 0:
@@ -238,7 +239,7 @@ class Connection:
         try:
             plaintext, reply = tls.receive(data)
         except ProtocolError as exc:
-            log.warning("closing %s: %s", self.peer, exc)
+            log.warning("closing %s: %s", self.peer, exc, extra=conn_fields(self))
             set_reason(self, "protocol_error")
             self.abort(exc)
             return None
@@ -263,7 +264,7 @@ class Connection:
             try:
                 reply = on_message(self, message)
             except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
-                calls.handler_failed(self.peer, exc)
+                calls.handler_failed(self.peer, exc, conn_id=self.id)
                 handler_failed(self)
                 self.close_when_done(drop_backlog=True)
                 return
@@ -271,7 +272,7 @@ class Connection:
                 try:  # written out, not calls.frame_reply: a call per message costs requests/s
                     data = self.encode(reply)
                 except (ProtocolError, TypeError) as exc:
-                    calls.unframeable(self.peer, exc)
+                    calls.unframeable(self.peer, exc, conn_id=self.id)
                     handler_failed(self)
                     self.close_when_done(drop_backlog=True)
                     return
@@ -319,18 +320,18 @@ class Connection:
             limit = self.config.handler_timeout
             if elapsed > limit and not self.closed:
                 set_reason(self, "handler_timeout")
-                self.abort(calls.over_time(self.peer, limit, elapsed), reset=True)
+                self.abort(calls.over_time(self.peer, limit, elapsed, conn_id=self.id), reset=True)
         self.busy = False
         if ok:
             if value is not None and not self.closed:
-                data = calls.frame_reply(self.encode, value, self.peer)
+                data = calls.frame_reply(self.encode, value, self.peer, conn_id=self.id)
                 if data is None:
                     handler_failed(self)
                     self.close_when_done(drop_backlog=True)
                 else:
                     self.write(data)
         else:
-            calls.handler_failed(self.peer, value)
+            calls.handler_failed(self.peer, value, conn_id=self.id)
             handler_failed(self)
             self.close_when_done(drop_backlog=True)
         self.after_call()
@@ -350,7 +351,7 @@ class Connection:
         self.handler_timer = None
         if not self.closed:
             set_reason(self, "handler_timeout")
-            self.abort(calls.over_time(self.peer, self.config.handler_timeout), reset=True)
+            self.abort(calls.over_time(self.peer, self.config.handler_timeout, conn_id=self.id), reset=True)
 
     # --- the connection's clocks (loop thread) ---------------------------------
 
@@ -364,7 +365,7 @@ class Connection:
     def _handshake_overdue(self) -> None:
         self.tls_timer = None
         if not self.closed and not self.handshaken:
-            log_handshake_overdue(self.peer, self.config.tls_handshake_timeout)
+            log_handshake_overdue(self.peer, self.config.tls_handshake_timeout, conn_id=self.id)
             set_reason(self, "tls_timeout")
             self.abort(None, reset=True)
 
@@ -374,7 +375,7 @@ class Connection:
         limit = self.config.idle_timeout
         quiet = time.monotonic() - self.last_active
         if quiet >= limit and not self.busy and not self.backlog and not self.held:
-            log.info("closing %s: idle for %.1f s (idle_timeout)", self.peer, quiet)
+            log.info("closing %s: idle for %.1f s (idle_timeout)", self.peer, quiet, extra=conn_fields(self))
             set_reason(self, "idle")
             self.abort(None)
         else:
@@ -394,7 +395,8 @@ class Connection:
         stalled = time.monotonic() - self.write_progress
         if stalled >= limit:
             log.warning("closing %s: no reply bytes accepted for %.1f s (write_timeout), "
-                        "%d bytes unsent", self.peer, stalled, len(self.outbuf))
+                        "%d bytes unsent", self.peer, stalled, len(self.outbuf),
+                        extra=conn_fields(self))
             set_reason(self, "write_timeout")
             self.abort(None, reset=True)
         else:
@@ -565,7 +567,8 @@ class Connection:
             return
         self.linger_left -= len(data)
         if self.linger_left <= 0:
-            log.info("closing %s: still sending after our close (%d bytes)", self.peer, LINGER_MAX_BYTES)
+            log.info("closing %s: still sending after our close (%d bytes)", self.peer,
+                     LINGER_MAX_BYTES, extra=conn_fields(self))
             self.abort(None, reset=True)
 
     def _linger_over(self) -> None:
@@ -626,8 +629,9 @@ def raise_closed(peer: Any, broken: OSError | None) -> None:
     raise ConnectionClosed(f"connection {peer} is closed")
 
 
-def log_handshake_overdue(peer: Any, limit: float) -> None:
-    log.warning("closing %s: no TLS handshake within %s s (tls_handshake_timeout)", peer, limit)
+def log_handshake_overdue(peer: Any, limit: float, conn_id: int | None = None) -> None:
+    log.warning("closing %s: no TLS handshake within %s s (tls_handshake_timeout)", peer, limit,
+                extra={"peer": peer, "conn_id": conn_id})
 
 
 def discard_ready(sock: socket.socket, limit: int = 16) -> None:

@@ -28,8 +28,12 @@ whole up to ``PIPE_BUF`` (4 KiB) and Linux in practice further unless the
 pipe is full. Workers the fork server starts send their records to the
 supervisor (:mod:`muxpool.prefork.worker_logs`), which writes them itself.
 
-Fields core code may attach with ``extra=``: ``peer``, ``conn_id``,
-``engine``, ``worker_pid`` (set in every prefork worker). A record forwarded
+Fields core code may attach with ``extra=``: ``peer``, ``conn_id``
+(:func:`conn_fields`: every record about one connection has both),
+``engine``, ``worker_pid`` (set in every prefork worker), and the access
+log's ``close_reason``, ``duration``, ``messages``, ``bytes_in``,
+``bytes_out``. JSON writes each as a field of its own; the plain format
+writes the message only, so what a line says must be in its message. A record forwarded
 from a worker carries its traceback as ``exc_lines`` (see
 :func:`exception_lines`), since the traceback object cannot travel.
 """
@@ -45,7 +49,8 @@ import traceback
 from typing import IO, Any
 
 FORMATS = ("plain", "json")
-CONTEXT_FIELDS = ("peer", "conn_id", "engine", "worker_pid")
+CONTEXT_FIELDS = ("peer", "conn_id", "engine", "worker_pid",
+                  "close_reason", "duration", "messages", "bytes_in", "bytes_out")
 
 # C0, DEL, C1 (NEL U+0085 among them), the Unicode line and paragraph separators,
 # and the bidirectional overrides and isolates, which reorder text on screen.
@@ -160,6 +165,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)  # ensure_ascii: U+2028/2029 escaped too
 
 
+def conn_fields(conn: Any) -> dict[str, Any]:
+    """``extra=`` for a record about ``conn``: its peer and its id."""
+    return {"peer": conn.peer, "conn_id": conn.id}
+
+
 def _utc_time(record: logging.LogRecord) -> str:
     seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
     return f"{seconds}.{int(record.msecs):03d}Z"
@@ -197,4 +207,4 @@ def configure_logging(level: int | str = "INFO", fmt: str = "plain",
 
 
 __all__ = ["CONTEXT_FIELDS", "FORMATS", "JsonFormatter", "PlainFormatter", "configure_logging",
-           "escape", "exception_lines", "formatter"]
+           "conn_fields", "escape", "exception_lines", "formatter"]

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from . import calls
 from .connection import log_handshake_overdue, raise_closed
 from .errors import ConnectionBroken, ConnectionClosed, HandlerTimeout, MuxpoolError, ProtocolError
+from .logs import conn_fields
 from .stats import handler_failed, set_reason
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ class StreamConnection:
     def _handshake_overdue(self) -> None:
         self.tls_timer = None
         if not self.closed and not self.handshaken:
-            log_handshake_overdue(self.peer, self.config.tls_handshake_timeout)
+            log_handshake_overdue(self.peer, self.config.tls_handshake_timeout, conn_id=self.id)
             set_reason(self, "tls_timeout")
             self.abort(None, reset=True)
 
@@ -257,7 +258,7 @@ class StreamConnection:
         set_reason(self, "write_timeout")
         self._reset = True  # a client that stopped reading: RST frees what the kernel still holds
         log.warning("closing %s: reply blocked for %s s (write_timeout)", self.peer,
-                    self.config.write_timeout)
+                    self.config.write_timeout, extra=conn_fields(self))
 
     def prepare_socket(self) -> None:
         self.sock.setblocking(True)
@@ -292,14 +293,14 @@ class StreamConnection:
             # our own doing: gevent raises where a thread's recv returns b"".
             error = None if self.closing else exc
             if not self.closing:
-                log.debug("connection %s ended: %s", self.peer, exc)
+                log.debug("connection %s ended: %s", self.peer, exc, extra=conn_fields(self))
                 if isinstance(exc, OSError) and not isinstance(exc, MuxpoolError):
                     self.broken = exc
                 set_reason(self, "protocol_error" if isinstance(exc, (ProtocolError, ssl.SSLError))
                            else "reset")
         except (Exception, SystemExit) as exc:  # a handler's (sys.exit() too): logged, the server goes on
             error = exc
-            calls.handler_failed(self.peer, exc)
+            calls.handler_failed(self.peer, exc, conn_id=self.id)
             handler_failed(self)
         finally:
             self.finish(error or self._timed_out, ending)
@@ -347,7 +348,7 @@ class StreamConnection:
                 if not claimed("recv", False):
                     return "linger"  # the loop sent our FIN meanwhile: finish the linger
                 log.info("closing %s: no complete message for %s s (idle_timeout)", self.peer,
-                         full_idle)
+                         full_idle, extra=conn_fields(self))
                 set_reason(self, "idle")
                 return "abort"
             if not claimed("recv", False):
@@ -366,7 +367,7 @@ class StreamConnection:
             try:
                 messages = feed(data)
             except ProtocolError as exc:
-                log.warning("closing %s: %s", self.peer, exc)
+                log.warning("closing %s: %s", self.peer, exc, extra=conn_fields(self))
                 set_reason(self, "protocol_error")
                 return "linger" if data else "eof"
             if messages:
@@ -381,7 +382,7 @@ class StreamConnection:
                     try:
                         out = encode(reply)
                     except (ProtocolError, TypeError) as exc:  # as on the loop: logged, closed
-                        calls.unframeable(self.peer, exc)
+                        calls.unframeable(self.peer, exc, conn_id=self.id)
                         handler_failed(self)
                         return "linger"
                     acquire()
@@ -400,7 +401,7 @@ class StreamConnection:
             if full_idle and (partial_since or framer.pending):
                 partial_since, idle = self._idle_left(framer, messages, partial_since)
             if framer.pending_error is not None:
-                log.warning("closing %s: %s", self.peer, framer.pending_error)
+                log.warning("closing %s: %s", self.peer, framer.pending_error, extra=conn_fields(self))
                 set_reason(self, "protocol_error")
                 return "linger"
             if not data:
@@ -487,12 +488,12 @@ class StreamConnection:
             self._calls += 1
         elapsed = time.perf_counter() - started
         if elapsed > limit:
-            raise calls.over_time(self.peer, limit, elapsed)
+            raise calls.over_time(self.peer, limit, elapsed, conn_id=self.id)
         return result
 
     def _overdue(self, call: int, limit: float) -> None:
         if self._calls == call and not self.closed:
-            self._timed_out = calls.over_time(self.peer, limit)
+            self._timed_out = calls.over_time(self.peer, limit, conn_id=self.id)
             self.abort(None, reset=True)
 
     def finish(self, error: BaseException | None, ending: str = "abort") -> None:
@@ -519,7 +520,7 @@ class StreamConnection:
             try:
                 session.on_disconnect(self, error)
             except Exception:
-                log.exception("on_disconnect failed for %s", self.peer)
+                log.exception("on_disconnect failed for %s", self.peer, extra=conn_fields(self))
         self.ctx.closed_from_any_thread(self)
 
 

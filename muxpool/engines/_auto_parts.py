@@ -74,12 +74,12 @@ def reply(conn, ok, value) -> bool:
     """Write the reply; False: the call failed or its reply cannot be framed (closing)."""
     if not ok:
         conn.busy = False
-        handler_failed(conn.peer, value)
+        handler_failed(conn.peer, value, conn_id=conn.id)
         count_failure(conn)
         conn.close_when_done(drop_backlog=True)
         return False
     if value is not None and not conn.closed:
-        data = frame_reply(conn.encode, value, conn.peer)
+        data = frame_reply(conn.encode, value, conn.peer, conn_id=conn.id)
         if data is None:
             conn.busy = False
             count_failure(conn)
