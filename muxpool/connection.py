@@ -204,6 +204,7 @@ class Connection:
             return
         if n == 0:
             self.eof = True
+            set_reason(self, "eof" if framer.pending_error is None else "protocol_error")
             self.update_interest()
         if messages:
             # Idle means "no complete message", not "no byte": a client that
@@ -225,7 +226,6 @@ class Connection:
             set_reason(self, "protocol_error")
             self.close_when_done()
         elif n == 0:
-            set_reason(self, "eof")
             self.maybe_finish()
         elif self._draining_new and messages:
             self._draining_new = False

@@ -129,7 +129,7 @@ class Server(ServerLifecycle):
         self.stats = ServerStats(metrics=config.metrics_port is not None)
         self.metrics = ServerMetrics(self) if config.metrics_port is not None else None
         if self.metrics is not None and self.inline:  # inline calls are timed by no engine
-            self.new_session = timed_sessions(self.new_session, self.stats.inline_times)
+            self.new_session = timed_sessions(self.new_session, self.stats)
         self.connections: dict[int, Connection] = {}
         self._ids = itertools.count(1)
         self._accepting = False
