@@ -134,7 +134,9 @@ def settled(address, connections: int = CONNECTIONS, messages: int = MESSAGES) -
         values = scrape(address)
         last[:] = [values]
         total = sum(v for (name, _), v in values.items() if name == "muxpool_connections_closed_total")
-        return total >= connections and plain(values, "muxpool_messages_total") >= messages
+        # The histogram too: a prefork worker writes its fields one by one, buckets last.
+        return total >= connections and plain(values, "muxpool_messages_total") >= messages \
+            and plain(values, "muxpool_handler_seconds_count") >= messages
 
     try:
         wait_for(done, what="every connection of the load closed and counted", interval=0.1)
@@ -200,12 +202,14 @@ def test_without_prometheus_client_metrics_port_says_what_to_install():
     assert "pip install 'muxpool[metrics]'" in out.stdout, out.stderr
 
 
-def quiet(address) -> dict:
-    """A scrape once every connection accepted so far is closed."""
+def quiet(address, accepted: int) -> dict:
+    """A scrape once ``accepted`` connections are counted and every one is closed
+    (a prefork worker publishes its counts with its heartbeat, a moment late)."""
     def done():
         values = scrape(address)
         total = sum(v for (name, _), v in values.items() if name == "muxpool_connections_closed_total")
-        return values if total == plain(values, "muxpool_connections_accepted_total") else None
+        return values if total == plain(values, "muxpool_connections_accepted_total") >= accepted \
+            else None
     return wait_for(done, what="the connections so far to close", interval=0.1)
 
 
@@ -231,7 +235,7 @@ def test_prefork_sums_its_workers_and_keeps_a_killed_workers_totals(engine, tmp_
     with cli_server(engine, tmp_path / "server.log", "metrics_apps:app", "--metrics-port", "0",
                     *CLI_OPTIONS) as served:
         address = _metrics_address(served)
-        before = quiet(address)  # cli_server's readiness probes were connections too
+        before = quiet(address, 1)  # cli_server's readiness probe is a connection too
         sent = run_load(served.address)
         check_known_load(minus(settled(address, *more_than(before)), before), sent)
         victim = served.workers[0]
