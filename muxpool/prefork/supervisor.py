@@ -287,9 +287,8 @@ class Supervisor:
 
     def totals(self) -> tuple[int, int]:
         """Connections served and messages handled by every worker, past and present."""
-        live = self._slots()
-        return tuple(self._retired_totals[name] + sum(slot[name] for slot in live)
-                     for name in COUNTERS)
+        totals = self.counter_totals()
+        return totals["connections_total"], totals["messages_total"]
 
     def _report(self) -> None:
         """The same line as one server's, summed over the workers (the slowest
