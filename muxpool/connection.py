@@ -260,14 +260,20 @@ class Connection:
             return
         on_message = self.session.on_message
         high_water = self.config.write_high_water
+        times, clock = self.ctx.stats.inline_times, time.perf_counter  # times: with metrics on
         for index, message in enumerate(messages):
+            started = clock() if times is not None else 0.0
             try:
                 reply = on_message(self, message)
             except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
+                if times is not None:
+                    times.append(clock() - started)
                 calls.handler_failed(self.peer, exc, conn_id=self.id)
                 handler_failed(self)
                 self.close_when_done(drop_backlog=True)
                 return
+            if times is not None:
+                times.append(clock() - started)
             if reply is not None and not self.closed:
                 try:  # written out, not calls.frame_reply: a call per message costs requests/s
                     data = self.encode(reply)

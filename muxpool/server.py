@@ -128,7 +128,8 @@ class Server(ServerLifecycle):
         self._address = self.listener.getsockname()
         self.stats = ServerStats(metrics=config.metrics_port is not None)
         self.metrics = ServerMetrics(self) if config.metrics_port is not None else None
-        if self.metrics is not None and self.inline:  # inline calls are timed by no engine
+        # auto runs the inline path itself (Connection.handle_inline times the loop engine's).
+        if self.metrics is not None and self.inline and hasattr(self.engine, "handle_inline"):
             self.new_session = timed_sessions(self.new_session, self.stats)
         self.connections: dict[int, Connection] = {}
         self._ids = itertools.count(1)

@@ -7,9 +7,11 @@ waits for it, so nothing is read while the loop changes it. A loop that does
 not answer in time (a handler blocking the ``loop`` engine) gets the last
 snapshot served again: a scrape never hangs on a stuck loop.
 
-The loop engine's inline path calls handlers with no engine in between and
-so times nothing; with metrics on, each session's ``on_message`` is timed by
-a small wrapper that appends to a list the loop folds into the histogram.
+The inline path calls handlers with no engine in between, so no engine times
+them: with metrics on, ``Connection.handle_inline`` times each call itself
+(two clock reads and an append), and under the auto engine, which runs that
+path in its own way, each session's ``on_message`` is wrapped to do the same.
+The loop folds those times into the histogram every second and at each scrape.
 
 The access log is one line per closed connection on the ``muxpool.access``
 logger: peer, connection id, duration, messages, bytes and close reason, as
@@ -119,9 +121,9 @@ class ServerMetrics:
 
 def timed_sessions(new_session, stats):
     """``new_session`` whose sessions time ``on_message`` into ``stats.inline_times``:
-    for the inline path, which no engine times. Every call is then timed here (the
-    auto engine hands some to its threads, and those it reports too), so what the
-    engine reports is counted but not observed again."""
+    for the auto engine's inline path, which it runs itself and does not time. Every
+    call is then timed here (auto hands some to its threads, and reports those too),
+    so what the engine reports is counted but not observed again."""
     stats.observe = None
     times = stats.inline_times
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
+from collections import Counter
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -43,6 +45,9 @@ CLOSE_REASONS = (
 # Handler time buckets (seconds, upper bounds; +Inf follows): 100 µs to 10 s.
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
            0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+_bucket = partial(bisect_left, BUCKETS)
 
 
 def set_reason(conn: Any, reason: str) -> None:
@@ -70,11 +75,12 @@ class Histogram:
         self.counts[bisect_left(BUCKETS, elapsed)] += 1
         self.total += elapsed
 
-    def observe_all(self, times: Iterable[float]) -> None:
+    def observe_all(self, times: list[float]) -> None:
         counts = self.counts
-        for elapsed in times:
-            counts[bisect_left(BUCKETS, elapsed)] += 1
-            self.total += elapsed
+        # Counter, map and sum run in C: about twice as fast as a loop of observe().
+        for index, count in Counter(map(_bucket, times)).items():
+            counts[index] += count
+        self.total += sum(times)
 
 
 @dataclass
@@ -127,7 +133,9 @@ class ServerStats:
         self.timed = metrics  # connections with their own thread keep a Tally
         # None when every on_message call is timed on its way in (the inline path's wrapper).
         self.observe = self.histogram.observe if self.histogram is not None else None
-        self.inline_times: list[float] = []  # the loop's inline calls (appended by any thread)
+        # The inline path's handler times, appended by the loop thread (Connection.handle_inline)
+        # or, under the auto engine, by whichever thread ran the call.
+        self.inline_times: list[float] | None = [] if metrics else None
         self.closed_by = dict.fromkeys(CLOSE_REASONS, 0)
         self.bytes_in = self.bytes_out = self.handler_errors = 0
 
@@ -182,7 +190,7 @@ class ServerStats:
             if done:
                 self._tallies.discard(tally)
         inline = self.inline_times
-        if inline and self.histogram is not None:
+        if inline:
             taken = len(inline)
             self.histogram.observe_all(inline[:taken])
             del inline[:taken]
