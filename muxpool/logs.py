@@ -156,7 +156,7 @@ class JsonFormatter(logging.Formatter):
         for name in CONTEXT_FIELDS:
             value = getattr(record, name, None)
             if value is not None:
-                entry[name] = _peer(value) if name == "peer" else value
+                entry[name] = format_peer(value) if name == "peer" else value
         lines, text = _record_exception(record)
         if lines is not None or text is not None:
             entry["exc"] = "\n".join(lines) if lines is not None else text
@@ -175,7 +175,7 @@ def _utc_time(record: logging.LogRecord) -> str:
     return f"{seconds}.{int(record.msecs):03d}Z"
 
 
-def _peer(value: Any) -> Any:
+def format_peer(value: Any) -> Any:
     """A TCP peer ``(host, port)`` as the server writes it elsewhere: ``host:port``, ``[v6]:port``."""
     if isinstance(value, tuple) and len(value) >= 2 and isinstance(value[0], str):
         host, port = value[0], value[1]
@@ -207,4 +207,4 @@ def configure_logging(level: int | str = "INFO", fmt: str = "plain",
 
 
 __all__ = ["CONTEXT_FIELDS", "FORMATS", "JsonFormatter", "PlainFormatter", "configure_logging",
-           "conn_fields", "escape", "exception_lines", "formatter"]
+           "conn_fields", "escape", "exception_lines", "format_peer", "formatter"]

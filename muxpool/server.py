@@ -66,6 +66,9 @@ class Server(ServerLifecycle):
     manager: ``with Server(...).start() as srv:``. ``config=ServerConfig(...)``
     gives every option at once; keyword options override it.
 
+    With ``metrics_port``, ``srv.metrics.address`` is where ``/metrics`` is served
+    once it runs (:mod:`muxpool.server_metrics`).
+
     ``engine="prefork"`` makes a :class:`muxpool.prefork.PreforkServer`
     instead (the same surface): a supervisor whose worker processes each run
     a ``Server`` of their own.

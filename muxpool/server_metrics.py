@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 from .handlers import Session
+from .logs import format_peer
 from .metrics import PoolCollector, ServerCollector, require_client, start_endpoint
 from .stats import MetricsSnapshot
 
@@ -83,7 +84,7 @@ class ServerMetrics:
         registry.register(pools)
         self.registry = registry
         self._endpoint = start_endpoint(registry, config.metrics_host, config.metrics_port)
-        log.info("metrics on http://%s/metrics", _format(self._endpoint.address))
+        log.info("metrics on http://%s/metrics", format_peer(self._endpoint.address))
 
     def stop(self) -> None:
         if self._endpoint is not None:
@@ -152,7 +153,7 @@ def log_access(conn: Any, now: float) -> None:
     """The access log's line for a connection that has closed."""
     duration = now - conn.opened
     reason = conn.close_reason or "eof"
-    peer = _format(conn.peer)
+    peer = format_peer(conn.peer)
     access.info("conn=%d reason=%s duration=%.3fs messages=%d bytes_in=%d bytes_out=%d peer=%s",
                 conn.id, reason, duration, conn.messages, conn.bytes_in, conn.bytes_out,
                 json.dumps(str(peer)), extra={
@@ -160,9 +161,3 @@ def log_access(conn: Any, now: float) -> None:
                     "duration": round(duration, 6), "messages": conn.messages,
                     "bytes_in": conn.bytes_in, "bytes_out": conn.bytes_out})
 
-
-def _format(address: Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address)

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import metrics_apps
 import pytest
-from reliability_helpers import cli_server
+from reliability_helpers import cli_server, needs_gevent
 from test_server_conformance import DEADLINE, wait_for
 
-from muxpool import Server
+from muxpool import ConfigError, Server, ServerConfig
 
 prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -253,3 +253,25 @@ def test_prefork_sums_its_workers_and_keeps_a_killed_workers_totals(engine, tmp_
         assert plain(values, "muxpool_messages_total") == 2 * MESSAGES
         assert plain(values, "muxpool_received_bytes_total") == sent["in"] + more["in"]
         assert closed(values, "eof") == 8 and closed(values, "reset") == 2
+
+
+def test_gevent_under_muxpool_serve_counts_a_known_load(tmp_path: Path):
+    """The endpoint's thread is a greenlet there, asking the hub's loop for each snapshot."""
+    needs_gevent("gevent")
+    with cli_server("gevent", tmp_path / "server.log", "metrics_apps:app", "--metrics-port", "0",
+                    *CLI_OPTIONS) as served:
+        address = _metrics_address(served)
+        before = quiet(address, 1)
+        sent = run_load(served.address)
+        check_known_load(minus(settled(address, *more_than(before)), before), sent)
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"metrics_port": 65536}, "metrics_port"),
+    ({"metrics_port": -1}, "metrics_port"),
+    ({"metrics_host": "::1"}, "metrics_host"),  # without metrics_port it would do nothing
+    ({"access_log": "yes"}, "access_log"),
+])
+def test_bad_metrics_options_are_refused_by_name(options, named):
+    with pytest.raises(ConfigError, match=named):
+        ServerConfig(**options)

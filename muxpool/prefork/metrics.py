@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 
+from ..logs import format_peer
 from ..metrics import ServerCollector, require_client, start_loop_endpoint
 from ..stats import MetricsSnapshot
 from .slots import metrics_snapshot
@@ -45,7 +46,7 @@ class SupervisorMetrics:
         registry = CollectorRegistry(auto_describe=True)
         registry.register(ServerCollector(self.snapshot))
         self._endpoint = start_loop_endpoint(registry, config.metrics_host, config.metrics_port, mux)
-        log.info("metrics on http://%s:%s/metrics", *self._endpoint.address[:2])
+        log.info("metrics on http://%s/metrics", format_peer(self._endpoint.address))
 
     def stop(self) -> None:
         if self._endpoint is not None:
