@@ -32,30 +32,35 @@ def call_handler(fn: Callable[..., Any], *args: Any) -> tuple[bool, Any, float]:
     return True, value, time.perf_counter() - started
 
 
-def frame_reply(encode: Callable[[bytes], bytes], reply: Any, peer: Any) -> bytes | None:
+def frame_reply(encode: Callable[[bytes], bytes], reply: Any, peer: Any,
+                conn_id: int | None = None) -> bytes | None:
     """The framed reply, or ``None`` (logged) when the framing cannot carry it:
     the connection then closes, as for a failed handler."""
     try:
         return encode(reply)
     except (ProtocolError, TypeError) as exc:
-        unframeable(peer, exc)
+        unframeable(peer, exc, conn_id=conn_id)
         return None
 
 
-def unframeable(peer: Any, error: Exception) -> None:
-    log.error("handler reply to %s cannot be framed: %s", peer, error)
+# Each record carries the connection as fields too (``--log-format json``).
+def unframeable(peer: Any, error: Exception, conn_id: int | None = None) -> None:
+    log.error("handler reply to %s cannot be framed: %s", peer, error,
+              extra={"peer": peer, "conn_id": conn_id})
 
 
-def handler_failed(peer: Any, error: BaseException) -> None:
-    log.error("handler failed for %s", peer, exc_info=error)
+def handler_failed(peer: Any, error: BaseException, conn_id: int | None = None) -> None:
+    log.error("handler failed for %s", peer, exc_info=error, extra={"peer": peer, "conn_id": conn_id})
 
 
-def over_time(peer: Any, limit: float, elapsed: float | None = None) -> HandlerTimeout:
+def over_time(peer: Any, limit: float, elapsed: float | None = None,
+              conn_id: int | None = None) -> HandlerTimeout:
     """Log a call over ``handler_timeout`` (still running, or returned late) and
     return the error its connection closes with (``on_disconnect`` gets it)."""
+    extra = {"peer": peer, "conn_id": conn_id}
     if elapsed is None:
-        log.error("handler for %s exceeded handler_timeout=%s s; closing it", peer, limit)
+        log.error("handler for %s exceeded handler_timeout=%s s; closing it", peer, limit, extra=extra)
     else:
         log.error("handler for %s took %.3f s, over handler_timeout=%s s; closing it",
-                  peer, elapsed, limit)
+                  peer, elapsed, limit, extra=extra)
     return HandlerTimeout(limit)

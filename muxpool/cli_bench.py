@@ -54,7 +54,8 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
                        help="start the app under each engine and reference server, load each the same")
     group.add_argument("--app", help="module:attr to compare (default: the workload)")
     group.add_argument("--workload", default="echo", help="echo, io:MS or cpu:MS (default echo)")
-    group.add_argument("--engines", help="comma-separated muxpool engines (default: all)")
+    group.add_argument("--engines", help="comma-separated muxpool engines (default: all); "
+                       "ENGINE+metrics: that engine with --metrics-port on")
     group.add_argument("--references", help="comma-separated reference servers "
                        f"({', '.join(REFERENCES)}; default: those installed; 'none')")
     group.add_argument("--repeat", type=positive(int), default=3, help="runs per server (default 3)")
@@ -123,7 +124,8 @@ def _compared_servers(args: argparse.Namespace) -> list[str]:
     from .loadtest.compare import all_servers, available_servers, left_out_note, missing_library
 
     if args.engines:
-        engines = _names(args.engines, ENGINES, "--engines")
+        # ENGINE+metrics: the same engine with metrics_port on, to measure what metrics cost.
+        engines = _names(args.engines, (*ENGINES, *(f"{e}+metrics" for e in ENGINES)), "--engines")
         for engine in engines:  # asked for by name: missing its library is a mistake, not a note
             need = missing_library(f"muxpool:{engine}")
             if need:

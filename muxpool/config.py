@@ -164,6 +164,14 @@ class ServerConfig:
                                    "client still sends for at most this many seconds, so its "
                                    "replies are not reset (default 1)", "seconds",
                                    "give seconds, 0 or more", least=0)
+    metrics_port: int | None = option(None, "serve Prometheus metrics on http://METRICS_HOST:PORT/"
+                                      "metrics (0 picks a free port; needs muxpool[metrics]; "
+                                      "default: none)", "count", "give a port from 0 to 65535, or "
+                                      "leave it out for no metrics", least=0, most=65535)
+    metrics_host: str = option("127.0.0.1", "address --metrics-port listens on (default "
+                               "127.0.0.1)", "string", "give one, e.g. 127.0.0.1 or ::1")
+    access_log: bool = option(False, "log one line per closed connection: peer, duration, "
+                              "messages, bytes, close reason (logger muxpool.access)", "switch")
     busy_message: str | None = option(None, "at --max-connections, send this (framed) to a client "
                                       "before closing it (default: close it with no message)",
                                       "string", "give some text, or leave the option out")
@@ -260,6 +268,9 @@ def _check_combinations(config: Any) -> None:
     if config.reuse_port and config.unix_path:
         raise ConfigError("reuse_port", config.reuse_port, "is for TCP: a Unix socket's path has "
                           "one listener", "leave reuse_port out with unix_path")
+    if config.metrics_host != "127.0.0.1" and config.metrics_port is None:
+        raise ConfigError("metrics_host", config.metrics_host, "needs metrics_port",
+                          "give metrics_port too, or leave metrics_host out")
     if config.dualstack and ":" not in config.host:
         raise ConfigError("dualstack", config.dualstack, f"needs an IPv6 host, not {config.host!r}",
                           "listen on host '::' to accept IPv4 and IPv6")

@@ -34,7 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import calls
 from .errors import ConnectionBroken, ConnectionClosed, MuxpoolError, ProtocolError
+from .logs import conn_fields
 from .multiplexer import EVENT_READ, EVENT_WRITE
+from .stats import handler_failed, set_reason
 from .tls import TLSSession
 
 if TYPE_CHECKING:
@@ -70,12 +72,17 @@ class HandshakeClock:
         self.tls_timer = None
         if not self.closed and not self.handshaken:
             log.warning("closing %s: no TLS handshake within %s s (tls_handshake_timeout)",
-                        self.peer, self.config.tls_handshake_timeout)
+                        self.peer, self.config.tls_handshake_timeout, extra=conn_fields(self))
+            set_reason(self, "tls_timeout")
             self.abort(None, reset=True)
 
 
 class Connection(HandshakeClock):
     """A client connection as a handler sees it: ``send``, ``close``, ``peer``."""
+
+    # What the metrics and the access log read once it closes (stats.CLOSE_REASONS).
+    close_reason: str | None = None
+    bytes_in = bytes_out = messages = errors = 0
 
     def __init__(self, ctx: "ConnectionContext", sock: socket.socket, peer: Any, conn_id: int):
         self.ctx = ctx
@@ -101,7 +108,7 @@ class Connection(HandshakeClock):
         self.held: list[bytes] = []  # inline messages waiting for a slow reader to catch up
         self.timing_message = False  # the call in hand is a message's (what the stats count)
         self.events = 0
-        self.last_active = time.monotonic()
+        self.last_active = self.opened = time.monotonic()
         self.write_progress = 0.0
         self.idle_timer = None
         self.write_timer = None
@@ -153,6 +160,7 @@ class Connection(HandshakeClock):
     def close(self) -> None:
         """Stop reading, flush what was sent, then close. Idempotent."""
         self._close_called = True
+        set_reason(self, "closed")
         mux = self.mux
         if mux.in_loop_thread():
             self.close_when_done(drop_backlog=True)
@@ -196,6 +204,7 @@ class Connection(HandshakeClock):
             self.abort(exc)
             return
         n = len(data)
+        self.bytes_in += n
         if self.tls is not None:
             data = self.tls_receive(data)
             if data is None:
@@ -208,11 +217,13 @@ class Connection(HandshakeClock):
             if n == 0 and data and framer.pending_error is None:
                 messages += framer.feed(b"")
         except ProtocolError as exc:
-            log.warning("closing %s: %s", self.peer, exc)
+            log.warning("closing %s: %s", self.peer, exc, extra=conn_fields(self))
+            set_reason(self, "protocol_error")
             self.close_when_done()
             return
         if n == 0:
             self.eof = True
+            set_reason(self, "eof" if framer.pending_error is None else "protocol_error")
             self.update_interest()
         if messages:
             # Idle means "no complete message", not "no byte": a client that
@@ -221,6 +232,7 @@ class Connection(HandshakeClock):
             self.heard = True
         if ctx.inline and not self.busy:
             ctx.stats.messages_total += len(messages)
+            self.messages += len(messages)
             if self.held:
                 self.held.extend(messages)  # after those that wait for a slow reader
             else:
@@ -229,7 +241,8 @@ class Connection(HandshakeClock):
             for message in messages:
                 self.dispatch(self.session.on_message, message)
         if framer.pending_error is not None:  # after good messages: answer them, then close
-            log.warning("closing %s: %s", self.peer, framer.pending_error)
+            log.warning("closing %s: %s", self.peer, framer.pending_error, extra=conn_fields(self))
+            set_reason(self, "protocol_error")
             self.close_when_done()
         elif n == 0:
             self.maybe_finish()
@@ -245,7 +258,8 @@ class Connection(HandshakeClock):
         try:
             plaintext, reply = tls.receive(data)
         except ProtocolError as exc:
-            log.warning("closing %s: %s", self.peer, exc)
+            log.warning("closing %s: %s", self.peer, exc, extra=conn_fields(self))
+            set_reason(self, "protocol_error")
             self.abort(exc)
             return None
         if reply:
@@ -265,18 +279,26 @@ class Connection(HandshakeClock):
             return
         on_message = self.session.on_message
         high_water = self.config.write_high_water
+        times, clock = self.ctx.stats.inline_times, time.perf_counter  # times: with metrics on
         for index, message in enumerate(messages):
+            started = clock() if times is not None else 0.0
             try:
                 reply = on_message(self, message)
             except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
-                calls.handler_failed(self.peer, exc)
+                if times is not None:
+                    times.append(clock() - started)
+                calls.handler_failed(self.peer, exc, conn_id=self.id)
+                handler_failed(self)
                 self.close_when_done(drop_backlog=True)
                 return
+            if times is not None:
+                times.append(clock() - started)
             if reply is not None and not self.closed:
                 try:  # written out, not calls.frame_reply: a call per message costs requests/s
                     data = self.encode(reply)
                 except (ProtocolError, TypeError) as exc:
-                    calls.unframeable(self.peer, exc)
+                    calls.unframeable(self.peer, exc, conn_id=self.id)
+                    handler_failed(self)
                     self.close_when_done(drop_backlog=True)
                     return
                 self.write(data)
@@ -316,22 +338,26 @@ class Connection(HandshakeClock):
         ctx = self.ctx
         if self.timing_message:
             ctx.stats.record(elapsed)
+            self.messages += 1
         if self.handler_timer is not None:
             self.handler_timer.cancel()
             self.handler_timer = None
             limit = self.config.handler_timeout
             if elapsed > limit and not self.closed:
-                self.abort(calls.over_time(self.peer, limit, elapsed), reset=True)
+                set_reason(self, "handler_timeout")
+                self.abort(calls.over_time(self.peer, limit, elapsed, conn_id=self.id), reset=True)
         self.busy = False
         if ok:
             if value is not None and not self.closed:
-                data = calls.frame_reply(self.encode, value, self.peer)
+                data = calls.frame_reply(self.encode, value, self.peer, conn_id=self.id)
                 if data is None:
+                    handler_failed(self)
                     self.close_when_done(drop_backlog=True)
                 else:
                     self.write(data)
         else:
-            calls.handler_failed(self.peer, value)
+            calls.handler_failed(self.peer, value, conn_id=self.id)
+            handler_failed(self)
             self.close_when_done(drop_backlog=True)
         self.after_call()
         if ctx.draining:
@@ -349,7 +375,8 @@ class Connection(HandshakeClock):
     def _handler_overdue(self) -> None:
         self.handler_timer = None
         if not self.closed:
-            self.abort(calls.over_time(self.peer, self.config.handler_timeout), reset=True)
+            set_reason(self, "handler_timeout")
+            self.abort(calls.over_time(self.peer, self.config.handler_timeout, conn_id=self.id), reset=True)
 
     # --- the connection's clocks (loop thread) ---------------------------------
 
@@ -366,7 +393,8 @@ class Connection(HandshakeClock):
         limit = self.config.idle_timeout
         quiet = time.monotonic() - self.last_active
         if quiet >= limit and not self.busy and not self.backlog and not self.held:
-            log.info("closing %s: idle for %.1f s (idle_timeout)", self.peer, quiet)
+            log.info("closing %s: idle for %.1f s (idle_timeout)", self.peer, quiet, extra=conn_fields(self))
+            set_reason(self, "idle")
             self.abort(None)
         else:
             self.idle_timer = self.mux.call_later(max(0.05, limit - quiet), self._check_idle)
@@ -385,7 +413,9 @@ class Connection(HandshakeClock):
         stalled = time.monotonic() - self.write_progress
         if stalled >= limit:
             log.warning("closing %s: no reply bytes accepted for %.1f s (write_timeout), "
-                        "%d bytes unsent", self.peer, stalled, len(self.outbuf))
+                        "%d bytes unsent", self.peer, stalled, len(self.outbuf),
+                        extra=conn_fields(self))
+            set_reason(self, "write_timeout")
             self.abort(None, reset=True)
         else:
             self.write_timer = self.mux.call_later(limit - stalled, self._check_write)
@@ -431,6 +461,7 @@ class Connection(HandshakeClock):
             except OSError as exc:
                 self.abort(exc)
                 return
+            self.bytes_out += sent
             if sent == len(data):
                 return
             data = memoryview(data)[sent:]
@@ -450,6 +481,7 @@ class Connection(HandshakeClock):
             self.abort(exc)
             return
         del self.outbuf[:sent]
+        self.bytes_out += sent
         self.write_progress = time.monotonic()
         if len(self.outbuf) <= self.config.write_high_water // 4:
             if self.held:
@@ -493,6 +525,7 @@ class Connection(HandshakeClock):
         way — has its first message answered if it comes within linger_timeout."""
         if self.closing or self.closed:
             return
+        set_reason(self, "drain")
         if self.heard or self.eof:
             self.close_when_done()
             return
@@ -552,7 +585,8 @@ class Connection(HandshakeClock):
             return
         self.linger_left -= len(data)
         if self.linger_left <= 0:
-            log.info("closing %s: still sending after our close (%d bytes)", self.peer, LINGER_MAX_BYTES)
+            log.info("closing %s: still sending after our close (%d bytes)", self.peer,
+                     LINGER_MAX_BYTES, extra=conn_fields(self))
             self.abort(None, reset=True)
 
     def _linger_over(self) -> None:
@@ -586,6 +620,7 @@ class Connection(HandshakeClock):
         self.closed = True
         if isinstance(error, OSError) and not isinstance(error, MuxpoolError):
             self.broken = error  # the socket's: the peer broke it (a HandlerTimeout is ours)
+        set_reason(self, "reset" if self.broken is not None else "shutdown")
         self.backlog.clear()
         self.backlog_bytes = 0
         self.held = []

@@ -27,8 +27,12 @@ full, so processes sharing one stderr would cut into one another's long
 records: prefork workers (forked or from the fork server) send their records
 to the supervisor (:mod:`muxpool.prefork.worker_logs`), which writes them itself.
 
-Fields core code may attach with ``extra=``: ``peer``, ``conn_id``,
-``engine``, ``worker_pid`` (set in every prefork worker). A record forwarded
+Fields core code may attach with ``extra=``: ``peer``, ``conn_id``
+(:func:`conn_fields`: every record about one connection has both),
+``engine``, ``worker_pid`` (set in every prefork worker), and the access
+log's ``close_reason``, ``duration``, ``messages``, ``bytes_in``,
+``bytes_out``. JSON writes each as a field of its own; the plain format
+writes the message only, so what a line says must be in its message. A record forwarded
 from a worker carries its traceback as ``exc_lines`` (see
 :func:`exception_lines`), since the traceback object cannot travel.
 """
@@ -44,7 +48,8 @@ import traceback
 from typing import IO, Any
 
 FORMATS = ("plain", "json")
-CONTEXT_FIELDS = ("peer", "conn_id", "engine", "worker_pid")
+CONTEXT_FIELDS = ("peer", "conn_id", "engine", "worker_pid",
+                  "close_reason", "duration", "messages", "bytes_in", "bytes_out")
 
 # C0, DEL, C1 (NEL U+0085 among them), the Unicode line and paragraph separators,
 # and the bidirectional overrides and isolates, which reorder text on screen.
@@ -150,7 +155,7 @@ class JsonFormatter(logging.Formatter):
         for name in CONTEXT_FIELDS:
             value = getattr(record, name, None)
             if value is not None:
-                entry[name] = _peer(value) if name == "peer" else value
+                entry[name] = format_peer(value) if name == "peer" else value
         lines, text = _record_exception(record)
         if lines is not None or text is not None:
             entry["exc"] = "\n".join(lines) if lines is not None else text
@@ -159,12 +164,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)  # ensure_ascii: U+2028/2029 escaped too
 
 
+def conn_fields(conn: Any) -> dict[str, Any]:
+    """``extra=`` for a record about ``conn``: its peer and its id."""
+    return {"peer": conn.peer, "conn_id": conn.id}
+
+
 def _utc_time(record: logging.LogRecord) -> str:
     seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
     return f"{seconds}.{int(record.msecs):03d}Z"
 
 
-def _peer(value: Any) -> Any:
+def format_peer(value: Any) -> Any:
     """A TCP peer ``(host, port)`` as the server writes it elsewhere: ``host:port``, ``[v6]:port``."""
     if isinstance(value, tuple) and len(value) >= 2 and isinstance(value[0], str):
         host, port = value[0], value[1]
@@ -196,4 +206,4 @@ def configure_logging(level: int | str = "INFO", fmt: str = "plain",
 
 
 __all__ = ["CONTEXT_FIELDS", "FORMATS", "JsonFormatter", "PlainFormatter", "configure_logging",
-           "escape", "exception_lines", "formatter"]
+           "conn_fields", "escape", "exception_lines", "format_peer", "formatter"]

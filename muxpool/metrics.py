@@ -15,6 +15,12 @@ one collector (``add``), each series labelled ``pool``: registering two
 collectors with the same series names fails in the registry, so a second
 pool is added to the first collector instead.
 
+:class:`ServerCollector` reports a server's (or a prefork supervisor's
+workers') :class:`~muxpool.stats.MetricsSnapshot`, which the server builds on
+its loop thread; :func:`start_endpoint` serves a registry on a thread of its
+own, :func:`start_loop_endpoint` on a multiplexer (a prefork supervisor must
+start no thread: it forks its workers itself only while it runs none).
+
 ``prometheus_client`` is imported when a collector is made, never by
 ``import muxpool``; without it, :class:`~muxpool.errors.MissingDependency`.
 """
@@ -22,11 +28,14 @@ pool is added to the first collector instead.
 from __future__ import annotations
 
 import logging
+import selectors
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from .errors import MissingDependency
+from .stats import BUCKETS, CLOSE_REASONS
 
 log = logging.getLogger("muxpool.metrics")
 
@@ -71,10 +80,17 @@ POOL_SERIES = (
 def _metric_families():
     """``prometheus_client``'s family classes by type, imported on first use."""
     try:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                            HistogramMetricFamily)
     except ImportError as exc:
         raise MissingDependency("muxpool.metrics", "metrics") from exc
-    return {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily}
+    return {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily,
+            "histogram": HistogramMetricFamily}
+
+
+def require_client() -> None:
+    """``MissingDependency`` (saying what to install) unless ``prometheus_client`` imports."""
+    _metric_families()
 
 
 class SnapshotCollector:
@@ -158,3 +174,148 @@ class PoolCollector(SnapshotCollector):
                 log.warning("pool %r: stats() failed; its series are left out", label, exc_info=True)
                 continue
             yield (label,), (pool, stats)
+
+
+SERVER_SERIES = (
+    Series("connections_open", "gauge", "Connections open now.",
+           lambda snapshot: snapshot.open_connections),
+    Series("connections_accepted", "counter", "Connections accepted and served.",
+           lambda snapshot: snapshot.accepted),
+    Series("connections_rejected", "counter", "Connections closed at once at max_connections.",
+           lambda snapshot: snapshot.rejected),
+    Series("messages", "counter", "Messages received and handled.", lambda snapshot: snapshot.messages),
+    Series("handler_errors", "counter", "Handler calls that raised, or returned a reply the "
+           "framing cannot carry.", lambda snapshot: snapshot.handler_errors),
+    Series("received_bytes", "counter", "Bytes read from clients (on the wire: TLS records "
+           "under TLS).", lambda snapshot: snapshot.bytes_in),
+    Series("sent_bytes", "counter", "Bytes the kernel took for clients.",
+           lambda snapshot: snapshot.bytes_out),
+    Series("handler_queue_depth", "gauge", "Handler calls waiting for a thread.",
+           lambda snapshot: snapshot.queued),
+)
+
+
+class ServerCollector(SnapshotCollector):
+    """The ``muxpool_*`` series of one server, from ``source()``: a
+    :class:`~muxpool.stats.MetricsSnapshot`, read once per scrape. Besides
+    :data:`SERVER_SERIES`: ``muxpool_connections_closed_total`` by ``reason``
+    (:data:`~muxpool.stats.CLOSE_REASONS`, every one always present) and the
+    ``muxpool_handler_seconds`` histogram."""
+
+    series = SERVER_SERIES
+
+    def __init__(self, source: Callable[[], Any]):
+        super().__init__()
+        self._source = source
+
+    def snapshots(self) -> Iterable[tuple[tuple[str, ...], Any]]:
+        yield (), self._source()
+
+    def _empty_families(self) -> list:
+        closed = self._families["counter"](
+            PREFIX + "connections_closed", "Connections closed, by why they ended.",
+            labels=("reason",))
+        handler = self._families["histogram"](
+            PREFIX + "handler_seconds", "Time handler calls took (messages only).")
+        return super()._empty_families() + [closed, handler]
+
+    def collect(self) -> list:
+        snapshot = self._source()
+        families = self._empty_families()
+        *plain, closed, handler = families
+        for series, family in zip(self.series, plain):
+            family.add_metric([], series.read(snapshot))
+        for reason in CLOSE_REASONS:
+            closed.add_metric([reason], snapshot.closed.get(reason, 0))
+        cumulative, buckets = 0, []
+        for bound, count in zip((*BUCKETS, float("inf")), snapshot.buckets):
+            cumulative += count
+            buckets.append((_bound(bound), cumulative))
+        handler.add_metric([], buckets, snapshot.handler_seconds)
+        return families
+
+
+def _bound(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+class Endpoint:
+    """``/metrics`` over HTTP: ``address`` (where it listens) and ``stop()``."""
+
+    def __init__(self, httpd, stop: Callable[[], None]):
+        self.httpd = httpd
+        self.address = httpd.server_address
+        self._stop = stop
+
+    def stop(self) -> None:
+        self._stop()
+
+
+def start_endpoint(registry, host: str, port: int) -> Endpoint:
+    """Serve ``registry`` on ``host:port`` (0: a free port) from a thread of its own
+    (``prometheus_client.start_http_server``). Raises ``OSError`` if it cannot bind."""
+    try:
+        from prometheus_client import start_http_server
+    except ImportError as exc:
+        raise MissingDependency("muxpool.metrics", "metrics") from exc
+    httpd, thread = start_http_server(port, addr=host, registry=registry)
+
+    def stop() -> None:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+    return Endpoint(httpd, stop)
+
+
+def start_loop_endpoint(registry, host: str, port: int, mux) -> Endpoint:
+    """Serve ``registry`` from ``mux``'s loop, one request at a time: for a process
+    that must start no thread. A request is answered whole before the loop runs
+    on, and a client has ``_LOOP_REQUEST_TIMEOUT`` seconds to send it."""
+    try:
+        from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+        from prometheus_client import make_wsgi_app
+    except ImportError as exc:
+        raise MissingDependency("muxpool.metrics", "metrics") from exc
+
+    class Quiet(WSGIRequestHandler):
+        timeout = _LOOP_REQUEST_TIMEOUT
+
+        def log_message(self, format: str, *args: Any) -> None:  # stderr is the server's log
+            pass
+
+    class Server(WSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    httpd = make_server(host, port, make_wsgi_app(registry), Server, handler_class=Quiet)
+    httpd.socket.setblocking(False)
+    mux.register(httpd.socket, selectors.EVENT_READ, lambda _mask: _answer(httpd))
+
+    def stop() -> None:
+        try:
+            mux.unregister(httpd.socket)
+        except (KeyError, ValueError, OSError):
+            pass  # the loop is closed already
+        httpd.server_close()
+
+    return Endpoint(httpd, stop)
+
+
+_LOOP_REQUEST_TIMEOUT = 1.0
+
+
+def _answer(httpd) -> None:
+    try:
+        request, address = httpd.socket.accept()
+    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+        return
+    request.setblocking(True)
+    if httpd.verify_request(request, address):
+        try:
+            httpd.process_request(request, address)
+        except Exception:  # noqa: BLE001 - a broken scrape must not stop the supervisor
+            log.warning("metrics: answering %s failed", address, exc_info=True)
+            httpd.shutdown_request(request)
+    else:
+        httpd.shutdown_request(request)

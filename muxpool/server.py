@@ -38,6 +38,7 @@ from .framing import make_framer
 from .handlers import EchoService, resolve_handler
 from .lifecycle import ServerLifecycle
 from .multiplexer import EVENT_READ, Multiplexer
+from .server_metrics import ServerMetrics, log_access, timed_sessions
 from .stats import ServerStats
 from .systemd import Notifier
 from .stream import StreamConnection
@@ -61,8 +62,10 @@ class Siblings(Protocol):
     sees them: a prefork worker's siblings, behind its supervisor's shared
     memory (``muxpool.prefork.worker.SlotSiblings``). Called on the loop thread."""
 
-    def serving(self, mux: Multiplexer, stats: ServerStats, stop: Any) -> None:
-        """The server's loop is about to run: ``stop()`` drains it (its supervisor went away, say)."""
+    def serving(self, mux: Multiplexer, stats: ServerStats, stop: Any, metrics_snapshot: Any = None) -> None:
+        """The server's loop is about to run: ``stop()`` drains it (its supervisor went away,
+        say); ``metrics_snapshot()``, with metrics on, is what to publish for the supervisor
+        to serve (this server serves no endpoint of its own)."""
 
     def room(self) -> bool | None:
         """This server is full: has a live sibling room (True), is every one full
@@ -86,6 +89,9 @@ class Server(ServerLifecycle):
     thread, ``shutdown()`` drains and stops from any thread. A context
     manager: ``with Server(...).start() as srv:``. ``config=ServerConfig(...)``
     gives every option at once; keyword options override it.
+
+    With ``metrics_port``, ``srv.metrics_address`` is where ``/metrics`` is served
+    once it runs (:mod:`muxpool.server_metrics`).
 
     ``engine="prefork"`` makes a :class:`muxpool.prefork.PreforkServer`
     instead (the same surface): a supervisor whose worker processes each run
@@ -144,8 +150,15 @@ class Server(ServerLifecycle):
         self._siblings = siblings  # a prefork worker's: the others serving the same socket
         self._reject_logged_at = -_REJECT_LOG_EVERY
         self._address = self._listener.getsockname()
-        self._stats = ServerStats()
+        self._stats = ServerStats(metrics=config.metrics_port is not None)
         self._connections: dict[int, Connection] = {}
+        # A prefork worker's siblings publish its metrics to the supervisor, which serves them.
+        self._metrics = (ServerMetrics(config, self._mux, self._stats, self._connections, self._engine,
+                                       serve_http=siblings is None)
+                         if config.metrics_port is not None else None)
+        # auto runs the inline path itself (Connection.handle_inline times the loop engine's).
+        if self._metrics is not None and self._inline and hasattr(self._engine, "handle_inline"):
+            self._new_session = timed_sessions(self._new_session, self._stats)
         self._ids = itertools.count(1)
         self._accepting = False
         self._draining = False
@@ -163,10 +176,18 @@ class Server(ServerLifecycle):
             stats=self._stats, ssl_context=self._ssl_context, inline=self._inline, server=self,
             app=self._app, closed=self._forget, check_drained=self._stop_if_drained)
 
+    @property
+    def metrics_address(self):
+        """Where ``/metrics`` is served: ``(host, port)`` once serving (``metrics_port=0``
+        picks the port), ``None`` without ``metrics_port``."""
+        return self._metrics.address if self._metrics is not None else None
+
     # --- lifecycle -----------------------------------------------------------
 
     def serve_forever(self) -> None:
         self._engine.start(self._mux)
+        if self._metrics is not None:
+            self._metrics.start(on_failure=self._engine.stop)
         self._set_accepting(True)
         if self.config.stats_interval:
             self._mux.call_later(self.config.stats_interval, self._stats_tick)
@@ -175,7 +196,8 @@ class Server(ServerLifecycle):
         if self.config.loop_stall_warning and not self._engine.watches_its_loop:
             watchdog = LoopWatchdog(self._mux, self.config.loop_stall_warning).start()
         if self._siblings is not None:
-            self._siblings.serving(self._mux, self._stats, lambda: self.shutdown(wait=False))
+            snapshot = self._metrics.snapshot if self._metrics is not None else None
+            self._siblings.serving(self._mux, self._stats, lambda: self.shutdown(wait=False), snapshot)
         self._serving.set()
         self._notify_serving(self._mux)
         try:
@@ -184,6 +206,8 @@ class Server(ServerLifecycle):
         finally:
             if watchdog is not None:
                 watchdog.stop()
+            if self._metrics is not None:
+                self._metrics.stop()
             self._close_everything()
             # After a hard stop, handler calls still running are abandoned, not waited for.
             self._engine.stop(wait=not self._stopped_hard)
@@ -373,7 +397,10 @@ class Server(ServerLifecycle):
 
     def _forget(self, conn: Connection) -> None:
         """A connection's socket closed: free its slot, resume accepting."""
-        self._connections.pop(id(conn), None)
+        if self._connections.pop(id(conn), None) is not None:
+            self._stats.closed(conn)
+            if self.config.access_log:
+                log_access(conn, time.monotonic())
         if self._siblings is not None:
             self._siblings.holding(len(self._connections))
         if not self._accepting and not self._draining and len(self._connections) < self.config.max_connections:

@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 from . import calls
 from .connection import HandshakeClock, discard_ready, raise_closed
 from .errors import ConnectionBroken, ConnectionClosed, HandlerTimeout, MuxpoolError, ProtocolError
+from .logs import conn_fields
+from .stats import handler_failed, set_reason
 
 if TYPE_CHECKING:
     from .context import ConnectionContext
@@ -74,6 +76,9 @@ class StreamConnection(HandshakeClock):
     linger_timer = None  # the loop's: ends a lingering close it started for an idle thread
     handshaken = False
     outbuf = b""  # replies go straight to the kernel: no buffer in user space
+    # Written by the connection's thread, read by the loop (stats.CLOSE_REASONS).
+    close_reason: str | None = None
+    bytes_in = bytes_out = messages = errors = 0
 
     def __init__(self, ctx: "ConnectionContext", sock: socket.socket, peer: Any, conn_id: int):
         self.ctx = ctx
@@ -96,7 +101,8 @@ class StreamConnection(HandshakeClock):
         self._calls = 0  # handler calls started; a handler_timeout timer checks it
         self._kernel_timeouts = False
         # Made here, on the loop thread, which collects it for the stats line.
-        self.tally = ctx.stats.tally() if ctx.config.stats_interval else None
+        self.tally = ctx.stats.tally() if ctx.config.stats_interval or ctx.stats.timed else None
+        self.opened = time.monotonic()
 
     def start(self) -> None:
         """Accepted (loop thread): time the whole TLS handshake (not each read), and
@@ -126,6 +132,7 @@ class StreamConnection(HandshakeClock):
     def close(self) -> None:
         """Read no more; the reply in progress is still sent, then the socket closes."""
         self._close_called = True
+        set_reason(self, "closed")
         self.close_when_done()
 
     # --- for the server (any thread) ----------------------------------------------
@@ -166,6 +173,7 @@ class StreamConnection(HandshakeClock):
         message answered if it comes within linger_timeout."""
         if self.closing or self.closed:
             return
+        set_reason(self, "drain")
         if self.heard:
             self.close_when_done()
             return
@@ -219,6 +227,7 @@ class StreamConnection(HandshakeClock):
                 sent = self.sock.send(data)
                 if sent != len(data):
                     self._send_rest(data, sent)
+                self.bytes_out += len(data)
             except _WRITE_TIMEOUTS:
                 self._log_write_timeout()
                 raise
@@ -238,9 +247,10 @@ class StreamConnection(HandshakeClock):
             view = view[self.sock.send(view):]
 
     def _log_write_timeout(self) -> None:
+        set_reason(self, "write_timeout")
         self._reset = True  # a client that stopped reading: RST frees what the kernel still holds
         log.warning("closing %s: reply blocked for %s s (write_timeout)", self.peer,
-                    self.config.write_timeout)
+                    self.config.write_timeout, extra=conn_fields(self))
 
     def prepare_socket(self) -> None:
         self.sock.setblocking(True)
@@ -269,17 +279,21 @@ class StreamConnection(HandshakeClock):
             ending = self.run()
         except HandlerTimeout as exc:  # returned late: logged; reset, as the loop engines do
             error, self._reset = exc, True
+            set_reason(self, "handler_timeout")
         except (OSError, ProtocolError, ConnectionClosed) as exc:
             # When we closed it (drain, close()), the blocked read's error is
             # our own doing: gevent raises where a thread's recv returns b"".
             error = None if self.closing else exc
             if not self.closing:
-                log.debug("connection %s ended: %s", self.peer, exc)
+                log.debug("connection %s ended: %s", self.peer, exc, extra=conn_fields(self))
                 if isinstance(exc, OSError) and not isinstance(exc, MuxpoolError):
                     self.broken = exc
+                set_reason(self, "protocol_error" if isinstance(exc, (ProtocolError, ssl.SSLError))
+                           else "reset")
         except (Exception, SystemExit) as exc:  # a handler's (sys.exit() too): logged, the server goes on
             error = exc
-            calls.handler_failed(self.peer, exc)
+            calls.handler_failed(self.peer, exc, conn_id=self.id)
+            handler_failed(self)
         finally:
             self.finish(error or self._timed_out, ending)
 
@@ -326,7 +340,8 @@ class StreamConnection(HandshakeClock):
                 if not claimed("recv", False):
                     return "linger"  # the loop sent our FIN meanwhile: finish the linger
                 log.info("closing %s: no complete message for %s s (idle_timeout)", self.peer,
-                         full_idle)
+                         full_idle, extra=conn_fields(self))
+                set_reason(self, "idle")
                 return "abort"
             if not claimed("recv", False):
                 # The loop sent our FIN while we waited: the client's EOF, or
@@ -340,13 +355,16 @@ class StreamConnection(HandshakeClock):
                 # read would have (raw framing treats a chunk as a message).
                 data += self._ready_bytes()
                 read_size = READ_SIZE
+            self.bytes_in += len(data)
             try:
                 messages = feed(data)
             except ProtocolError as exc:
-                log.warning("closing %s: %s", self.peer, exc)
+                log.warning("closing %s: %s", self.peer, exc, extra=conn_fields(self))
+                set_reason(self, "protocol_error")
                 return "linger" if data else "eof"
             if messages:
                 self.heard = True
+                self.messages += len(messages)
                 if self._draining_new:  # the first message of a client accepted just before a drain
                     self._draining_new = False
                     self.closing = True
@@ -356,7 +374,8 @@ class StreamConnection(HandshakeClock):
                     try:
                         out = encode(reply)
                     except (ProtocolError, TypeError) as exc:  # as on the loop: logged, closed
-                        calls.unframeable(self.peer, exc)
+                        calls.unframeable(self.peer, exc, conn_id=self.id)
+                        handler_failed(self)
                         return "linger"
                     acquire()
                     try:
@@ -365,6 +384,7 @@ class StreamConnection(HandshakeClock):
                         sent = send(out)
                         if sent != len(out):
                             self._send_rest(out, sent)
+                        self.bytes_out += len(out)
                     except _WRITE_TIMEOUTS:
                         self._log_write_timeout()
                         raise
@@ -373,7 +393,8 @@ class StreamConnection(HandshakeClock):
             if full_idle and (partial_since or framer.pending):
                 partial_since, idle = self._idle_left(framer, messages, partial_since)
             if framer.pending_error is not None:
-                log.warning("closing %s: %s", self.peer, framer.pending_error)
+                log.warning("closing %s: %s", self.peer, framer.pending_error, extra=conn_fields(self))
+                set_reason(self, "protocol_error")
                 return "linger"
             if not data:
                 return "eof"
@@ -459,16 +480,19 @@ class StreamConnection(HandshakeClock):
             self._calls += 1
         elapsed = time.perf_counter() - started
         if elapsed > limit:
-            raise calls.over_time(self.peer, limit, elapsed)
+            raise calls.over_time(self.peer, limit, elapsed, conn_id=self.id)
         return result
 
     def _overdue(self, call: int, limit: float) -> None:
         if self._calls == call and not self.closed:
-            self._timed_out = calls.over_time(self.peer, limit)
+            self._timed_out = calls.over_time(self.peer, limit, conn_id=self.id)
             self.abort(None, reset=True)
 
     def finish(self, error: BaseException | None, ending: str = "abort") -> None:
         self.closed = True
+        if self._timed_out is not None:
+            set_reason(self, "handler_timeout")
+        set_reason(self, "eof" if ending == "eof" else "shutdown")
         if self.tally is not None:
             self.tally.done = True  # its last count is in: the loop may drop it once collected
         graceful = error is None and not self._aborted
@@ -488,7 +512,7 @@ class StreamConnection(HandshakeClock):
             try:
                 session.on_disconnect(self, error)
             except Exception:
-                log.exception("on_disconnect failed for %s", self.peer)
+                log.exception("on_disconnect failed for %s", self.peer, extra=conn_fields(self))
         self.ctx.closed_from_any_thread(self)
 
 

@@ -93,7 +93,8 @@ _BELOW_CORE = {"muxpool.errors", "muxpool.framing", "muxpool.multiplexer", "muxp
                "muxpool.stats", "muxpool.tls", "muxpool.handlers", "muxpool.config", "muxpool.pools",
                "muxpool.calls", "muxpool.context", "muxpool.conn", "muxpool.logs",
                "muxpool.metrics", "muxpool.lifecycle", "muxpool.systemd", "muxpool.gevent_signals"}
-_CORE = {"muxpool.server", "muxpool.connection", "muxpool.stream", "muxpool.compat"}
+_CORE = {"muxpool.server", "muxpool.connection", "muxpool.stream", "muxpool.compat",
+         "muxpool.server_metrics"}
 _ANYTHING = {"muxpool"}
 ALLOWED = {
     "muxpool.errors": set(),

@@ -8,7 +8,7 @@ import pytest
 
 from muxpool import PreforkServer, Server
 
-USER_SURFACE = {"address", "config", "serve_forever", "server_address", "shutdown", "socket", "start",
+USER_SURFACE = {"address", "config", "metrics_address", "serve_forever", "server_address", "shutdown", "socket", "start",
                 "stop_now"}
 PREFORK_EXTRAS = {"processes", "reload", "totals", "workers"}  # what operators ask of the workers
 

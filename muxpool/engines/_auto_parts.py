@@ -8,6 +8,7 @@ import threading
 import time
 
 from ..calls import frame_reply, handler_failed
+from ..stats import handler_failed as count_failure
 
 _IDLE_PERIOD = 0.01  # s between samples while the loop sleeps in select (Go's sysmon: 10 ms)
 _CPU_HANDOFF = 0.05  # s a call busy on the CPU runs before it is handed off all the same
@@ -73,13 +74,15 @@ def reply(conn, ok, value) -> bool:
     """Write the reply; False: the call failed or its reply cannot be framed (closing)."""
     if not ok:
         conn.busy = False
-        handler_failed(conn.peer, value)
+        handler_failed(conn.peer, value, conn_id=conn.id)
+        count_failure(conn)
         conn.close_when_done(drop_backlog=True)
         return False
     if value is not None and not conn.closed:
-        data = frame_reply(conn.encode, value, conn.peer)
+        data = frame_reply(conn.encode, value, conn.peer, conn_id=conn.id)
         if data is None:
             conn.busy = False
+            count_failure(conn)
             conn.close_when_done(drop_backlog=True)
             return False
         conn.write(data)

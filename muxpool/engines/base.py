@@ -44,6 +44,10 @@ class MessageEngine(Protocol):
     def queue_depth(self) -> int:
         """Calls waiting for a thread (the stats line)."""
 
+    def pools(self) -> list:
+        """The muxpool pools that run its calls (each with ``name`` and ``stats()``), for
+        the ``muxpool_pool_*`` metrics; empty for an engine that runs them itself."""
+
     def describe(self) -> str:
         """For the serving log line."""
 
@@ -69,6 +73,8 @@ class ConnectionEngine(Protocol):
     def idle(self) -> bool: ...
 
     def queue_depth(self) -> int: ...
+
+    def pools(self) -> list: ...
 
     def describe(self) -> str: ...
 
@@ -100,6 +106,9 @@ class Engine:
 
     def queue_depth(self) -> int:
         return 0
+
+    def pools(self) -> list:
+        return []
 
     def describe(self) -> str:
         return self.name

@@ -37,6 +37,7 @@ import time
 
 from ..calls import call_handler, handler_thread
 from ..errors import ConnectionClosed
+from ..pools.base import PoolStats
 from .base import Engine
 
 log = logging.getLogger("muxpool.server")
@@ -58,6 +59,8 @@ class ThreadPoolEngine(Engine):
         self._in_flight = 0
         self._handlers: HandlerThreads | None = None
         self._batch: list[tuple] = []  # this iteration's calls (loop thread only)
+        self._submitted = 0  # handler calls, and how they ended: [failed, completed] (loop thread)
+        self._settled = [0, 0]
         self._flush_pending = False  # a flush of _batch is queued on the loop
 
     def start(self, mux) -> None:
@@ -73,6 +76,7 @@ class ThreadPoolEngine(Engine):
 
     def run(self, conn, fn, arg, done) -> None:
         self._in_flight += 1
+        self._submitted += 1
         if self._offload is not None and fn is conn.session.on_message:
             self._run_offloaded(conn, fn, arg, done)
             return
@@ -99,6 +103,7 @@ class ThreadPoolEngine(Engine):
         try:
             for done, ok, value, elapsed in handlers.take_results():
                 self._in_flight -= 1
+                self._settled[ok] += 1
                 try:
                     done(ok, value, elapsed)
                 except Exception:  # one connection's failure must not strand the others' results
@@ -131,6 +136,20 @@ class ThreadPoolEngine(Engine):
 
     def queue_depth(self) -> int:
         return len(self._batch) + (self._handlers.queued() if self._handlers is not None else 0)
+
+    def pools(self) -> list:
+        """Its handler threads, seen as a pool (``muxpool_pool_*{pool="muxpool-handler"}``),
+        and the pool it offloads messages to, if any."""
+        found = [HandlerPoolView(self)] if self._handlers is not None else []
+        return found + ([self._offload] if self._offload is not None else [])
+
+    def pool_stats(self) -> PoolStats:
+        handlers = self._handlers
+        workers, waiting = handlers.counts()
+        failed, completed = self._settled
+        return PoolStats(workers=workers, idle=waiting, busy=workers - waiting,
+                         queued=self.queue_depth(), completed=completed, failed=failed, cancelled=0,
+                         submitted=self._submitted)
 
     def describe(self) -> str:
         where = f", messages offloaded to {self._offload!r}" if self._offload is not None else ""
@@ -198,6 +217,11 @@ class HandlerThreads:
 
     def queued(self) -> int:
         return len(self._calls)
+
+    def counts(self) -> tuple[int, int]:
+        """Threads alive, and how many of them wait for a call."""
+        with self._lock:
+            return len(self._threads), self._waiting
 
     def take_results(self):
         """The results in hand (loop thread). Only as many as there were when the
@@ -267,6 +291,19 @@ class HandlerThreads:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             thread.join(remaining)
         return not any(thread.is_alive() for thread in threads)
+
+
+class HandlerPoolView:
+    """The engine's handler threads as the pool metrics see one: a name, a bound, stats()."""
+
+    name = "muxpool-handler"
+
+    def __init__(self, engine: ThreadPoolEngine):
+        self._engine = engine
+        self.max_workers = engine.threads
+
+    def stats(self) -> PoolStats:
+        return self._engine.pool_stats()
 
 
 class RemotePeer:

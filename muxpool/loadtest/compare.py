@@ -153,7 +153,7 @@ def free_port() -> int:
 
 def _cpu_plan(server: str) -> tuple[list[int] | None, list[int] | None, str]:
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cpus) < 2 or server in MULTI_PROCESS:
+    if len(cpus) < 2 or server.partition("+")[0] in MULTI_PROCESS:
         return None, None, "not pinned"
     return [cpus[0]], cpus[1:], f"server on CPU {cpus[0]}, generator on CPU {','.join(map(str, cpus[1:]))}"
 

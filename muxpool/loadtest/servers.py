@@ -157,7 +157,10 @@ def serve_muxpool(engine: str, port: int, framing: str, app: Any, workers: int |
 
     # A comparison hands --workers to every row; only the threadpool engine (which
     # prefork's workers run by default) has handler threads, the others refuse it.
+    engine, _, variant = engine.partition("+")  # loop+metrics: the loop engine with metrics on
     sized = {"workers": workers} if engine in ("threadpool", "prefork", "auto") else {}
+    if variant == "metrics":
+        sized["metrics_port"] = 0
     serve(app, ("127.0.0.1", port), engine=engine, framing=framing, idle_timeout=None, **sized)
 
 
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, help="handler threads (muxpool threadpool)")
     args = parser.parse_args(argv)
     raise_fd_limit()
-    if args.name in ("gevent", "muxpool:gevent"):
+    if args.name.partition("+")[0] in ("gevent", "muxpool:gevent"):
         from gevent import monkey
 
         monkey.patch_all()  # before the app is imported, so its blocking calls cooperate

@@ -103,6 +103,13 @@ class PreforkServer(ServerLifecycle):
         """pid -> worker, for the workers running now."""
         return self._supervisor.workers
 
+    @property
+    def metrics_address(self):
+        """Where the supervisor serves ``/metrics`` for every worker: ``(host, port)``
+        once serving, ``None`` without ``metrics_port``."""
+        metrics = self._supervisor.metrics
+        return metrics.address if metrics is not None else None
+
     def reload(self) -> None:
         """Replace the workers one by one, as SIGHUP does; from any thread."""
         self._mux.defer(self._supervisor.reload)

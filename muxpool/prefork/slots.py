@@ -4,22 +4,35 @@ One ``RawArray`` of 64-bit integers (the lesson's ``multiprocessing.Array``,
 without a lock: each field has one writer, the worker, and a reader that
 sees a value a moment old loses nothing) holds a row of :data:`FIELDS` per
 worker slot. :class:`WorkerSlot` names the fields of one row.
+
+With metrics on, each worker also publishes its
+:class:`~muxpool.stats.MetricsSnapshot` counters here, with its heartbeat
+(:meth:`WorkerSlot.publish`); the supervisor sums the live rows and the
+final rows of workers that have exited (:func:`metrics_snapshot`).
 """
 
 from __future__ import annotations
 
 from multiprocessing.sharedctypes import RawArray
+from typing import Iterable
 
+from ..stats import BUCKETS, CLOSE_REASONS, MetricsSnapshot
+
+_CLOSED = tuple(f"closed_{reason}" for reason in CLOSE_REASONS)
+_BUCKETS = tuple(f"bucket_{index}" for index in range(len(BUCKETS) + 1))  # the last: +Inf
+_METRIC_COUNTERS = ("rejected_total", "handler_errors", "bytes_in", "bytes_out",
+                    "handler_us") + _CLOSED + _BUCKETS  # handler_us: handler time, summed
 FIELDS = (
     "connections_total",  # counters: summed over workers, past and present
     "messages_total",
+    *_METRIC_COUNTERS,
     "open_connections",  # gauges: now, or over the last stats interval
     "p50_us",
     "p99_us",
     "queued",
     "heartbeat",  # time.monotonic_ns() (one clock for every process) when its loop last ran
 )
-COUNTERS = ("connections_total", "messages_total")
+COUNTERS = ("connections_total", "messages_total") + _METRIC_COUNTERS
 # What the heartbeat holds before a worker's first beat: a free slot, or a worker
 # the supervisor has started whose loop has not run yet.
 UNUSED, STARTING = 0, 1
@@ -49,6 +62,38 @@ class WorkerSlot:
     def values(self) -> dict[str, int]:
         return {name: self._shared[self._base + offset] for offset, name in enumerate(FIELDS)}
 
+    def publish(self, snapshot: MetricsSnapshot) -> None:
+        """The worker's counters (its open connections are published as they change)."""
+        shared, base = self._shared, self._base
+        values = _counters(snapshot)
+        for name, value in values.items():
+            shared[base + _OFFSETS[name]] = value
+        self.queued = snapshot.queued
+
+
+def _counters(snapshot: MetricsSnapshot) -> dict[str, int]:
+    values = {"connections_total": snapshot.accepted, "messages_total": snapshot.messages,
+              "rejected_total": snapshot.rejected, "handler_errors": snapshot.handler_errors,
+              "bytes_in": snapshot.bytes_in, "bytes_out": snapshot.bytes_out,
+              "handler_us": int(snapshot.handler_seconds * 1e6)}
+    values.update(zip(_CLOSED, (snapshot.closed[reason] for reason in CLOSE_REASONS)))
+    values.update(zip(_BUCKETS, snapshot.buckets))
+    return values
+
+
+def metrics_snapshot(totals: dict[str, int], live: Iterable[dict[str, int]]) -> MetricsSnapshot:
+    """Every worker's metrics as one server's: ``totals`` the counters summed over
+    workers past and present, ``live`` the rows of the workers running now (gauges)."""
+    live = list(live)
+    return MetricsSnapshot(
+        open_connections=sum(row["open_connections"] for row in live),
+        accepted=totals["connections_total"], rejected=totals["rejected_total"],
+        closed={reason: totals[name] for reason, name in zip(CLOSE_REASONS, _CLOSED)},
+        messages=totals["messages_total"], handler_errors=totals["handler_errors"],
+        bytes_in=totals["bytes_in"], bytes_out=totals["bytes_out"],
+        queued=sum(row["queued"] for row in live), buckets=[totals[name] for name in _BUCKETS],
+        handler_seconds=totals["handler_us"] / 1e6)
+
 
 def _field(offset: int) -> property:
     def get(slot: WorkerSlot) -> int:
@@ -62,3 +107,6 @@ def _field(offset: int) -> property:
 
 for _offset, _name in enumerate(FIELDS):
     setattr(WorkerSlot, _name, _field(_offset))
+
+
+_OFFSETS = {name: offset for offset, name in enumerate(FIELDS)}

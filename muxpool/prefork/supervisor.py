@@ -14,6 +14,7 @@ import time
 from ..multiplexer import EVENT_READ
 from ..stats import format_line
 from . import worker as workers
+from .metrics import SupervisorMetrics
 from .recycling import CHECK_EVERY, Recycling
 from .slots import COUNTERS, STARTING, UNUSED, WorkerSlot, make_shared
 from .worker_logs import LogForwarder, send_logs_to
@@ -44,6 +45,7 @@ class Supervisor:
         # Set once a worker had to come from the fork server: from then on every one does,
         # so no forked child inherits the fork server's pipes to the others.
         self._fork_server = False
+        self.metrics = SupervisorMetrics(self) if config.metrics_port is not None else None
 
     def describe(self) -> str:
         sockets = ", each on its own SO_REUSEPORT socket" if self.config.reuse_port else ""
@@ -65,6 +67,8 @@ class Supervisor:
         if threading.current_thread() is threading.main_thread():
             previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: mux.defer(self.reload))
         try:
+            if self.metrics is not None:
+                self.metrics.start(mux)
             try:
                 for _ in range(self.processes):
                     self._spawn()
@@ -82,6 +86,8 @@ class Supervisor:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if self.metrics is not None:
+                self.metrics.stop()
             self.kill_all()
             self._reap_when_gone()
 
@@ -154,6 +160,8 @@ class Supervisor:
         parent._mux.close()  # the parent's epoll and wakeup fds, inherited: not ours
         for other in self.workers.values():
             other.release()
+        if self.metrics is not None:
+            self.metrics.close_in_child()
         for index, listener in enumerate(parent._listeners):
             if index != lane:
                 listener.close()  # another lane's: its worker alone accepts there
@@ -286,11 +294,19 @@ class Supervisor:
     def _slots(self) -> list[dict[str, int]]:
         return [WorkerSlot(self.shared, w.slot).values() for w in list(self.workers.values())]
 
+    def live_slots(self) -> list[dict[str, int]]:
+        return self._slots()
+
+    def counter_totals(self) -> dict[str, int]:
+        """Every counter in the slots, summed over workers past and present."""
+        live = self._slots()
+        return {name: self._retired_totals[name] + sum(slot[name] for slot in live)
+                for name in COUNTERS}
+
     def totals(self) -> tuple[int, int]:
         """Connections served and messages handled by every worker, past and present."""
-        live = self._slots()
-        return tuple(self._retired_totals[name] + sum(slot[name] for slot in live)
-                     for name in COUNTERS)
+        totals = self.counter_totals()
+        return totals["connections_total"], totals["messages_total"]
 
     def _report(self) -> None:
         """The same line as one server's, summed over the workers (the slowest

@@ -80,12 +80,14 @@ class SlotSiblings:
     def __init__(self, shared, slot: int, period: float, limit: int, parent_gone_fd: int | None,
                  private_queue: bool = False):
         self._private_queue = private_queue
+        self._metrics_snapshot = None
         self._mine = WorkerSlot(shared, slot)
         self._others = [WorkerSlot(shared, other) for other in range(slot_count(shared)) if other != slot]
         self._period, self._limit = period, limit
         self._parent_gone_fd = parent_gone_fd
 
-    def serving(self, mux, stats, stop) -> None:
+    def serving(self, mux, stats, stop, metrics_snapshot=None) -> None:
+        self._metrics_snapshot = metrics_snapshot
         if self._parent_gone_fd is not None:
             fd = self._parent_gone_fd
 
@@ -132,6 +134,8 @@ class SlotSiblings:
     def _publish_totals(self, stats) -> None:
         self._mine.connections_total = stats.connections_total
         self._mine.messages_total = stats.messages_total
+        if self._metrics_snapshot is not None:  # the supervisor serves /metrics for every worker
+            self._mine.publish(self._metrics_snapshot())
 
 
 # --- fork -------------------------------------------------------------------------------
