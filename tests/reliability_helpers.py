@@ -32,7 +32,7 @@ RAW_GREETING = b"Hello client-side"  # the CLI's echo service, raw framing
 RAW_PREFIX = b"response: "
 PREFORK_PROCESSES = 2
 # prefork's workers run threadpool by default; prefork-threaded covers its blocking worker engine.
-ENGINES = ["loop", "threadpool", "threaded", "prefork", "prefork-threaded", "gevent"]
+ENGINES = ["loop", "auto", "threadpool", "threaded", "prefork", "prefork-threaded", "gevent"]
 
 
 def needs_gevent(engine: str) -> None:
