@@ -9,7 +9,7 @@ import time
 
 from ..calls import frame_reply, handler_failed
 
-_IDLE_PERIOD = 0.01  # s between samples while the loop sleeps in select (Go's sysmon: 10 ms)
+_IDLE_PERIOD = 0.01  # s between samples, at most, while no call runs (Go's sysmon: 10 ms)
 _CPU_HANDOFF = 0.05  # s a call busy on the CPU runs before it is handed off all the same
 _FIRST_NEEDED = 8  # quick calls in a row that forgive a handler caught blocking once
 LOOP, EXIT = "loop", "exit"
@@ -43,19 +43,21 @@ def watch(engine) -> None:
     """The monitor (run()'s caller): sample the owner's call until the loop ends;
     hand off one that has run handoff_after mostly off the CPU.
 
-    One sample per handoff_after while the loop is busy: a call is handed off
-    between one and two handoff_after after it began. Every sample wakes this
-    thread and takes the GIL from the loop (a context switch on a shared
-    core); at twice the rate, echo lost measurably to ``loop``."""
+    A sample that finds a call times it: the next comes handoff_after later,
+    so a call that blocks is handed off between one and two handoff_after
+    after it was first seen. A sample that finds none (the loop in select, or
+    between calls: most of an echo server's time) doubles the wait, up to
+    ``_IDLE_PERIOD``, which bounds how late a call is first seen. Each sample
+    costs: the thread's wake-up (about 40 us of CPU on a VM) and the GIL,
+    taken from the loop; at one sample per handoff_after / 2, always, echo
+    lost measurably to ``loop``."""
     fastest = max(engine.handoff_after, 0.0002)
-    period, seen, seen_at, seen_cpu, ticks = fastest, 0, 0.0, 0.0, -1
+    period, seen, seen_at, seen_cpu = fastest, 0, 0.0, 0.0
     while not engine._ended.wait(period):
         owner = engine._owner_slot
         calling, now = owner.calling, time.monotonic()
         if not calling:
-            idle = engine.mux.ticks == ticks and ticks % 2
-            ticks = engine.mux.ticks
-            period = min(period * 2, _IDLE_PERIOD) if idle else fastest
+            period = max(fastest, min(period * 2, _IDLE_PERIOD))
             continue
         period = fastest
         if calling != seen:

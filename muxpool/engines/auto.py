@@ -10,8 +10,8 @@ blocked thread finishes its call and gets the loop back (below). At most
 
 The threads. ``Multiplexer.run()``'s caller (the server thread) never runs
 callbacks: it is the *monitor*. It samples the call in progress every
-``handoff_after / 2`` (backing off to ``_IDLE_PERIOD`` while the loop sleeps
-in select), and hands off a call that has run ``handoff_after`` while its
+``handoff_after`` (backing off to ``_IDLE_PERIOD`` while it finds none: see
+``watch``), and hands off a call that has run ``handoff_after`` while its
 thread used under half of that on the CPU; a call busy on the CPU holds the
 GIL, so no other thread could serve anyway (that is prefork's job), and is
 handed off only after ``_CPU_HANDOFF``. The loop runs on the engine's
