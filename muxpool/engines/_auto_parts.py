@@ -12,6 +12,7 @@ from ..calls import frame_reply, handler_failed
 _IDLE_PERIOD = 0.01  # s between samples, at most, while no call runs (Go's sysmon: 10 ms)
 _CPU_HANDOFF = 0.05  # s a call busy on the CPU runs before it is handed off all the same
 _FIRST_NEEDED = 8  # quick calls in a row that forgive a handler caught blocking once
+MOST_NEEDED = 1024  # ... however often it was caught
 LOOP, EXIT = "loop", "exit"
 
 
@@ -33,10 +34,24 @@ class Slot:
 
 
 class Memory:
+    """What the engine knows of one handler caught blocking (see auto's Memory)."""
+
     __slots__ = ("blocking", "needed", "streak")
 
     def __init__(self):
         self.blocking, self.needed, self.streak = True, _FIRST_NEEDED, 0
+
+    def returned(self, quickly: bool) -> None:
+        """A call of it, on a thread, returned: ``needed`` quick ones in a row forgive it."""
+        if self.blocking:
+            self.streak = self.streak + 1 if quickly else 0
+            self.blocking = self.streak < self.needed
+
+    def caught(self) -> None:
+        """Caught blocking again; if it was forgiven, forgive it later next time."""
+        if not self.blocking:
+            self.blocking, self.streak = True, 0
+            self.needed = min(self.needed * 2, MOST_NEEDED)
 
 
 def watch(engine) -> None:

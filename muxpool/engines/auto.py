@@ -44,7 +44,7 @@ during a call, the reply and the rest of that read follow through ``defer``.
 Memory. A handler caught blocking (key: its function, so every connection
 of a class shares it) sends its calls to threads at once. A count, not a
 clock: it is forgiven after ``needed`` calls in a row return within
-``handoff_after``, and ``needed`` doubles (to ``_MOST_NEEDED``) each time it
+``handoff_after``, and ``needed`` doubles (to ``MOST_NEEDED``) each time it
 is caught again. Evidence comes from calls, so a rarely called handler that
 always blocks is not forgotten merely because time passed, and one that
 blocks now and then stalls the loop for ``handoff_after`` ever more rarely.
@@ -65,8 +65,6 @@ from .base import Engine
 from .threadpool import DEFAULT_WORKERS
 
 log = logging.getLogger("muxpool.server")
-
-_MOST_NEEDED = 1024
 
 
 class AutoEngine(Engine):
@@ -404,21 +402,16 @@ class AutoEngine(Engine):
     def _job_done(self, done, key, ok, value, elapsed) -> None:
         self._in_flight -= 1
         memory = self._memory.get(key)
-        if memory is not None and memory.blocking:
-            if elapsed >= self.handoff_after:
-                memory.streak = 0
-            else:
-                memory.streak += 1
-                memory.blocking = memory.streak < memory.needed
+        if memory is not None:
+            memory.returned(elapsed < self.handoff_after)
         done(ok, value, elapsed)
 
     def _caught(self, key) -> None:
         memory = self._memory.get(key)
         if memory is None:
             self._memory[key] = Memory()
-        elif not memory.blocking:  # forgiven, and blocking again: forgive it later
-            memory.blocking, memory.streak = True, 0
-            memory.needed = min(memory.needed * 2, _MOST_NEEDED)
+        else:
+            memory.caught()
 
     # --- for the server --------------------------------------------------------------
 
