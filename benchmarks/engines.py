@@ -125,9 +125,10 @@ def generator_capacity(args) -> str:
 def _print_saturation(workload, rows) -> None:
     for row in rows:
         if row.reports:
+            busiest = max(row.reports, key=lambda r: r.generator_cpu + r.generator_waited)
             print(f"  {workload} {row.server}: generator saturated: {saturation(row)} "
-                  f"(generator CPU {max(r.generator_cpu for r in row.reports):.0%} at most)",
-                  file=sys.stderr, flush=True)
+                  f"(at most: CPU {busiest.generator_cpu:.0%}, waiting for a CPU "
+                  f"{busiest.generator_waited:.0%})", file=sys.stderr, flush=True)
 
 
 def _mixed_against_echo(mixed, echo) -> str:
@@ -171,7 +172,11 @@ def _write_doc(sections, args, elapsed) -> None:
         "the load generator (`muxpool bench`) to CPU 1; prefork is not pinned (it is meant to use every "
         "core, so it shares them with the generator). *Requests per server CPU-second* is the server's "
         "capacity whatever the generator could drive: when the generator saturates its core, servers "
-        "faster than it show similar requests/s, and this column still ranks them.",
+        "faster than it show similar requests/s, and this column still ranks them. *Generator saturated* "
+        "says, per row, whether the generator was the limit: it used 90% of its core, or used and waited "
+        "for it (behind other processes, on a shared machine: *starved*) 90% of the time; where it was, in "
+        "that row or the anchor's, the ratio column compares requests per server CPU-second instead of "
+        "requests/s.",
         "",
         "Reproduce: `" + command + "`.",
         "",

@@ -134,17 +134,19 @@ def markdown_table(rows: list[Row], anchor: str | None = None) -> str:
 
 
 def saturation(row: Row) -> str:
-    """``no``, or how many of the row's runs had the generator at its limit."""
-    runs = sum(r.saturated for r in row.reports)
+    """``no``, or how many of the row's runs had the generator at its limit: busy
+    on its core, or waiting for it behind other processes (a shared machine)."""
+    runs = sum(r.generator_bound for r in row.reports)
     if not runs:
         return "no"
-    return "yes" if runs == len(row.reports) else f"{runs} of {len(row.reports)} runs"
+    starved = "" if any(r.saturated for r in row.reports) else " (starved: other processes had its core)"
+    return ("yes" if runs == len(row.reports) else f"{runs} of {len(row.reports)} runs") + starved
 
 
 def versus(row: Row, base: Row) -> str:
     """``row`` against ``base``: requests/s, or requests per server CPU-second
     (so marked) when a saturated generator capped either."""
-    capped = any(r.saturated for r in row.reports + base.reports)
+    capped = any(r.generator_bound for r in row.reports + base.reports)
     mine, theirs = row.median_per_cpu_second(), base.median_per_cpu_second()
     if capped and mine and theirs:
         return f"{mine / theirs:.2f}x per CPU-s"
