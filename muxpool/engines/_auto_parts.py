@@ -1,13 +1,15 @@
 """The auto engine's parts: its threads' mailboxes, its memory of blocking
-handlers, its monitor's sampling, and what it does to a connection around a
-call (as Connection._call_done does: write the reply or close, then the next)."""
+handlers, its monitor's sampling, its inline path (the engine's
+``handle_inline``), and what it does to a connection around a call (as
+Connection._call_done does: write the reply or close, then the next)."""
 
 from __future__ import annotations
 
 import threading
 import time
 
-from ..calls import frame_reply, handler_failed
+from ..calls import frame_reply, handler_failed, unframeable
+from ..errors import ProtocolError
 
 _IDLE_PERIOD = 0.01  # s between samples, at most, while no call runs (Go's sysmon: 10 ms)
 _CPU_HANDOFF = 0.05  # s a call busy on the CPU runs before it is handed off all the same
@@ -122,3 +124,79 @@ def to_backlog(conn, on_message, messages) -> None:
     conn.ctx.stats.messages_total -= len(messages)
     conn.backlog.extendleft((on_message, message) for message in reversed(messages))
     conn.backlog_bytes += sum(map(len, messages))
+
+
+def handle_inline(engine, conn, messages: list) -> None:
+    """AutoEngine.handle_inline (Connection.handle_inline on that engine):
+    loop's fast path, each call guarded, the connection busy while a call of
+    it may be out.
+
+    One function, written out (as Connection.handle_inline is): each
+    helper call per message cost requests/s against ``loop``. The guard
+    per call is a number, the thread id cleared and set, and one lock."""
+    on_message = conn.session.on_message
+    if engine._memory and engine.threads > 1:
+        memory = engine._memory.get(getattr(on_message, "__func__", on_message))
+        if memory is not None and memory.blocking:
+            engine._to_threads(conn, on_message, messages)
+            return
+    mux, lock, numbers, slot = engine.mux, engine._lock, engine._numbers, engine._owner_slot
+    deferred, encode = mux._deferred, conn.encode
+    high_water = conn.config.write_high_water
+    me = mux.thread_id
+    conn.busy = True
+    index, ok = 0, True  # a failed call ends the batch
+    for message in messages:
+        index += 1
+        pending = len(deferred)
+        slot.calling = number = next(numbers)
+        mux.thread_id = None  # conn.send/close defer, as from a pool thread: see the module
+        try:
+            value = on_message(conn, message)
+        except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
+            value, ok = exc, False
+        lock.acquire()
+        slot.calling = 0
+        caught = slot.handed == number or slot.stuck == number
+        lock.release()
+        if caught or len(deferred) != pending:
+            off_fast_path(engine, conn, on_message, messages[index:], ok, value, slot, number, me)
+            return
+        mux.thread_id = me
+        if not ok:
+            conn.busy = False
+            handler_failed(conn.peer, value)
+            conn.close_when_done(drop_backlog=True)
+            return
+        if value is not None and not conn.closed:
+            try:
+                data = encode(value)
+            except (ProtocolError, TypeError) as exc:
+                conn.busy = False
+                unframeable(conn.peer, exc)
+                conn.close_when_done(drop_backlog=True)
+                return
+            conn.write(data)
+        if conn.closing or conn.closed:
+            break
+        if len(conn.outbuf) > high_water:  # a slow reader: flush() runs the rest
+            conn.held = messages[index:]
+            break
+    conn.busy = False
+    if not conn.held and (conn.backlog or not conn.reading or conn.closing):
+        conn.after_call()  # what a write's abort queued (on_disconnect), or a pause
+
+
+def off_fast_path(engine, conn, on_message, rest, ok, value, slot, number, me) -> None:
+    """Call ``number`` blocked (handed off or not) or deferred something: its
+    reply goes after what it sent, the rest of the read after the reply,
+    ahead of the backlog (where a close can drop them or not)."""
+    if slot.handed == number:  # final: the monitor hands a call off only while it runs
+        engine._reclaim(slot)
+    else:
+        engine.mux.thread_id = me
+    if slot.handed == number or slot.stuck == number:
+        engine._caught(getattr(on_message, "__func__", on_message))
+    to_backlog(conn, on_message, rest)
+    engine._in_flight += 1
+    engine.mux.defer(lambda: engine._resume(conn, ok, value))

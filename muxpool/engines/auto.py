@@ -58,9 +58,9 @@ import logging
 import threading
 import time
 
-from ..calls import call_handler, handler_failed, handler_thread, unframeable
-from ..errors import ProtocolError
-from ._auto_parts import EXIT, LOOP, LoopGone, Memory, Slot, reply, settle, to_backlog, watch
+from ..calls import call_handler, handler_thread
+from ._auto_parts import (EXIT, LOOP, LoopGone, Memory, Slot, handle_inline, reply, settle, to_backlog,
+                          watch)
 from .base import Engine
 from .threadpool import DEFAULT_WORKERS
 
@@ -283,78 +283,7 @@ class AutoEngine(Engine):
         self._in_flight -= 1
         done(ok, value, elapsed)
 
-    def handle_inline(self, conn, messages: list) -> None:
-        """Connection.handle_inline on this engine: loop's fast path, each call
-        guarded, the connection busy while a call of it may be out.
-
-        One function, written out (as Connection.handle_inline is): each
-        helper call per message cost requests/s against ``loop``. The guard
-        per call is a number, the thread id cleared and set, and one lock."""
-        on_message = conn.session.on_message
-        if self._memory and self.threads > 1:
-            memory = self._memory.get(getattr(on_message, "__func__", on_message))
-            if memory is not None and memory.blocking:
-                self._to_threads(conn, on_message, messages)
-                return
-        mux, lock, numbers, slot = self.mux, self._lock, self._numbers, self._owner_slot
-        deferred, encode = mux._deferred, conn.encode
-        high_water = conn.config.write_high_water
-        me = mux.thread_id
-        conn.busy = True
-        index, ok = 0, True  # a failed call ends the batch
-        for message in messages:
-            index += 1
-            pending = len(deferred)
-            slot.calling = number = next(numbers)
-            mux.thread_id = None  # conn.send/close defer, as from a pool thread: see the module
-            try:
-                value = on_message(conn, message)
-            except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
-                value, ok = exc, False
-            lock.acquire()
-            slot.calling = 0
-            caught = slot.handed == number or slot.stuck == number
-            lock.release()
-            if caught or len(deferred) != pending:
-                self._off_fast_path(conn, on_message, messages[index:], ok, value, slot, number, me)
-                return
-            mux.thread_id = me
-            if not ok:
-                conn.busy = False
-                handler_failed(conn.peer, value)
-                conn.close_when_done(drop_backlog=True)
-                return
-            if value is not None and not conn.closed:
-                try:
-                    data = encode(value)
-                except (ProtocolError, TypeError) as exc:
-                    conn.busy = False
-                    unframeable(conn.peer, exc)
-                    conn.close_when_done(drop_backlog=True)
-                    return
-                conn.write(data)
-            if conn.closing or conn.closed:
-                break
-            if len(conn.outbuf) > high_water:  # a slow reader: flush() runs the rest
-                conn.held = messages[index:]
-                break
-        conn.busy = False
-        if not conn.held and (conn.backlog or not conn.reading or conn.closing):
-            conn.after_call()  # what a write's abort queued (on_disconnect), or a pause
-
-    def _off_fast_path(self, conn, on_message, rest, ok, value, slot, number, me) -> None:
-        """Call ``number`` blocked (handed off or not) or deferred something: its
-        reply goes after what it sent, the rest of the read after the reply,
-        ahead of the backlog (where a close can drop them or not)."""
-        if slot.handed == number:  # final: the monitor hands a call off only while it runs
-            self._reclaim(slot)
-        else:
-            self.mux.thread_id = me
-        if slot.handed == number or slot.stuck == number:
-            self._caught(getattr(on_message, "__func__", on_message))
-        to_backlog(conn, on_message, rest)
-        self._in_flight += 1
-        self.mux.defer(lambda: self._resume(conn, ok, value))
+    handle_inline = handle_inline  # Connection.handle_inline on this engine (_auto_parts)
 
     def _resume(self, conn, ok, value) -> None:
         """The loop, after a call that was handed off or deferred something."""
