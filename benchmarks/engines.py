@@ -1,10 +1,14 @@
-"""`make bench`: every engine and reference server on three workloads; rewrites docs/benchmarks.md.
+"""`make bench`: every engine and reference server on four workloads; rewrites docs/benchmarks.md.
 
 Workloads (the lesson's rule, measured): ``echo`` (no work), ``io:5`` (the
 handler blocks 5 ms, like a database call; 200 connections, 50 handler
-threads) and ``cpu:1`` (1 ms of pure-Python work per message). Servers run
-one at a time on free loopback ports; see muxpool/loadtest/compare.py for
-pinning and priming.
+threads), ``cpu:1`` (1 ms of pure-Python work per message) and ``mixed``
+(49 echo clients measured while a 50th connection's handler sleeps 1 s per
+message). Servers run one at a time on free loopback ports; see
+muxpool/loadtest/compare.py for pinning and priming.
+
+Each row says whether the load generator was saturated; where it was, the
+ratio column compares requests per server CPU-second, not requests/s.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from muxpool.engines import ENGINES
 from muxpool.loadtest import LoadSpec
 from muxpool.loadtest.compare import all_servers, available_servers, compare, left_out_note
 from muxpool.loadtest.progress import CompareProgress
-from muxpool.loadtest.summary import machine, markdown_table, recommend, write_chart, write_json
+from muxpool.loadtest.summary import (machine, markdown_table, recommend, saturation, versus,
+                                      write_chart, write_json)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -27,10 +32,13 @@ WORKLOADS = [
     # name, connections, threadpool workers, servers (None: all), what it shows
     ("echo", 50, None, None, "no work per message: the cost of the machinery itself"),
     ("io:5", 200, 50, None, "each message blocks 5 ms (ideal for 50 workers: 10,000 requests/s)"),
-    ("cpu:1", 50, None, ["muxpool:loop", "muxpool:threadpool", "muxpool:threaded", "muxpool:prefork",
-                         "asyncio", "socketserver"],
+    ("cpu:1", 50, None, ["muxpool:loop", "muxpool:auto", "muxpool:threadpool", "muxpool:threaded",
+                         "muxpool:prefork", "asyncio", "socketserver"],
      "each message computes 1 ms in pure Python: the GIL's limit, and prefork's way past it"),
+    ("mixed", 49, None, None,
+     "49 echo clients, measured, while one more connection's handler sleeps 1 s per message"),
 ]
+ANCHORS = {"echo": "asyncio", "mixed": "muxpool:auto"}  # the others: muxpool:loop
 
 
 def main() -> int:
@@ -45,6 +53,7 @@ def main() -> int:
     DOCS.mkdir(exist_ok=True)
     started = time.monotonic()
     sections = []
+    measured = {}  # workload -> its rows
     note = left_out_note(all_servers(list(ENGINES)))  # e.g. no gevent here: say so once, then go on
     if note:
         print(note, file=sys.stderr, flush=True)
@@ -60,8 +69,13 @@ def main() -> int:
         write_json(rows, DOCS / f"bench-{stem}.json", {"workload": workload, "connections": connections})
         title = f"{workload}, {connections} connections"
         charted = write_chart(rows, DOCS / f"bench-{stem}.png", title)
-        anchor = "asyncio" if workload == "echo" else "muxpool:loop"
-        sections.append(_section(workload, connections, workers, what, rows, anchor, stem, charted))
+        _print_saturation(workload, rows)
+        anchor = ANCHORS.get(workload, "muxpool:loop")
+        section = _section(workload, connections, workers, what, rows, anchor, stem, charted)
+        if workload == "mixed":
+            section += _mixed_against_echo(rows, measured.get("echo", []))
+        measured[workload] = rows
+        sections.append(section)
     sections.append(generator_capacity(args))
     elapsed = time.monotonic() - started
     _write_doc(sections, args, elapsed)
@@ -108,6 +122,31 @@ def generator_capacity(args) -> str:
         *lines, ""])
 
 
+def _print_saturation(workload, rows) -> None:
+    for row in rows:
+        if row.reports:
+            busiest = max(row.reports, key=lambda r: r.generator_cpu + r.generator_waited)
+            print(f"  {workload} {row.server}: generator saturated: {saturation(row)} "
+                  f"(at most: CPU {busiest.generator_cpu:.0%}, waiting for a CPU "
+                  f"{busiest.generator_waited:.0%})", file=sys.stderr, flush=True)
+
+
+def _mixed_against_echo(mixed, echo) -> str:
+    """The mixed workload's promise: each engine's echo clients beside a sleeper,
+    against the same engine on pure echo (same run)."""
+    pure = {row.server: row for row in echo if row.reports}
+    lines = []
+    for row in mixed:
+        if row.reports and row.server in pure:
+            lines.append(f"| {row.server} | {row.median_p99():.2f} | {pure[row.server].median_p99():.2f} | "
+                         f"{versus(row, pure[row.server])} |")
+    if not lines:
+        return ""
+    return "\n".join(["Against the same server on pure echo (the echo section above):", "",
+                      "| server | p99 ms, mixed | p99 ms, echo | mixed vs echo |", "|---|---:|---:|---:|",
+                      *lines, ""])
+
+
 def _section(workload, connections, workers, what, rows, anchor, stem, charted) -> str:
     parts = [f"## {workload} — {what}", "",
              f"{connections} connections, 64-byte messages, raw framing"
@@ -133,7 +172,11 @@ def _write_doc(sections, args, elapsed) -> None:
         "the load generator (`muxpool bench`) to CPU 1; prefork is not pinned (it is meant to use every "
         "core, so it shares them with the generator). *Requests per server CPU-second* is the server's "
         "capacity whatever the generator could drive: when the generator saturates its core, servers "
-        "faster than it show similar requests/s, and this column still ranks them.",
+        "faster than it show similar requests/s, and this column still ranks them. *Generator saturated* "
+        "says, per row, whether the generator was the limit: it used 90% of its core, or used and waited "
+        "for it (behind other processes, on a shared machine: *starved*) 90% of the time; where it was, in "
+        "that row or the anchor's, the ratio column compares requests per server CPU-second instead of "
+        "requests/s.",
         "",
         "Reproduce: `" + command + "`.",
         "",

@@ -53,7 +53,9 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compare", action="store_true",
                        help="start the app under each engine and reference server, load each the same")
     group.add_argument("--app", help="module:attr to compare (default: the workload)")
-    group.add_argument("--workload", default="echo", help="echo, io:MS or cpu:MS (default echo)")
+    group.add_argument("--workload", default="echo",
+                       help="echo, io:MS, cpu:MS or mixed[:MS] (one more connection whose requests "
+                       "sleep MS, default 1000, beside the echo clients measured; default echo)")
     group.add_argument("--engines", help="comma-separated muxpool engines (default: all); "
                        "ENGINE+metrics: that engine with --metrics-port on")
     group.add_argument("--references", help="comma-separated reference servers "

@@ -2,7 +2,7 @@
 
 The handlers live in ``compat_handlers.py``, written as the standard library's
 documentation writes them. In-process servers run on every engine that may
-block (``threadpool``, ``threaded``, ``prefork``); ``gevent`` needs a
+block (``threadpool``, ``auto``, ``threaded``, ``prefork``); ``gevent`` needs a
 monkey-patched process, so it runs in a subprocess through the CLI, as do
 ``muxpool.serve(...)`` and ``muxpool serve module:Handler``.
 
@@ -41,6 +41,7 @@ EXIT_DEADLINE = 10.0  # ... and exit within this after SIGTERM
 
 ENGINE_OPTIONS = {
     "threadpool": {},
+    "auto": {},
     "threaded": {},
     "prefork": {"processes": 2, "worker_engine": "threadpool"},
 }

@@ -63,6 +63,7 @@ SERVING = re.compile(r"muxpool serving .* on 127\.0\.0\.1:(\d+) \(engine=")
 ENGINE_ARGS = {
     "loop": ["--engine", "loop"],
     "threadpool": ["--engine", "threadpool"],
+    "auto": ["--engine", "auto"],
     "threaded": ["--engine", "threaded"],
     "prefork": ["--engine", "prefork", "--processes", "2"],
     "gevent": ["--engine", "gevent"],

@@ -206,7 +206,7 @@ def test_a_handler_fault_in_a_prefork_worker_never_hangs_or_garbles_other_client
 
 # --- 2. SIGTERM on the single-process engines -------------------------------------------------
 
-SINGLE_PROCESS = ["loop", "threadpool", "threaded", "gevent"]
+SINGLE_PROCESS = ["loop", "auto", "threadpool", "threaded", "gevent"]
 
 
 @pytest.mark.parametrize("engine", SINGLE_PROCESS)

@@ -89,7 +89,7 @@ def test_the_timer_heap_stays_bounded_behind_a_long_lived_timer():
         mux.close()
 
 
-@pytest.mark.parametrize("engine", ["loop", "threadpool"])
+@pytest.mark.parametrize("engine", ["loop", "auto", "threadpool"])
 def test_connection_churn_leaves_no_timers_behind_a_long_lived_connection(engine):
     with Server(port=0, engine=engine, idle_timeout=300).start() as srv:
         keeper = socket.create_connection(srv.address, timeout=DEADLINE)

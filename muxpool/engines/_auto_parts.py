@@ -1,18 +1,21 @@
 """The auto engine's parts: its threads' mailboxes, its memory of blocking
-handlers, its monitor's sampling, and what it does to a connection around a
-call (as Connection._call_done does: write the reply or close, then the next)."""
+handlers, its monitor's sampling, its inline path (the engine's
+``handle_inline``), and what it does to a connection around a call (as
+Connection._call_done does: write the reply or close, then the next)."""
 
 from __future__ import annotations
 
 import threading
 import time
 
-from ..calls import frame_reply, handler_failed
+from ..calls import frame_reply, handler_failed, unframeable
+from ..errors import ProtocolError
 from ..stats import handler_failed as count_failure
 
-_IDLE_PERIOD = 0.01  # s between samples while the loop sleeps in select (Go's sysmon: 10 ms)
+_IDLE_PERIOD = 0.01  # s between samples, at most, while no call runs (Go's sysmon: 10 ms)
 _CPU_HANDOFF = 0.05  # s a call busy on the CPU runs before it is handed off all the same
 _FIRST_NEEDED = 8  # quick calls in a row that forgive a handler caught blocking once
+MOST_NEEDED = 1024  # ... however often it was caught
 LOOP, EXIT = "loop", "exit"
 
 
@@ -34,24 +37,45 @@ class Slot:
 
 
 class Memory:
+    """What the engine knows of one handler caught blocking (see auto's Memory)."""
+
     __slots__ = ("blocking", "needed", "streak")
 
     def __init__(self):
         self.blocking, self.needed, self.streak = True, _FIRST_NEEDED, 0
 
+    def returned(self, quickly: bool) -> None:
+        """A call of it, on a thread, returned: ``needed`` quick ones in a row forgive it."""
+        if self.blocking:
+            self.streak = self.streak + 1 if quickly else 0
+            self.blocking = self.streak < self.needed
+
+    def caught(self) -> None:
+        """Caught blocking again; if it was forgiven, forgive it later next time."""
+        if not self.blocking:
+            self.blocking, self.streak = True, 0
+            self.needed = min(self.needed * 2, MOST_NEEDED)
+
 
 def watch(engine) -> None:
     """The monitor (run()'s caller): sample the owner's call until the loop ends;
-    hand off one that has run handoff_after mostly off the CPU."""
-    fastest = max(engine.handoff_after / 2, 0.0002)
-    period, seen, seen_at, seen_cpu, ticks = fastest, 0, 0.0, 0.0, -1
+    hand off one that has run handoff_after mostly off the CPU.
+
+    A sample that finds a call times it: the next comes handoff_after later,
+    so a call that blocks is handed off between one and two handoff_after
+    after it was first seen. A sample that finds none (the loop in select, or
+    between calls: most of an echo server's time) doubles the wait, up to
+    ``_IDLE_PERIOD``, which bounds how late a call is first seen. Each sample
+    costs: the thread's wake-up (about 40 us of CPU on a VM) and the GIL,
+    taken from the loop; at one sample per handoff_after / 2, always, echo
+    lost measurably to ``loop``."""
+    fastest = max(engine.handoff_after, 0.0002)
+    period, seen, seen_at, seen_cpu = fastest, 0, 0.0, 0.0
     while not engine._ended.wait(period):
         owner = engine._owner_slot
         calling, now = owner.calling, time.monotonic()
         if not calling:
-            idle = engine.mux.ticks == ticks and ticks % 2
-            ticks = engine.mux.ticks
-            period = min(period * 2, _IDLE_PERIOD) if idle else fastest
+            period = max(fastest, min(period * 2, _IDLE_PERIOD))
             continue
         period = fastest
         if calling != seen:
@@ -103,3 +127,81 @@ def to_backlog(conn, on_message, messages) -> None:
     conn.ctx.stats.messages_total -= len(messages)
     conn.backlog.extendleft((on_message, message) for message in reversed(messages))
     conn.backlog_bytes += sum(map(len, messages))
+
+
+def handle_inline(engine, conn, messages: list) -> None:
+    """AutoEngine.handle_inline (Connection.handle_inline on that engine):
+    loop's fast path, each call guarded, the connection busy while a call of
+    it may be out.
+
+    One function, written out (as Connection.handle_inline is): each
+    helper call per message cost requests/s against ``loop``. The guard
+    per call is a number, the thread id cleared and set, and one lock."""
+    on_message = conn.session.on_message
+    if engine._memory and engine.threads > 1:
+        memory = engine._memory.get(getattr(on_message, "__func__", on_message))
+        if memory is not None and memory.blocking:
+            engine._to_threads(conn, on_message, messages)
+            return
+    mux, lock, numbers, slot = engine.mux, engine._lock, engine._numbers, engine._owner_slot
+    deferred, encode = mux._deferred, conn.encode
+    high_water = conn.config.write_high_water
+    me = mux.thread_id
+    conn.busy = True
+    index, ok = 0, True  # a failed call ends the batch
+    for message in messages:
+        index += 1
+        pending = len(deferred)
+        slot.calling = number = next(numbers)
+        mux.thread_id = None  # conn.send/close defer, as from a pool thread: see the module
+        try:
+            value = on_message(conn, message)
+        except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
+            value, ok = exc, False
+        lock.acquire()
+        slot.calling = 0
+        caught = slot.handed == number or slot.stuck == number
+        lock.release()
+        if caught or len(deferred) != pending:
+            off_fast_path(engine, conn, on_message, messages[index:], ok, value, slot, number, me)
+            return
+        mux.thread_id = me
+        if not ok:
+            conn.busy = False
+            handler_failed(conn.peer, value, conn_id=conn.id)
+            count_failure(conn)
+            conn.close_when_done(drop_backlog=True)
+            return
+        if value is not None and not conn.closed:
+            try:
+                data = encode(value)
+            except (ProtocolError, TypeError) as exc:
+                conn.busy = False
+                unframeable(conn.peer, exc, conn_id=conn.id)
+                count_failure(conn)
+                conn.close_when_done(drop_backlog=True)
+                return
+            conn.write(data)
+        if conn.closing or conn.closed:
+            break
+        if len(conn.outbuf) > high_water:  # a slow reader: flush() runs the rest
+            conn.held = messages[index:]
+            break
+    conn.busy = False
+    if not conn.held and (conn.backlog or not conn.reading or conn.closing):
+        conn.after_call()  # what a write's abort queued (on_disconnect), or a pause
+
+
+def off_fast_path(engine, conn, on_message, rest, ok, value, slot, number, me) -> None:
+    """Call ``number`` blocked (handed off or not) or deferred something: its
+    reply goes after what it sent, the rest of the read after the reply,
+    ahead of the backlog (where a close can drop them or not)."""
+    if slot.handed == number:  # final: the monitor hands a call off only while it runs
+        engine._reclaim(slot)
+    else:
+        engine.mux.thread_id = me
+    if slot.handed == number or slot.stuck == number:
+        engine._caught(getattr(on_message, "__func__", on_message))
+    to_backlog(conn, on_message, rest)
+    engine._in_flight += 1
+    engine.mux.defer(lambda: engine._resume(conn, ok, value))

@@ -10,8 +10,8 @@ blocked thread finishes its call and gets the loop back (below). At most
 
 The threads. ``Multiplexer.run()``'s caller (the server thread) never runs
 callbacks: it is the *monitor*. It samples the call in progress every
-``handoff_after / 2`` (backing off to ``_IDLE_PERIOD`` while the loop sleeps
-in select), and hands off a call that has run ``handoff_after`` while its
+``handoff_after`` (backing off to ``_IDLE_PERIOD`` while it finds none: see
+``watch``), and hands off a call that has run ``handoff_after`` while its
 thread used under half of that on the CPU; a call busy on the CPU holds the
 GIL, so no other thread could serve anyway (that is prefork's job), and is
 handed off only after ``_CPU_HANDOFF``. The loop runs on the engine's
@@ -44,7 +44,7 @@ during a call, the reply and the rest of that read follow through ``defer``.
 Memory. A handler caught blocking (key: its function, so every connection
 of a class shares it) sends its calls to threads at once. A count, not a
 clock: it is forgiven after ``needed`` calls in a row return within
-``handoff_after``, and ``needed`` doubles (to ``_MOST_NEEDED``) each time it
+``handoff_after``, and ``needed`` doubles (to ``MOST_NEEDED``) each time it
 is caught again. Evidence comes from calls, so a rarely called handler that
 always blocks is not forgotten merely because time passed, and one that
 blocks now and then stalls the loop for ``handoff_after`` ever more rarely.
@@ -59,13 +59,12 @@ import threading
 import time
 
 from ..calls import call_handler, handler_thread
-from ._auto_parts import EXIT, LOOP, LoopGone, Memory, Slot, reply, settle, to_backlog, watch
+from ._auto_parts import (EXIT, LOOP, LoopGone, Memory, Slot, handle_inline, reply, settle, to_backlog,
+                          watch)
 from .base import Engine
 from .threadpool import DEFAULT_WORKERS
 
 log = logging.getLogger("muxpool.server")
-
-_MOST_NEEDED = 1024
 
 
 class AutoEngine(Engine):
@@ -284,36 +283,7 @@ class AutoEngine(Engine):
         self._in_flight -= 1
         done(ok, value, elapsed)
 
-    def handle_inline(self, conn, messages: list) -> None:
-        """Connection.handle_inline on this engine: the same fast path, with the
-        call guarded, and the connection busy while a call of it is out."""
-        on_message = conn.session.on_message
-        key = getattr(on_message, "__func__", on_message)
-        memory = self._memory.get(key)
-        if memory is not None and memory.blocking and self.threads > 1:
-            self._to_threads(conn, on_message, messages)
-            return
-        deferred = self.mux._deferred
-        high_water = conn.config.write_high_water
-        conn.busy = True
-        for index, message in enumerate(messages):
-            pending = len(deferred)
-            ok, value, caught = self._inline_call(on_message, conn, message)
-            if caught:
-                self._caught(key)
-            if caught or len(deferred) != pending:
-                # The reply after what the handler sent, the rest after the reply:
-                # ahead of the backlog, where a close can drop them or not.
-                to_backlog(conn, on_message, messages[index + 1:])
-                self._in_flight += 1
-                self.mux.defer(lambda ok=ok, value=value: self._resume(conn, ok, value))
-                return
-            if not reply(conn, ok, value) or conn.closing or conn.closed:
-                break
-            if len(conn.outbuf) > high_water:  # a slow reader: flush() runs the rest
-                conn.held = messages[index + 1:]
-                break
-        settle(conn)
+    handle_inline = handle_inline  # Connection.handle_inline on this engine (_auto_parts)
 
     def _resume(self, conn, ok, value) -> None:
         """The loop, after a call that was handed off or deferred something."""
@@ -361,21 +331,16 @@ class AutoEngine(Engine):
     def _job_done(self, done, key, ok, value, elapsed) -> None:
         self._in_flight -= 1
         memory = self._memory.get(key)
-        if memory is not None and memory.blocking:
-            if elapsed >= self.handoff_after:
-                memory.streak = 0
-            else:
-                memory.streak += 1
-                memory.blocking = memory.streak < memory.needed
+        if memory is not None:
+            memory.returned(elapsed < self.handoff_after)
         done(ok, value, elapsed)
 
     def _caught(self, key) -> None:
         memory = self._memory.get(key)
         if memory is None:
             self._memory[key] = Memory()
-        elif not memory.blocking:  # forgiven, and blocking again: forgive it later
-            memory.blocking, memory.streak = True, 0
-            memory.needed = min(memory.needed * 2, _MOST_NEEDED)
+        else:
+            memory.caught()
 
     # --- for the server --------------------------------------------------------------
 

@@ -55,6 +55,9 @@ class Report:
     warmup_errors: dict[str, int] = dataclasses.field(default_factory=dict)
     reconnected: int = 0  # connections lost in the warm-up, connected again for the measurement
     greeting_bytes: int | None = None  # with greeting_bytes="auto": what the server was found to send
+    # Share of its cores' time the generator waited, runnable, for a CPU another
+    # process held (Linux): a generator starved on a shared machine is its limit too.
+    generator_waited: float = 0.0
 
     @property
     def rps(self) -> float:
@@ -71,6 +74,12 @@ class Report:
     @property
     def saturated(self) -> bool:
         return self.generator_cpu >= SATURATED
+
+    @property
+    def generator_bound(self) -> bool:
+        """Saturated, or starved: it ran or waited to run nearly all the time,
+        so its figures may understate the server."""
+        return self.generator_cpu + self.generator_waited >= SATURATED
 
     def connection_ends(self) -> dict[str, int]:
         """How many connections ended each way (``{"eof": 48, "reset": 2}``); {} without records."""
@@ -185,6 +194,7 @@ def _merge(spec: LoadSpec, parts: list[LoadResult]) -> Report:
     greetings = {p.greeting_bytes for p in parts if p.greeting_bytes is not None}
     elapsed = max(p.elapsed for p in parts)
     cpu = sum(p.cpu_seconds for p in parts) / (elapsed * len(parts)) if elapsed else 0.0
+    waited = sum(p.waited_seconds for p in parts) / (elapsed * len(parts)) if elapsed else 0.0
     connections = None
     if spec.per_connection:
         connections = [record for part in parts for record in part.connections or ()]
@@ -193,4 +203,4 @@ def _merge(spec: LoadSpec, parts: list[LoadResult]) -> Report:
                   generator_cpu=cpu, samples=len(latencies),
                   unanswered=sum(p.unanswered for p in parts), connections=connections,
                   warmup_errors=dict(warmup_errors), reconnected=sum(p.reconnected for p in parts),
-                  greeting_bytes=max(greetings) if greetings else None)
+                  greeting_bytes=max(greetings) if greetings else None, generator_waited=waited)

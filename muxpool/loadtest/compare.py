@@ -244,7 +244,8 @@ def _measure_in_own_process(row: Row, spec: LoadSpec, workload: str, app: str | 
         wait_until_listening(port, proc)
         prime(run_spec)
         generators = processes or (len(generator_cpus) if generator_cpus else None)
-        report, cpu = _measure(run_spec, generators, generator_cpus, proc.pid, on_progress)
+        report, cpu = _measure(run_spec, generators, generator_cpus, proc.pid, on_progress,
+                               slow=_slow_client(workload, run_spec))
         row.reports.append(report)
         row.server_cpu.append(cpu)
     except Exception as exc:  # one broken server must not sink the whole comparison
@@ -253,7 +254,17 @@ def _measure_in_own_process(row: Row, spec: LoadSpec, workload: str, app: str | 
         stop_server(proc)
 
 
-def _measure(spec: LoadSpec, processes, cpus, server_pid: int, on_progress=None) -> tuple[Report, float]:
+def _slow_client(workload: str, spec: LoadSpec):
+    """The mixed workload's one more connection, whose requests sleep; None otherwise."""
+    if workload.partition(":")[0] != "mixed":
+        return None
+    from .sleeper import Sleeper
+
+    return Sleeper(spec.host, spec.port, spec.framing)
+
+
+def _measure(spec: LoadSpec, processes, cpus, server_pid: int, on_progress=None,
+             slow=None) -> tuple[Report, float]:
     """One load run, with the server's CPU seconds spent during the measured part
     (the warm-up is run first, unmeasured, so the CPU figure covers only what the
     report counts)."""
@@ -261,16 +272,25 @@ def _measure(spec: LoadSpec, processes, cpus, server_pid: int, on_progress=None)
     from dataclasses import replace
 
     def after_warmup(requests: int, seconds: float) -> None:
-        on_progress(requests, spec.warmup + seconds)
+        if slow is not None and requests:
+            slow.start()  # the generator's connections are up: see loadtest.sleeper
+        if on_progress is not None:
+            on_progress(requests, spec.warmup + seconds)
 
     warm = None
     if spec.warmup > 0:
         warm = run_load(replace(spec, duration=spec.warmup, warmup=0), processes, cpus=cpus,
                         on_progress=on_progress)
     before = process_cpu_seconds(server_pid) or 0.0
-    report = run_load(replace(spec, warmup=0), processes, cpus=cpus,
-                      on_progress=after_warmup if on_progress else None)
+    try:
+        report = run_load(replace(spec, warmup=0), processes, cpus=cpus,
+                          on_progress=after_warmup if on_progress or slow else None)
+    finally:
+        if slow is not None:
+            slow.stop()
     after = process_cpu_seconds(server_pid) or 0.0
+    if slow is not None and (slow.error is not None or not slow.started):
+        raise RuntimeError(f"the mixed workload's slow client failed: {slow.error or 'never started'}")
     if warm is not None:  # its errors are the warm-up's: kept apart, never dropped
         report.warmup_errors = dict(Counter(warm.errors) + Counter(warm.warmup_errors))
     return report, after - before

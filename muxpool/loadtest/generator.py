@@ -38,7 +38,8 @@ import time
 
 from ..framing import make_framer
 from .expect import GREETING_WAIT, RING, detect_greeting, read_greeting, ring
-from .spec import END_OF_ERROR, END_OPEN, LoadResult, LoadSpec, error_kind, local_port, record
+from .spec import (END_OF_ERROR, END_OPEN, LoadResult, LoadSpec, error_kind, local_port, record,
+                   run_queue_seconds)
 
 __all__ = ["Generator", "LoadResult", "LoadSpec"]
 
@@ -218,7 +219,7 @@ class Generator:
         spec = self.spec
         for index in range(spec.connections):
             self._connect(index)
-        self.cpu_start = time.process_time()
+        self.cpu_start, self.wait_start = time.process_time(), run_queue_seconds()
         start = time.perf_counter()
         measure_at, stop_at = start + spec.warmup, start + spec.warmup + spec.duration
         self.measure_at = measure_at  # moved earlier if every connection is lost in the warm-up
@@ -230,6 +231,7 @@ class Generator:
         self._count_unanswered(time.perf_counter())
         self.result.elapsed = max(0.0, time.perf_counter() - self.measure_at)
         self.result.cpu_seconds = time.process_time() - self.cpu_start
+        self.result.waited_seconds = run_queue_seconds() - self.wait_start
         for conn in list(self.conns.values()):
             if self.result.connections is not None:
                 self._record(conn, END_OPEN)
@@ -245,7 +247,7 @@ class Generator:
         self.measure_at = now
         self.result.latencies = array.array("d")
         self.result.requests = 0
-        self.cpu_start = time.process_time()
+        self.cpu_start, self.wait_start = time.process_time(), run_queue_seconds()
         lost, self.lost_in_warmup = self.lost_in_warmup, []
         for index in lost:
             before = len(self.conns)

@@ -47,6 +47,7 @@ class LoadResult:
     latencies: array.array = field(default_factory=lambda: array.array("d"))
     elapsed: float = 0.0
     cpu_seconds: float = 0.0
+    waited_seconds: float = 0.0  # runnable but not running: another process had the core
     unanswered: int = 0  # still in flight at the end: in the latencies with their age so far
     connections: list | None = None  # with LoadSpec.per_connection: one dict per connection
 
@@ -64,6 +65,16 @@ def record(port: int | None, sent: int, answered: int, end: str, unsent_bytes: i
     left the generator (a server that stopped reading)."""
     return {"port": port, "sent": sent, "answered": answered, "in_flight": sent - answered,
             "end": end, "unsent_bytes": unsent_bytes, "detail": detail}
+
+
+def run_queue_seconds() -> float:
+    """Seconds this thread has waited, runnable, for a CPU (Linux; 0 elsewhere): with
+    its CPU time, what the generator wanted of its core, however busy the machine."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def local_port(sock: socket.socket) -> int | None:

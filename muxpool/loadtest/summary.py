@@ -106,22 +106,50 @@ def _pinning(compared: list[Row]) -> str:
 
 
 def markdown_table(rows: list[Row], anchor: str | None = None) -> str:
-    """The comparison as a markdown table; ``anchor`` adds a ratio column against that server."""
-    base = next((r.median_rps() for r in rows if r.server == anchor and r.reports), None)
-    head = "| server | requests/s (median) | spread (min–max) | p99 ms | requests per server CPU-s | errors |"
-    rule = "|---|---:|---:|---:|---:|---:|"
+    """The comparison as a markdown table, with whether the generator was saturated
+    in each row's runs. ``anchor`` adds a ratio column against that server: of
+    requests/s, or of requests per server CPU-second where either row's
+    generator was saturated (its requests/s then say how fast the generator
+    went, not the server)."""
+    base = next((r for r in rows if r.server == anchor and r.reports), None)
+    head = ("| server | requests/s (median) | spread (min–max) | p99 ms | requests per server CPU-s "
+            "| generator saturated | errors |")
+    rule = "|---|---:|---:|---:|---:|---|---:|"
     if base:
         head += f" vs {anchor} |"
         rule += "---:|"
     lines = [head, rule]
     for row in rows:
         if not row.reports:
-            lines.append(f"| {row.server} | failed: {row.failure[:80]} | | | | |" + (" |" if base else ""))
+            lines.append(f"| {row.server} | failed: {row.failure[:80]} | | | | | |" + (" |" if base else ""))
             continue
         cpu = row.median_per_cpu_second()
         line = (f"| {row.server} | {row.median_rps():,.0f} | {min(row.rps):,.0f}–{max(row.rps):,.0f} | "
-                f"{row.median_p99():.2f} | {f'{cpu:,.0f}' if cpu else '–'} | {row.errors} |")
+                f"{row.median_p99():.2f} | {f'{cpu:,.0f}' if cpu else '–'} | {saturation(row)} | "
+                f"{row.errors} |")
         if base:
-            line += f" {row.median_rps() / base:.2f}x |"
+            line += f" {versus(row, base)} |"
         lines.append(line)
     return "\n".join(lines)
+
+
+def saturation(row: Row) -> str:
+    """``no``, or how many of the row's runs had the generator at its limit: busy
+    on its core, or waiting for it behind other processes (a shared machine)."""
+    runs = sum(r.generator_bound for r in row.reports)
+    if not runs:
+        return "no"
+    starved = "" if any(r.saturated for r in row.reports) else " (starved: other processes had its core)"
+    return ("yes" if runs == len(row.reports) else f"{runs} of {len(row.reports)} runs") + starved
+
+
+def versus(row: Row, base: Row) -> str:
+    """``row`` against ``base``: requests/s, or requests per server CPU-second
+    (so marked) when a saturated generator capped either."""
+    capped = any(r.generator_bound for r in row.reports + base.reports)
+    mine, theirs = row.median_per_cpu_second(), base.median_per_cpu_second()
+    if capped and mine and theirs:
+        return f"{mine / theirs:.2f}x per CPU-s"
+    if not base.median_rps():
+        return "–"
+    return f"{row.median_rps() / base.median_rps():.2f}x"

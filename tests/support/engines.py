@@ -15,7 +15,7 @@ SERVER_ENGINES = ["loop", "threadpool", "threaded", "prefork", "auto"]
 # `muxpool serve` in a subprocess: every engine, and prefork running each
 # worker engine that matters ("prefork-threaded": blocking workers; prefork's
 # own default is threadpool).
-CLI_ENGINES = ["loop", "threadpool", "threaded", "prefork", "prefork-threaded", "gevent"]
+CLI_ENGINES = ["loop", "auto", "threadpool", "threaded", "prefork", "prefork-threaded", "gevent"]
 
 
 def needs_gevent(engine: str) -> None:
