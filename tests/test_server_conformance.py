@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import resource
 import selectors
 import socket
@@ -55,10 +54,7 @@ from muxpool import Client, ConnectionBroken, Server, make_framer
 
 pytestmark = pytest.mark.timeout(60)
 
-# The gevent engine needs a monkey-patched process: test_engines.py runs this
-# same suite in a patched subprocess with MUXPOOL_GEVENT_SUITE=1.
-GEVENT_SUITE = os.environ.get("MUXPOOL_GEVENT_SUITE") == "1"
-ENGINES = ["gevent"] if GEVENT_SUITE else SERVER_ENGINES
+ENGINES = SERVER_ENGINES  # gevent alone in test_engines.py's patched run
 FRAMINGS = ["raw", "line", "length"]
 
 # --- fixtures and helpers ------------------------------------------------------------
