@@ -127,7 +127,7 @@ def _compared_servers(args: argparse.Namespace) -> list[str]:
 
     if args.engines:
         # ENGINE+metrics: the same engine with metrics_port on, to measure what metrics cost.
-        engines = _names(args.engines, (*ENGINES, *(f"{e}+metrics" for e in ENGINES)), "--engines")
+        engines = _names(args.engines, ENGINES, "--engines", variant="+metrics")
         for engine in engines:  # asked for by name: missing its library is a mistake, not a note
             need = missing_library(f"muxpool:{engine}")
             if need:
@@ -151,12 +151,14 @@ def _compared_servers(args: argparse.Namespace) -> list[str]:
     return servers
 
 
-def _names(text: str, known, flag: str) -> list[str]:
+def _names(text: str, known, flag: str, variant: str = "") -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in known]
+    unknown = [name for name in names if name not in known and name.removesuffix(variant or "\0") not in known]
     if unknown or not names:
+        also = f", each also as NAME{variant}" if variant else ""
         raise UserError(f"{flag} {text!r} names no such server: {', '.join(unknown) or 'none given'}",
-                        f"choose from {', '.join(known)}" + (", or none" if flag == "--references" else ""))
+                        f"choose from {', '.join(known)}" + (", or none" if flag == "--references" else "")
+                        + also)
     return names
 
 

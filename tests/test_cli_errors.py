@@ -183,7 +183,7 @@ CASES = {
                                "gevent, socketserver, or none)"),
     "compare engines": Case("bench --compare --engines fast", 2, "muxpool: error: --engines 'fast' "
                             "names no such server: fast (choose from loop, threadpool, threaded, "
-                            "gevent, auto, prefork)"),
+                            "gevent, auto, prefork, each also as NAME+metrics)"),
     "compare address": Case("bench --compare :8088", 2, "muxpool: error: --compare starts its own "
                             "servers, so it takes no address (drop the address, or drop --compare to "
                             "load an existing server)"),
