@@ -69,7 +69,9 @@ def _add_option(parser: argparse.ArgumentParser, field) -> None:
     kind = _TYPES.get(meta["kind"], str)
     if meta["kind"] == "seconds" and meta["optional"]:
         kind = _optional_number(kind)  # 0 means never, as the help says
-    parser.add_argument(flag(field.name), dest=field.name, type=kind, default=field.default,
+    # The engine's default depends on --pool (run_serve picks it): None means not given.
+    default = None if field.name == "engine" else field.default
+    parser.add_argument(flag(field.name), dest=field.name, type=kind, default=default,
                         choices=list(meta["choices"]) or None, help=meta["help"])
 
 
@@ -174,6 +176,8 @@ def _is_request_handler(app: Any) -> bool:
 def _check_serve_flags(args: argparse.Namespace) -> None:
     """Flags outside ServerConfig (which checks its own) that would be silently
     ignored with the others chosen."""
+    if args.engine is None:  # not given: the default, or threadpool, which --pool offloads from
+        args.engine = "threadpool" if args.pool else ServerConfig.__dataclass_fields__["engine"].default
     if args.pool and args.engine != "threadpool":
         raise UserError(f"--pool offloads handlers from the threadpool engine; the {args.engine} "
                         "engine runs them itself", "use --engine threadpool with --pool, or drop --pool")

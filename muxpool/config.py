@@ -83,8 +83,8 @@ class ServerConfig:
                             "(LISTEN_FDS) is used", "count", "give a descriptor number, 0 or more",
                             least=0)
     dualstack: bool = option(False, "with an IPv6 host, accept IPv4 too", "switch")
-    engine: str = option("threadpool", "where handlers run (default threadpool: safe for any handler)",
-                         "choice", choices=ENGINE_NAMES)
+    engine: str = option("auto", "where handlers run (default auto: inline like loop, on a thread "
+                         "once a call blocks; threadpool with --pool)", "choice", choices=ENGINE_NAMES)
     framing: str = option("raw", "raw (each received chunk is a message), line, or length "
                           "(4-byte prefix)", "choice", choices=tuple(FRAMERS))
     workers: int | None = option(None, "handler threads for the threadpool and auto engines "

@@ -108,6 +108,8 @@ class Server(ServerLifecycle):
     def __init__(self, app: Any = None, *, config: ServerConfig | None = None,
                  listener: socket.socket | None = None, ssl_context: ssl.SSLContext | None = None,
                  pool: Any = None, siblings: "Siblings | None" = None, **overrides: Any):
+        if pool is not None and config is None:
+            overrides.setdefault("engine", "threadpool")  # the engine pool= offloads from
         self.config = config = resolve_config(config, overrides)
         self._app = app if app is not None else EchoService()
         engine_class = load_engine(config.engine)

@@ -147,10 +147,10 @@ CASES = {
                                    "--workers 8 applies to the threadpool or auto engine, not threaded (use "
                                    "engine threadpool, or leave workers out)"),
     "processes off prefork": Case("serve --processes 4", 2, "muxpool: error: --processes 4 applies to "
-                                  "the prefork engine, not threadpool (use engine prefork, or leave "
+                                  "the prefork engine, not auto (use engine prefork, or leave "
                                   "processes out)"),
     "worker engine off prefork": Case("serve --worker-engine loop", 2, "muxpool: error: "
-                                      "--worker-engine loop applies to the prefork engine, not threadpool "
+                                      "--worker-engine loop applies to the prefork engine, not auto "
                                       "(use engine prefork, or leave worker_engine out)"),
     "message size 0": Case("serve --max-message-size 0", 2, "muxpool: error: --max-message-size 0 "
                            "is out of range (give a size in bytes, 1 or more)"),
@@ -391,8 +391,9 @@ def test_serve_log_says_tls_and_counts_connections_in_english(workdir, tls_files
             with client_context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
                 assert sock.recv(100) == b"Hello client-side"
         proc.send_signal(signal.SIGTERM)
-    assert re.search(r"serving the echo service on 127\.0\.0\.1:\d+ over TLS \(engine=threadpool, "
-                     r"32 handler threads, framing=raw\)", log[0]), log[0]
+    assert re.search(r"serving the echo service on 127\.0\.0\.1:\d+ over TLS \(engine=auto, "
+                     r"handlers on the loop thread, up to 32 threads take over from one blocked 2 ms, "
+                     r"framing=raw\)", log[0]), log[0]
     assert "muxpool stopped (2 connections served)" in log[0], log[0]  # the readiness probe, the client
 
 

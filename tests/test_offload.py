@@ -70,3 +70,19 @@ def test_cli_serve_with_a_process_pool():
         with Client("127.0.0.1", port, framing="line", greeting=False) as client:
             assert int(client.request(b"x")) != server.pid
         assert stop_gracefully(server) == 0
+
+
+def test_pool_without_an_engine_means_threadpool_and_with_another_engine_is_refused():
+    """The default engine (auto) runs handlers itself: pool= alone picks the engine
+    that offloads to it; an engine named beside it that cannot is a clear error."""
+    from muxpool import ThreadPool
+
+    with ThreadPool(2) as pool:
+        srv = Server(port=0, pool=pool)
+        try:
+            assert srv.config.engine == "threadpool"
+        finally:
+            srv.socket.close()
+            srv._mux.close()
+        with pytest.raises(ValueError, match="offloads handlers from the threadpool engine"):
+            Server(port=0, engine="auto", pool=pool)

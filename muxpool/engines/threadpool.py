@@ -1,6 +1,6 @@
 """``threadpool``: the loop holds every connection; handler calls go to threads.
 
-The default engine, because it is safe for any handler: a handler may block
+Safe for any handler, and the engine ``pool=`` offloads from: a handler may block
 (a database call, a file, ``time.sleep``) without stalling other
 connections, yet an idle connection costs no thread — 5,000 idle clients
 cost ``workers`` threads, not 5,000. Per-connection order is kept by the
