@@ -33,6 +33,8 @@ from .logs import format_peer
 from .metrics import PoolCollector, ServerCollector, require_client, start_endpoint
 from .stats import MetricsSnapshot
 
+HANDLER_POOL = "muxpool-handler"  # the threadpool engine's own threads, as a pool (engines.threadpool)
+
 log = logging.getLogger("muxpool.server")
 access = logging.getLogger("muxpool.access")
 
@@ -97,8 +99,12 @@ class ServerMetrics:
 
     def snapshot(self) -> MetricsSnapshot:
         """Loop thread."""
-        self._last = self._stats.metrics(self._connections.values(), self._engine.queue_depth())
-        return self._last
+        snapshot = self._stats.metrics(self._connections.values(), self._engine.queue_depth())
+        own = [pool for pool in self._engine.pools() if getattr(pool, "name", None) == HANDLER_POOL]
+        if own:
+            snapshot.handler_pool = (own[0].max_workers, own[0].stats())
+        self._last = snapshot
+        return snapshot
 
     def scrape(self) -> MetricsSnapshot:
         """Any thread: the loop's snapshot, or the last one if the loop is stuck."""

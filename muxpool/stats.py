@@ -98,6 +98,9 @@ class MetricsSnapshot:
     queued: int = 0
     buckets: list = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
     handler_seconds: float = 0.0
+    # The engine's own handler pool, summed (a prefork worker publishes it):
+    # (max_workers, PoolStats), or None for an engine that runs handlers itself.
+    handler_pool: Any = None
 
 
 class Tally:

@@ -254,6 +254,17 @@ def test_prefork_sums_its_workers_and_keeps_a_killed_workers_totals(engine, tmp_
         assert plain(values, "muxpool_messages_total") == 2 * MESSAGES
         assert plain(values, "muxpool_received_bytes_total") == sent["in"] + more["in"]
         assert closed(values, "eof") == 8 and closed(values, "reset") == 2
+        # threadpool workers' handler threads, summed as one pool (the killed worker's calls
+        # kept); threaded workers have none.
+        pool = {name: value for (name, labels), value in values.items()
+                if labels == (("pool", "muxpool-handler"),)}
+        if engine == "prefork-threaded":
+            assert not pool, pool
+            return
+        handled = pool["muxpool_pool_tasks_completed_total"] + pool["muxpool_pool_tasks_failed_total"]
+        assert handled >= 2 * MESSAGES, pool
+        bound = ("muxpool_pool_max_workers", (("pool", "muxpool-handler"),))
+        assert pool["muxpool_pool_max_workers"] + before[bound] == 2 * 32, pool  # minus() took the gauge's baseline off
 
 
 def test_gevent_under_muxpool_serve_counts_a_known_load(tmp_path: Path):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 
 from ..logs import format_peer
-from ..metrics import ServerCollector, require_client, start_loop_endpoint
+from ..metrics import POOL_SERIES, ServerCollector, SnapshotCollector, require_client, start_loop_endpoint
 from ..stats import MetricsSnapshot
 from .slots import metrics_snapshot
 
@@ -45,6 +45,7 @@ class SupervisorMetrics:
         config = self.supervisor.config
         registry = CollectorRegistry(auto_describe=True)
         registry.register(ServerCollector(self.snapshot))
+        registry.register(_WorkersPoolCollector(self.snapshot))
         self._endpoint = start_loop_endpoint(registry, config.metrics_host, config.metrics_port, mux)
         log.info("metrics on http://%s/metrics", format_peer(self._endpoint.address))
 
@@ -61,3 +62,28 @@ class SupervisorMetrics:
     def snapshot(self) -> MetricsSnapshot:
         supervisor = self.supervisor
         return metrics_snapshot(supervisor.counter_totals(), supervisor.live_slots())
+
+
+class _WorkersPoolCollector(SnapshotCollector):
+    """``muxpool_pool_*{pool="muxpool-handler"}``: every worker's handler threads
+    (a threadpool worker engine's) as one pool, summed as the server series are."""
+
+    series = POOL_SERIES
+    label_names = ("pool",)
+
+    def __init__(self, source):
+        super().__init__()
+        self._source = source
+
+    def snapshots(self):
+        pool = self._source().handler_pool
+        if pool is not None:
+            most, stats = pool
+            yield ("muxpool-handler",), (_Bound(most), stats)
+
+
+class _Bound:
+    __slots__ = ("max_workers",)
+
+    def __init__(self, max_workers: int):
+        self.max_workers = max_workers

@@ -20,8 +20,10 @@ from ..stats import BUCKETS, CLOSE_REASONS, MetricsSnapshot
 
 _CLOSED = tuple(f"closed_{reason}" for reason in CLOSE_REASONS)
 _BUCKETS = tuple(f"bucket_{index}" for index in range(len(BUCKETS) + 1))  # the last: +Inf
+_POOL_COUNTERS = ("pool_submitted", "pool_completed", "pool_failed")
+_POOL_GAUGES = ("pool_max_workers", "pool_workers", "pool_busy", "pool_queued")
 _METRIC_COUNTERS = ("rejected_total", "handler_errors", "bytes_in", "bytes_out",
-                    "handler_us") + _CLOSED + _BUCKETS  # handler_us: handler time, summed
+                    "handler_us") + _CLOSED + _BUCKETS + _POOL_COUNTERS  # handler_us: handler time, summed
 FIELDS = (
     "connections_total",  # counters: summed over workers, past and present
     "messages_total",
@@ -30,6 +32,7 @@ FIELDS = (
     "p50_us",
     "p99_us",
     "queued",
+    *_POOL_GAUGES,  # the worker engine's handler threads (threadpool), now
     "heartbeat",  # time.monotonic_ns() (one clock for every process) when its loop last ran
 )
 COUNTERS = ("connections_total", "messages_total") + _METRIC_COUNTERS
@@ -78,6 +81,11 @@ def _counters(snapshot: MetricsSnapshot) -> dict[str, int]:
               "handler_us": int(snapshot.handler_seconds * 1e6)}
     values.update(zip(_CLOSED, (snapshot.closed[reason] for reason in CLOSE_REASONS)))
     values.update(zip(_BUCKETS, snapshot.buckets))
+    if snapshot.handler_pool is not None:
+        most, stats = snapshot.handler_pool
+        values.update(pool_submitted=stats.submitted, pool_completed=stats.completed,
+                      pool_failed=stats.failed, pool_max_workers=most, pool_workers=stats.workers,
+                      pool_busy=stats.busy, pool_queued=stats.queued)
     return values
 
 
@@ -92,7 +100,21 @@ def metrics_snapshot(totals: dict[str, int], live: Iterable[dict[str, int]]) -> 
         messages=totals["messages_total"], handler_errors=totals["handler_errors"],
         bytes_in=totals["bytes_in"], bytes_out=totals["bytes_out"],
         queued=sum(row["queued"] for row in live), buckets=[totals[name] for name in _BUCKETS],
-        handler_seconds=totals["handler_us"] / 1e6)
+        handler_seconds=totals["handler_us"] / 1e6, handler_pool=_handler_pool(totals, live))
+
+
+def _handler_pool(totals: dict[str, int], live: list[dict[str, int]]):
+    """Every worker's handler threads as one pool, or None when no worker has any."""
+    if not sum(row["pool_max_workers"] for row in live) and not totals["pool_submitted"]:
+        return None
+    from ..pools.base import PoolStats
+
+    gauges = {name: sum(row[name] for row in live) for name in _POOL_GAUGES}
+    stats = PoolStats(workers=gauges["pool_workers"], idle=gauges["pool_workers"] - gauges["pool_busy"],
+                      busy=gauges["pool_busy"], queued=gauges["pool_queued"],
+                      completed=totals["pool_completed"], failed=totals["pool_failed"], cancelled=0,
+                      submitted=totals["pool_submitted"])
+    return gauges["pool_max_workers"], stats
 
 
 def _field(offset: int) -> property:
