@@ -20,6 +20,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -163,9 +164,10 @@ def test_a_scrape_counts_a_known_load(engine):
 
 def test_the_endpoint_answers_while_a_handler_blocks_the_loop():
     """A scrape on a stuck loop engine returns (the last snapshot) instead of hanging."""
-    release = []
+    release, running = [], threading.Event()
 
     def stuck(message, conn):
+        running.set()
         wait_for(lambda: release, timeout=DEADLINE, what="the test to release the handler")
         return message
 
@@ -173,6 +175,7 @@ def test_the_endpoint_answers_while_a_handler_blocks_the_loop():
         first = scrape(srv.metrics_address)
         with socket.create_connection(srv.address, timeout=DEADLINE) as sock:
             sock.sendall(b"hold\n")
+            assert running.wait(DEADLINE)  # the loop is in the handler: a scrape now cannot be answered
             started = time.monotonic()
             during = scrape(srv.metrics_address)
             assert time.monotonic() - started < DEADLINE
