@@ -36,7 +36,8 @@ from .metrics import PoolCollector
 from .pools import AsyncFuture, AsyncResult, Pool, PoolStats, ProcessPool, ThreadPool, WorkerPool
 from .config import ServerConfig
 from .conn import Conn
-from .server import Server, serve
+from .server import Server
+from .serving import serve
 from .prefork import PreforkServer
 
 __version__ = "0.1.0"

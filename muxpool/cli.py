@@ -105,7 +105,7 @@ def add_serve(commands) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from .handlers import resolve_handler
-    from .server import serve
+    from .serving import serve
 
     _check_serve_flags(args)
     config = _config(args)  # every value checked before anything starts

@@ -14,13 +14,8 @@ slow reader — queued messages then wait too, the inline path's included — an
 resumes below a quarter of that, so a client that never reads cannot grow
 memory: at most about ``write_high_water`` plus one reply is buffered.
 
-Closing: a graceful close (drain, ``close()``, a protocol error after the
-good messages, a failed handler) is a lingering close, as nginx's
-``lingering_close``: flush the replies, ``shutdown(SHUT_WR)``, then read and
-discard what the client still sends until its EOF or ``linger_timeout``
-(bounded in bytes too), then close. Closing a socket with unread input makes
-the kernel send RST, and an RST destroys the replies still on their way.
-Aborts (a write timeout, a TLS handshake timeout, a hard stop) reset at once.
+Its deadlines are :mod:`muxpool.clocks`; how it ends (a lingering close, or
+an abort) is :mod:`muxpool.closing`.
 """
 
 from __future__ import annotations
@@ -28,12 +23,13 @@ from __future__ import annotations
 import collections
 import logging
 import socket
-import struct
 import time
 from typing import TYPE_CHECKING, Any
 
 from . import calls
-from .errors import ConnectionBroken, ConnectionClosed, MuxpoolError, ProtocolError
+from .clocks import ConnectionClocks
+from .closing import LingeringClose, call_disconnect
+from .errors import ConnectionBroken, ConnectionClosed, ProtocolError
 from .logs import conn_fields
 from .multiplexer import EVENT_READ, EVENT_WRITE
 from .stats import handler_failed, set_reason
@@ -46,38 +42,13 @@ log = logging.getLogger("muxpool.server")
 
 MAX_BACKLOG = 64  # queued messages per connection before reading pauses
 READ_SIZE = 65536
-LINGER_MAX_BYTES = 8 << 20  # a client still sending this much after our FIN is reset
-_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST and frees the buffers
 
 
 def _call_connect(conn: "Connection", _unused: Any):
     return conn.session.on_connect(conn)
 
 
-def _call_disconnect(conn: "Connection", error: BaseException | None):
-    conn.session.on_disconnect(conn, error)
-
-
-class HandshakeClock:
-    """The TLS handshake deadline both kinds of connection keep: the whole
-    handshake is timed from the accept, not each read, so a client that
-    trickles its hello cannot hold a slot."""
-
-    tls_timer = None
-
-    def _time_handshake(self) -> None:
-        self.tls_timer = self.ctx.mux.call_later(self.config.tls_handshake_timeout, self._handshake_overdue)
-
-    def _handshake_overdue(self) -> None:
-        self.tls_timer = None
-        if not self.closed and not self.handshaken:
-            log.warning("closing %s: no TLS handshake within %s s (tls_handshake_timeout)",
-                        self.peer, self.config.tls_handshake_timeout, extra=conn_fields(self))
-            set_reason(self, "tls_timeout")
-            self.abort(None, reset=True)
-
-
-class Connection(HandshakeClock):
+class Connection(ConnectionClocks, LingeringClose):
     """A client connection as a handler sees it: ``send``, ``close``, ``peer``."""
 
     # What the metrics and the access log read once it closes (stats.CLOSE_REASONS).
@@ -330,7 +301,7 @@ class Connection(HandshakeClock):
             self.handler_timer = self.mux.call_later(limit, self._handler_overdue)
         # The stats count messages: a greeting or a goodbye is not one (a line's p50
         # over an interval of disconnects would read 0.01 ms).
-        self.timing_message = fn is not _call_connect and fn is not _call_disconnect
+        self.timing_message = fn is not _call_connect and fn is not call_disconnect
         self.ctx.engine.run(self, fn, arg, self._call_done)
 
     def _call_done(self, ok: bool, value: Any, elapsed: float) -> None:
@@ -372,59 +343,12 @@ class Connection(HandshakeClock):
                 self.resume_if_drained()
             self.maybe_finish()
 
-    def _handler_overdue(self) -> None:
-        self.handler_timer = None
-        if not self.closed:
-            set_reason(self, "handler_timeout")
-            self.abort(calls.over_time(self.peer, self.config.handler_timeout, conn_id=self.id), reset=True)
-
-    # --- the connection's clocks (loop thread) ---------------------------------
-
     def _tls_ready(self) -> None:
         """The TLS handshake finished: now it is a client like any other."""
         if self.tls_timer is not None:
             self.tls_timer.cancel()
             self.tls_timer = None
         self.dispatch(_call_connect, None)
-
-    def _check_idle(self) -> None:
-        if self.closed:
-            return
-        limit = self.config.idle_timeout
-        quiet = time.monotonic() - self.last_active
-        if quiet >= limit and not self.busy and not self.backlog and not self.held:
-            log.info("closing %s: idle for %.1f s (idle_timeout)", self.peer, quiet, extra=conn_fields(self))
-            set_reason(self, "idle")
-            self.abort(None)
-        else:
-            self.idle_timer = self.mux.call_later(max(0.05, limit - quiet), self._check_idle)
-
-    def _watch_writes(self) -> None:
-        """Start the write_timeout clock: replies are waiting for the client."""
-        limit = self.config.write_timeout
-        if limit and self.write_timer is None:
-            self.write_timer = self.mux.call_later(limit, self._check_write)
-
-    def _check_write(self) -> None:
-        self.write_timer = None
-        if self.closed or not self.outbuf:
-            return
-        limit = self.config.write_timeout
-        stalled = time.monotonic() - self.write_progress
-        if stalled >= limit:
-            log.warning("closing %s: no reply bytes accepted for %.1f s (write_timeout), "
-                        "%d bytes unsent", self.peer, stalled, len(self.outbuf),
-                        extra=conn_fields(self))
-            set_reason(self, "write_timeout")
-            self.abort(None, reset=True)
-        else:
-            self.write_timer = self.mux.call_later(limit - stalled, self._check_write)
-
-    def _cancel_timers(self) -> None:
-        for timer in (self.idle_timer, self.write_timer, self.handler_timer, self.tls_timer,
-                      self.linger_timer):
-            if timer is not None:
-                timer.cancel()
 
     def run_next(self) -> None:
         """Start the queued calls in turn — unless replies are waiting for a slow
@@ -504,142 +428,6 @@ class Connection(HandshakeClock):
             self.reading = True
             self.update_interest()
 
-    def close_when_done(self, drop_backlog: bool = False) -> None:
-        """Graceful close: read no more; answer the messages already received
-        (unless ``drop_backlog``), flush, then close."""
-        if self.closed:
-            return
-        self.closing = True
-        self.reading = False
-        self._draining_new = False
-        if drop_backlog:
-            self.backlog.clear()
-            self.backlog_bytes = 0
-            self.held = []
-        self.update_interest()
-        self.maybe_finish()
-
-    def drain(self) -> None:
-        """The server drains: answer what has arrived, then close. A client that
-        has sent nothing yet — accepted a moment ago, its first request on the
-        way — has its first message answered if it comes within linger_timeout."""
-        if self.closing or self.closed:
-            return
-        set_reason(self, "drain")
-        if self.heard or self.eof:
-            self.close_when_done()
-            return
-        self._draining_new = True
-        self.linger_timer = self.mux.call_later(self.ctx.linger_time(), self._new_client_waited)
-
-    def _new_client_waited(self) -> None:
-        self.linger_timer = None
-        if self._draining_new:
-            self.close_when_done()
-
-    def maybe_finish(self) -> None:
-        if self.closed or self.busy or self.backlog or self.outbuf or self.held or self.lingering:
-            return
-        if self.closing or self.eof:
-            if self.tls is not None:
-                self.send_close_notify()
-            if self.eof:
-                self.abort(None)  # the peer's EOF came: nothing unread can follow it
-            else:
-                self.linger()
-
-    def linger(self) -> None:
-        """Send our FIN, then discard what the client still sends until its EOF
-        (or linger_timeout, or LINGER_MAX_BYTES), so closing cannot reset the
-        connection and destroy replies the client has not read yet."""
-        if self.linger_timer is not None:
-            self.linger_timer.cancel()
-        delay = self.ctx.linger_time()
-        try:
-            if delay <= 0:
-                raise TimeoutError
-            self.sock.shutdown(socket.SHUT_WR)
-        except (OSError, TimeoutError):  # the peer is gone, or the drain is over
-            self.abort(None)
-            return
-        self.lingering = True
-        self.linger_left = LINGER_MAX_BYTES
-        mux = self.mux
-        self.linger_timer = mux.call_later(delay, self._linger_over)
-        if self.events:
-            mux.modify(self.sock, EVENT_READ, self._discard)
-        else:
-            mux.register(self.sock, EVENT_READ, self._discard)
-        self.events = EVENT_READ
-
-    def _discard(self, mask: int) -> None:
-        try:
-            data = self.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.abort(None)
-            return
-        if not data:
-            self.abort(None)  # the client's EOF: a clean close
-            return
-        self.linger_left -= len(data)
-        if self.linger_left <= 0:
-            log.info("closing %s: still sending after our close (%d bytes)", self.peer,
-                     LINGER_MAX_BYTES, extra=conn_fields(self))
-            self.abort(None, reset=True)
-
-    def _linger_over(self) -> None:
-        self.linger_timer = None
-        if not self.closed:
-            discard_ready(self.sock)  # unread input would turn the close into a reset
-            self.abort(None)
-
-    def send_close_notify(self) -> None:
-        """Best effort: a client waiting for the end of the TLS session
-        (``SSLSocket.unwrap()``) gets it; a few dozen bytes, never worth waiting for."""
-        try:
-            self.sock.send(self.tls.close())
-        except OSError:
-            pass
-
-    def shutdown_socket(self) -> None:
-        """From any thread: end the connection at the socket, both ways (the drain
-        deadline, while a handler blocks the loop; the loop cleans up when it runs)."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def abort(self, error: BaseException | None, reset: bool = False) -> None:
-        """Close the socket now; pending output is dropped. ``error`` is why;
-        ``reset``: send RST at once (the kernel would otherwise keep trying to
-        deliver what a client that stopped reading never takes)."""
-        if self.closed:
-            return
-        self.closed = True
-        if isinstance(error, OSError) and not isinstance(error, MuxpoolError):
-            self.broken = error  # the socket's: the peer broke it (a HandlerTimeout is ours)
-        set_reason(self, "reset" if self.broken is not None else "shutdown")
-        self.backlog.clear()
-        self.backlog_bytes = 0
-        self.held = []
-        self.outbuf.clear()
-        if self.events:
-            self.mux.unregister(self.sock)
-            self.events = 0
-        try:
-            if reset:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-            self.sock.close()
-        except OSError:
-            pass
-        self._cancel_timers()
-        self.ctx.closed(self)
-        # on_disconnect runs after the call in progress, in the same order.
-        self.dispatch(_call_disconnect, error)
-
-
 def raise_closed(peer: Any, broken: OSError | None) -> None:
     """What ``send`` raises on a connection that is over: broken by the peer, or closed by us."""
     if broken is not None:
@@ -647,13 +435,3 @@ def raise_closed(peer: Any, broken: OSError | None) -> None:
     raise ConnectionClosed(f"connection {peer} is closed")
 
 
-def discard_ready(sock: socket.socket, limit: int = 16) -> None:
-    """Read and drop what is already waiting (at most ``limit`` reads), without blocking.
-    Below any TLS layer (``socket.socket.recv``): an SSLSocket refuses recv flags,
-    and what is dropped here is never decrypted anyway."""
-    for _ in range(limit):
-        try:
-            if not socket.socket.recv(sock, READ_SIZE, socket.MSG_DONTWAIT):
-                return
-        except OSError:
-            return

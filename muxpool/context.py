@@ -37,7 +37,7 @@ class ConnectionContext:
 
     def __post_init__(self) -> None:
         # An engine may run the inline path itself (auto: its calls can be handed off).
-        self.inline_runner = getattr(self.engine, "handle_inline", None) if self.inline else None
+        self.inline_runner = self.engine.handle_inline if self.inline else None
 
     def linger_time(self) -> float:
         """How long a lingering close may wait for the client's EOF: linger_timeout,

@@ -40,7 +40,6 @@ from .lifecycle import ServerLifecycle
 from .multiplexer import EVENT_READ, Multiplexer
 from .server_metrics import ServerMetrics, log_access, timed_sessions
 from .stats import ServerStats
-from .systemd import Notifier
 from .stream import StreamConnection
 from .tls import server_context
 from .watchdog import LoopWatchdog
@@ -132,7 +131,7 @@ class Server(ServerLifecycle):
         self._encoder = make_framer(config.framing, _MAX_ENCODED)
         # Handlers called straight from the read path when nothing needs the
         # engine's hand-off: the loop engine, with no per-call timer or timing.
-        self._inline = (getattr(self._engine, "inline", False) and not config.handler_timeout
+        self._inline = (self._engine.inline and not config.handler_timeout
                        and not config.stats_interval)
         if ssl_context is None and config.certfile:
             ssl_context = server_context(config.certfile, config.keyfile)
@@ -159,7 +158,7 @@ class Server(ServerLifecycle):
                                        serve_http=siblings is None)
                          if config.metrics_port is not None else None)
         # auto runs the inline path itself (Connection.handle_inline times the loop engine's).
-        if self._metrics is not None and self._inline and hasattr(self._engine, "handle_inline"):
+        if self._metrics is not None and self._inline and self._engine.handle_inline is not None:
             self._new_session = timed_sessions(self._new_session, self._stats)
         self._ids = itertools.count(1)
         self._accepting = False
@@ -423,102 +422,6 @@ class Server(ServerLifecycle):
         return make_framer(self.config.framing, self.config.max_message_size)
 
 
-def serve(app: Any = None, address: tuple[str, int] | None = None, **options: Any) -> None:
-    """Serve until SIGTERM/SIGINT (drain); SIGQUIT, or a second SIGTERM/SIGINT
-    at least ``DUPLICATE_WINDOW`` seconds after the first, stops at once.
-
-    ``serve(MyHandler, ("127.0.0.1", 9999), engine="threadpool")``.
-    """
-    if address is not None:
-        options["host"], options["port"] = address
-    server = Server(app, **options)
-    server._notifier = Notifier()  # a no-op unless a service manager set NOTIFY_SOCKET
-    stop_signals = None
-    if threading.current_thread() is threading.main_thread():
-        stop_signals = StopSignals(server).install()
-    try:
-        server.serve_forever()
-    except _StopNow:
-        pass  # serve_forever closed every connection on its way out
-    finally:
-        if stop_signals is not None:
-            stop_signals.restore()
-        server._notifier.close()
-
-
-DUPLICATE_WINDOW = 0.5  # s: a repeat of the first stop signal this soon is the same request
-
-
-class StopSignals:
-    """The stop signals of a process that serves (the main thread's handlers).
-
-    SIGTERM or SIGINT starts the drain. The same signal often arrives twice
-    within a millisecond — ``timeout``, ``make`` and other supervisors signal a
-    whole process group *and* their child — so a repeat within
-    ``DUPLICATE_WINDOW`` seconds of the first is taken as the same request and
-    the drain goes on. A later one is a person's second request (Ctrl-C
-    again), and SIGQUIT always is: both stop at once, as gunicorn's SIGQUIT.
-    """
-
-    def __init__(self, server: Server):
-        self.server = server
-        self.first_at: float | None = None
-        self.overdue = False
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> "StopSignals":
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-            self._previous[signum] = signal.signal(signum, self.on_signal)
-        main = threading.main_thread().ident
-
-        def interrupt() -> None:  # the drain deadline thread: the loop is stuck in a handler
-            self.overdue = True
-            signal.pthread_kill(main, signal.SIGTERM)
-
-        self.server._on_drain_overdue = interrupt
-        return self
-
-    def restore(self) -> None:
-        self.server._on_drain_overdue = None
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-
-    def on_signal(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        now = time.monotonic()
-        if self.overdue:
-            self._stop_now()
-        elif signum == signal.SIGQUIT:
-            log.warning("signal SIGQUIT: stopping now")
-            self._stop_now()
-        elif self.first_at is None:
-            self.first_at = now
-            log.info("signal %s: draining (SIGQUIT, or the signal again, stops at once)", name)
-            self.server.shutdown(wait=False)
-        elif now - self.first_at < DUPLICATE_WINDOW:
-            log.info("signal %s again %.0f ms after the first: the same request, still draining",
-                     name, (now - self.first_at) * 1000)
-        else:
-            log.warning("second signal: stopping now")
-            self._stop_now()
-
-    def _stop_now(self) -> None:
-        server = self.server
-        server.stop_now()
-        # (On gevent this handler runs in a greenlet of its own: raising would end only it.)
-        if server.config.engine != "gevent" and server._mux.in_loop_thread() and server._mux.ticks % 2 == 0:
-            # The loop is inside a callback — a handler that may never return —
-            # so it would never get to run stop_now: unwind it from here.
-            raise _StopNow
-
-
-class _StopNow(BaseException):
-    """A stop-now request, raised out of whatever the loop thread is running, a
-    handler included (neither an ``Exception`` nor a ``SystemExit``, which the
-    engines catch around handler calls), so ``serve_forever`` unwinds and
-    closes everything."""
-
-
 @contextlib.contextmanager
 def _signals_wake(mux: Multiplexer):
     """While serving on the main thread, a signal wakes the loop's poll: the
@@ -577,4 +480,4 @@ def _format_address(address: Any) -> str:
     return str(address)
 
 
-__all__ = ["Server", "ServerConfig", "serve"]
+__all__ = ["Server", "ServerConfig", "Siblings"]

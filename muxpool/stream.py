@@ -42,7 +42,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import calls
-from .connection import HandshakeClock, discard_ready, raise_closed
+from .clocks import HandshakeClock
+from .closing import LINGER_MAX_BYTES, discard_ready
+from .connection import raise_closed
 from .errors import ConnectionBroken, ConnectionClosed, HandlerTimeout, MuxpoolError, ProtocolError
 from .logs import conn_fields
 from .stats import handler_failed, set_reason
@@ -63,7 +65,6 @@ SMALL_READ = 512 - 33  # 33: a bytes object's header, on 64-bit CPython
 # SO_RCVTIMEO/SO_SNDTIMEO expired.
 _READ_TIMEOUTS = (socket.timeout, BlockingIOError, ssl.SSLWantReadError)
 _WRITE_TIMEOUTS = (socket.timeout, BlockingIOError, ssl.SSLWantWriteError)
-LINGER_MAX_BYTES = 8 << 20  # a client still sending this much after our FIN is reset
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST at once
 
 

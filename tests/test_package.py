@@ -94,7 +94,7 @@ _BELOW_CORE = {"muxpool.errors", "muxpool.framing", "muxpool.multiplexer", "muxp
                "muxpool.calls", "muxpool.context", "muxpool.conn", "muxpool.logs",
                "muxpool.metrics", "muxpool.lifecycle", "muxpool.systemd", "muxpool.gevent_signals"}
 _CORE = {"muxpool.server", "muxpool.connection", "muxpool.stream", "muxpool.compat",
-         "muxpool.server_metrics"}
+         "muxpool.server_metrics", "muxpool.serving", "muxpool.clocks", "muxpool.closing"}
 _ANYTHING = {"muxpool"}
 ALLOWED = {
     "muxpool.errors": set(),
@@ -125,8 +125,8 @@ ALLOWED = {
                                               "muxpool.logs"},
     "muxpool.client": {"muxpool.errors", "muxpool.framing"},
     "muxpool.loadtest": {"muxpool.errors", "muxpool.framing", "muxpool.handlers", "muxpool.server",
-                         "muxpool.loadtest"},  # it may start servers to compare
-    "muxpool": _BELOW_CORE | {"muxpool.server", "muxpool.client", "muxpool.prefork"},  # the public surface
+                         "muxpool.serving", "muxpool.loadtest"},  # it may start servers to compare
+    "muxpool": _BELOW_CORE | {"muxpool.server", "muxpool.serving", "muxpool.client", "muxpool.prefork"},  # the public surface
     "muxpool.cli": _ANYTHING,
     "muxpool.cli_bench": _ANYTHING,
     "muxpool.cli_errors": _ANYTHING,

@@ -45,7 +45,7 @@ from support.prefork import (
 from support.waiting import DEADLINE, wait_for
 
 from muxpool import Client
-from muxpool.server import DUPLICATE_WINDOW
+from muxpool.serving import DUPLICATE_WINDOW
 
 pytestmark = pytest.mark.timeout(60)
 

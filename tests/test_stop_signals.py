@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # SIGTERM to itself: the kernel runs the C handler on that thread, not the main one.
 SELF_SIGNAL = textwrap.dedent("""
     import logging, signal, socket, sys, threading, time
-    from muxpool.server import serve
+    from muxpool.serving import serve
     logging.basicConfig(level=logging.INFO)
     port, engine = int(sys.argv[1]), sys.argv[2]
     def poke():

@@ -153,7 +153,7 @@ def serve_gevent(port: int, framing: str, app: Any) -> None:
 
 
 def serve_muxpool(engine: str, port: int, framing: str, app: Any, workers: int | None) -> None:
-    from ..server import serve
+    from ..serving import serve
 
     # A comparison hands --workers to every row; only the threadpool engine (which
     # prefork's workers run by default) has handler threads, the others refuse it.
