@@ -129,7 +129,7 @@ def check_known_load(values: dict, sent: dict) -> None:
 
 
 def settled(address, connections: int = CONNECTIONS, messages: int = MESSAGES) -> dict:
-    """A scrape once every connection of the load is closed and counted."""
+    """A scrape once every connection of the load is closed and counted, and its calls have run."""
     last: list[dict] = []
 
     def done():
@@ -137,8 +137,11 @@ def settled(address, connections: int = CONNECTIONS, messages: int = MESSAGES) -
         last[:] = [values]
         total = sum(v for (name, _), v in values.items() if name == "muxpool_connections_closed_total")
         # The histogram too: a prefork worker writes its fields one by one, buckets last.
+        # And no call left queued: a connection is counted closed before its
+        # on_disconnect call has run.
         return total >= connections and plain(values, "muxpool_messages_total") >= messages \
-            and plain(values, "muxpool_handler_seconds_count") >= messages
+            and plain(values, "muxpool_handler_seconds_count") >= messages \
+            and plain(values, "muxpool_handler_queue_depth") == 0
 
     try:
         wait_for(done, what="every connection of the load closed and counted", interval=0.1)
