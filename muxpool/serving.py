@@ -28,19 +28,25 @@ def serve(app: Any = None, address: tuple[str, int] | None = None, **options: An
     """
     if address is not None:
         options["host"], options["port"] = address
-    server = Server(app, **options)
-    server._notifier = Notifier()  # a no-op unless a service manager set NOTIFY_SOCKET
     stop_signals = None
     if threading.current_thread() is threading.main_thread():
-        stop_signals = StopSignals(server).install()
+        # Before the server binds: its port accepts from then on, so a supervisor may
+        # stop it at once, and a SIGTERM then must drain it, not kill the process.
+        stop_signals = StopSignals().install()
     try:
-        server.serve_forever()
-    except _StopNow:
-        pass  # serve_forever closed every connection on its way out
+        server = Server(app, **options)
+        server._notifier = Notifier()  # a no-op unless a service manager set NOTIFY_SOCKET
+        try:
+            if stop_signals is not None:
+                stop_signals.attach(server)
+            server.serve_forever()
+        except _StopNow:
+            pass  # serve_forever closed every connection on its way out
+        finally:
+            server._notifier.close()
     finally:
         if stop_signals is not None:
             stop_signals.restore()
-        server._notifier.close()
 
 
 DUPLICATE_WINDOW = 0.5  # s: a repeat of the first stop signal this soon is the same request
@@ -57,15 +63,30 @@ class StopSignals:
     again), and SIGQUIT always is: both stop at once, as gunicorn's SIGQUIT.
     """
 
-    def __init__(self, server: Server):
+    def __init__(self, server: Server | None = None):
         self.server = server
         self.first_at: float | None = None
         self.overdue = False
         self._previous: dict[int, Any] = {}
+        self._early: list[int] = []  # signals taken before there was a server to stop
 
     def install(self) -> "StopSignals":
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             self._previous[signum] = signal.signal(signum, self.on_signal)
+        if self.server is not None:
+            self._arm_interrupt()
+        return self
+
+    def attach(self, server: Server) -> None:
+        """The server these signals stop, once it exists; a signal that came while it
+        was being made (binding, loading the app) is acted on now, in order."""
+        self.server = server
+        self._arm_interrupt()
+        early, self._early = self._early, []
+        for signum in early:
+            self.on_signal(signum, None)
+
+    def _arm_interrupt(self) -> None:
         main = threading.main_thread().ident
 
         def interrupt() -> None:  # the drain deadline thread: the loop is stuck in a handler
@@ -73,14 +94,17 @@ class StopSignals:
             signal.pthread_kill(main, signal.SIGTERM)
 
         self.server._on_drain_overdue = interrupt
-        return self
 
     def restore(self) -> None:
-        self.server._on_drain_overdue = None
+        if self.server is not None:
+            self.server._on_drain_overdue = None
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
 
     def on_signal(self, signum: int, frame: Any) -> None:
+        if self.server is None:  # still being made: stopped once it exists (attach)
+            self._early.append(signum)
+            return
         name = signal.Signals(signum).name
         now = time.monotonic()
         if self.overdue:

@@ -194,3 +194,29 @@ def test_a_blocked_handler_on_the_loop_cannot_hold_the_process_past_drain_timeou
     if engine == "loop":
         assert code == 0
         assert "still blocked" in log
+
+
+def test_a_sigterm_while_the_server_starts_drains_it_instead_of_killing_the_process():
+    """The port accepts from the moment the server binds, before its loop runs: a
+    supervisor that sees it accept may stop it at once. That SIGTERM must find serve()'s
+    handler in place (a clean drain, exit 0), not the default action (killed, -15)."""
+    code = textwrap.dedent("""
+        import logging, os, signal
+        from muxpool import server, serving
+
+        logging.basicConfig(level=logging.INFO)
+
+        made = server.Server.__init__
+
+        def bind_then_sigterm(self, *args, **kwargs):
+            made(self, *args, **kwargs)
+            os.kill(os.getpid(), signal.SIGTERM)  # bound, its loop not yet running
+
+        server.Server.__init__ = bind_then_sigterm
+        serving.serve(port=0, engine="loop")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=DEADLINE * 3)
+    assert result.returncode == 0, result.stderr
+    assert "signal SIGTERM: draining" in result.stderr and "muxpool stopped" in result.stderr, \
+        result.stderr
