@@ -24,6 +24,7 @@ import collections
 import logging
 import socket
 import time
+from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any
 
 from . import calls
@@ -31,7 +32,7 @@ from .clocks import ConnectionClocks
 from .closing import LingeringClose, call_disconnect
 from .errors import ConnectionBroken, ConnectionClosed, ProtocolError
 from .logs import conn_fields
-from .multiplexer import EVENT_READ, EVENT_WRITE
+from .multiplexer import EVENT_READ, EVENT_WRITE, READ_EVENTS, WRITE_EVENTS
 from .stats import handler_failed, set_reason
 from .tls import TLSSession
 
@@ -63,6 +64,9 @@ class Connection(ConnectionClocks, LingeringClose):
         self.sock = sock
         self.peer = peer
         self.id = conn_id
+        self.stats = ctx.stats
+        self.inline = ctx.inline  # the handler may run from the read itself (loop, auto)
+        self.inline_runner = ctx.inline_runner  # ... and what runs it there, if not handle_inline
         self.session = ctx.new_session()
         self.framer = ctx.new_framer()
         self.encode = ctx.encode
@@ -157,13 +161,12 @@ class Connection(ConnectionClocks, LingeringClose):
 
 
     def on_ready(self, mask: int) -> None:
-        if mask & EVENT_READ:
+        if mask & READ_EVENTS:
             self.read()
-        if mask & EVENT_WRITE and not self.closed:
+        if mask & WRITE_EVENTS and not self.closed:
             self.flush()
 
     def read(self, mask: int = 0) -> None:
-        ctx = self.ctx
         try:
             # 64 KiB: below glibc's mmap threshold. A 256 KiB recv (asyncio's
             # size) costs an mmap/munmap pair per read, 5x slower here; and a
@@ -174,6 +177,32 @@ class Connection(ConnectionClocks, LingeringClose):
         except OSError as exc:
             self.abort(exc)
             return
+        if self.tls is not None or not data or not self.inline or self.busy or self.held:
+            self.received(data)
+            return
+        # The loop's fast path, written out (each call here costs requests/s):
+        # plain data for a connection whose handler runs right here, now.
+        self.bytes_in += len(data)
+        framer = self.framer
+        try:
+            messages = framer.feed(data)
+        except ProtocolError as exc:
+            self._malformed(exc)
+            return
+        if not messages:
+            return  # a partial message: the framer keeps it
+        # Idle means "no complete message", not "no byte": a client that
+        # trickles one byte a second (slowloris) still goes idle.
+        self.last_active = _monotonic()
+        self.heard = True
+        self.stats.messages_total += len(messages)
+        self.messages += len(messages)
+        self.handle_inline(messages)
+        if framer.pending_error is not None or self._draining_new:
+            self._after_messages(True)
+
+    def received(self, data: bytes) -> None:
+        """What :meth:`read` got, on any path: TLS, EOF, a handler running elsewhere."""
         n = len(data)
         self.bytes_in += n
         if self.tls is not None:
@@ -188,21 +217,17 @@ class Connection(ConnectionClocks, LingeringClose):
             if n == 0 and data and framer.pending_error is None:
                 messages += framer.feed(b"")
         except ProtocolError as exc:
-            log.warning("closing %s: %s", self.peer, exc, extra=conn_fields(self))
-            set_reason(self, "protocol_error")
-            self.close_when_done()
+            self._malformed(exc)
             return
         if n == 0:
             self.eof = True
             set_reason(self, "eof" if framer.pending_error is None else "protocol_error")
             self.update_interest()
         if messages:
-            # Idle means "no complete message", not "no byte": a client that
-            # trickles one byte a second (slowloris) still goes idle.
-            self.last_active = time.monotonic()
+            self.last_active = _monotonic()  # see read()
             self.heard = True
-        if ctx.inline and not self.busy:
-            ctx.stats.messages_total += len(messages)
+        if self.inline and not self.busy:
+            self.stats.messages_total += len(messages)
             self.messages += len(messages)
             if self.held:
                 self.held.extend(messages)  # after those that wait for a slow reader
@@ -211,13 +236,22 @@ class Connection(ConnectionClocks, LingeringClose):
         else:
             for message in messages:
                 self.dispatch(self.session.on_message, message)
-        if framer.pending_error is not None:  # after good messages: answer them, then close
-            log.warning("closing %s: %s", self.peer, framer.pending_error, extra=conn_fields(self))
-            set_reason(self, "protocol_error")
-            self.close_when_done()
-        elif n == 0:
+        if n == 0 and framer.pending_error is None:
             self.maybe_finish()
-        elif self._draining_new and messages:
+        else:
+            self._after_messages(bool(messages))
+
+    def _malformed(self, exc: ProtocolError) -> None:
+        log.warning("closing %s: %s", self.peer, exc, extra=conn_fields(self))
+        set_reason(self, "protocol_error")
+        self.close_when_done()
+
+    def _after_messages(self, got_messages: bool) -> None:
+        """After a read's good messages: close for a framing error that followed
+        them, or for a drain that was waiting for this new client's first."""
+        if self.framer.pending_error is not None:
+            self._malformed(self.framer.pending_error)
+        elif self._draining_new and got_messages:
             self._draining_new = False
             self.close_when_done()
 
@@ -244,13 +278,13 @@ class Connection(ConnectionClocks, LingeringClose):
     def handle_inline(self, messages: list[bytes]) -> None:
         """The ``loop`` engine's fast path: call the handler right here, with
         none of the engine hand-off (no timers are armed: see Server.inline)."""
-        runner = self.ctx.inline_runner
+        runner = self.inline_runner
         if runner is not None:
             runner(self, messages)
             return
         on_message = self.session.on_message
         high_water = self.config.write_high_water
-        times, clock = self.ctx.stats.inline_times, time.perf_counter  # times: with metrics on
+        times, clock = self.stats.inline_times, time.perf_counter  # times: with metrics on
         for index, message in enumerate(messages):
             started = clock() if times is not None else 0.0
             try:

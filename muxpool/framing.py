@@ -121,6 +121,13 @@ class Framer:
         and the error is raised by the next call, so no well-formed message is lost.
         ``TypeError`` for ``str`` or other non-bytes-like data.
         """
+        if self._state is _OPEN and type(data) is bytes and data:  # what a server feeds
+            messages: list[bytes] = []
+            try:
+                self._feed(data, messages)
+            except RemoteProtocolError as exc:
+                return self._violated(exc, messages)
+            return messages
         if self._state is not _OPEN:
             return self._feed_when_closed(data)
         if isinstance(data, bytes):
@@ -135,6 +142,8 @@ class Framer:
         ``.size``) if ``message`` exceeds ``max_message_size`` or the framing
         cannot carry it; ``TypeError`` for ``str``.
         """
+        if type(message) is bytes and len(message) <= self.max_message_size:
+            return self._encode(message)  # a handler's usual reply, in one call less
         if isinstance(message, (bytes, bytearray)):
             return self._encode_checked(message)
         with _flat_view(message, "encode()") as view:
@@ -149,16 +158,21 @@ class Framer:
         try:
             self._feed(data, messages)
         except RemoteProtocolError as exc:
-            # Nothing after a violation will be parsed, so free the buffer now.
-            self._buf.clear()
-            self._error = exc
-            if messages:
-                self._state = _ERROR_PENDING
-                self.pending_error = exc
-                return messages
-            self._state = _DEAD
-            raise
+            return self._violated(exc, messages)
         return messages
+
+    def _violated(self, exc: RemoteProtocolError, messages: list[bytes]) -> list[bytes]:
+        """The stream broke the framing: return the good messages before it (the
+        error comes next call), or raise now if there are none."""
+        # Nothing after a violation will be parsed, so free the buffer now.
+        self._buf.clear()
+        self._error = exc
+        if messages:
+            self._state = _ERROR_PENDING
+            self.pending_error = exc
+            return messages
+        self._state = _DEAD
+        raise exc
 
     def _eof(self) -> list[bytes]:
         if self._buf:
@@ -215,6 +229,20 @@ class RawFramer(Framer):
 
     __slots__ = ()
     name = "raw"
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        if self._state is _OPEN and type(data) is bytes and 0 < len(data) <= self.max_message_size:
+            return [data]  # the chunk is the message: no call beyond this one
+        return Framer.feed(self, data)
+
+    feed.__doc__ = Framer.feed.__doc__
+
+    def encode(self, message: bytes | bytearray | memoryview) -> bytes:
+        if type(message) is bytes and len(message) <= self.max_message_size:
+            return message
+        return Framer.encode(self, message)
+
+    encode.__doc__ = Framer.encode.__doc__
 
     def _feed(self, data: bytes | memoryview, messages: list[bytes]) -> None:
         size = len(data)

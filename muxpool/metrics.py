@@ -28,7 +28,6 @@ start no thread: it forks its workers itself only while it runs none).
 from __future__ import annotations
 
 import logging
-import selectors
 import socket
 import threading
 from dataclasses import dataclass
@@ -290,7 +289,7 @@ def start_loop_endpoint(registry, host: str, port: int, mux) -> Endpoint:
 
     httpd = make_server(host, port, make_wsgi_app(registry), Server, handler_class=Quiet)
     httpd.socket.setblocking(False)
-    mux.register(httpd.socket, selectors.EVENT_READ, lambda _mask: _answer(httpd))
+    mux.register(httpd.socket, mux.EVENT_READ, lambda _mask: _answer(httpd))
 
     def stop() -> None:
         try:

@@ -1,7 +1,11 @@
-"""The one selectors loop: file descriptors, callbacks, ``defer()``, timers, stop.
+"""The one event loop: file descriptors, callbacks, ``defer()``, timers, stop.
 
-Only the loop's own thread touches the selector. Each registration's ``data``
-is the callback ``fn(mask)`` to run when the fd is ready. Other threads hand
+Only the loop's own thread touches the poller: ``select.epoll`` itself (or
+``select.poll`` where there is no epoll), not the ``selectors`` wrapper, whose
+per-event key objects and list cost about a tenth of an echo's Python time.
+Each registered fd has a callback ``fn(mask)``, run with the poller's own
+event bits when the fd is ready (:data:`READ_EVENTS` and
+:data:`WRITE_EVENTS` say what counts as readable and writable). Other threads hand
 work to the loop with :meth:`Multiplexer.defer`, which queues the function and
 writes one byte to a wakeup socketpair — but only when no wakeup is already
 on its way, so a burst of replies costs one wakeup. Each drain runs at most
@@ -30,7 +34,7 @@ import collections
 import heapq
 import itertools
 import logging
-import selectors
+import select
 import socket
 import threading
 import time
@@ -38,8 +42,16 @@ from typing import Callable
 
 log = logging.getLogger("muxpool.multiplexer")
 
-EVENT_READ = selectors.EVENT_READ
-EVENT_WRITE = selectors.EVENT_WRITE
+if hasattr(select, "epoll"):
+    EVENT_READ, EVENT_WRITE = select.EPOLLIN, select.EPOLLOUT
+    _ERROR_EVENTS = select.EPOLLERR | select.EPOLLHUP
+else:  # poll(2)'s bits: the same values as epoll's on Linux
+    EVENT_READ, EVENT_WRITE = select.POLLIN, select.POLLOUT
+    _ERROR_EVENTS = select.POLLERR | select.POLLHUP
+# An error or a hang-up is reported whatever was asked for: the callback must
+# then read (to see EOF or the error) or write (to fail), as selectors does.
+READ_EVENTS = EVENT_READ | _ERROR_EVENTS
+WRITE_EVENTS = EVENT_WRITE | _ERROR_EVENTS
 _COMPACT_AT = 64  # cancelled handles: below this, rebuilding the heap is not worth it
 
 
@@ -63,11 +75,37 @@ class Timer:
             self._mux._cancelled += 1
 
 
-class Multiplexer:
-    """An event loop over ``selectors.DefaultSelector`` (epoll on Linux)."""
+def _fd_of(fileobj) -> int:
+    return fileobj if isinstance(fileobj, int) else fileobj.fileno()
+
+
+class _Poll:
+    """``select.poll`` with epoll's interface (seconds, ``close``): for platforms without epoll."""
 
     def __init__(self) -> None:
-        self._selector = selectors.DefaultSelector()
+        self._poll = select.poll()
+        self.register, self.modify, self.unregister = (
+            self._poll.register, self._poll.modify, self._poll.unregister)
+
+    def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
+        return self._poll.poll(None if timeout is None else timeout * 1000)
+
+    def close(self) -> None:
+        pass
+
+
+class Multiplexer:
+    """An event loop over ``select.epoll`` (``select.poll`` elsewhere)."""
+
+    EVENT_READ = EVENT_READ  # for code handed a multiplexer (metrics) that does not import this module
+
+    def __init__(self) -> None:
+        self._poller = select.epoll() if hasattr(select, "epoll") else _Poll()
+        # fd -> callback; fd -> the object registered, to find a socket closed
+        # before it was unregistered (its fileno() is -1 by then).
+        self._callbacks: dict[int, Callable[[int], object]] = {}
+        self._fileobjs: dict[int, object] = {}
+        self._changed: set[int] = set()  # fds (un)registered during this batch: see _serve
         self._deferred: collections.deque[Callable[[], object]] = collections.deque()
         self._timers: list[tuple[float, int, Timer]] = []
         self._cancelled = 0  # cancelled handles still in the heap
@@ -75,11 +113,11 @@ class Multiplexer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, EVENT_READ, self._on_wakeup)
+        self.register(self._wake_r, EVENT_READ, self._on_wakeup)
         self._running = False
         self._stopping = False
         self._wakeup_sent = False  # see defer()
-        self._keys_changed = False  # a callback modified or unregistered an fd: see run()
+        self._stale = False  # the batch in hand is older than the loop's state: see _serve
         # Who may touch loop state now: in_loop_thread() compares with it. None
         # while an auto handler call runs on the loop thread (it may be handed off).
         self.thread_id: int | None = None
@@ -94,18 +132,42 @@ class Multiplexer:
     # --- registrations (loop thread only) ---------------------------------
 
     def register(self, fileobj, events: int, callback: Callable[[int], object]) -> None:
-        self._selector.register(fileobj, events, callback)
+        """Run ``callback(mask)`` whenever ``fileobj`` (a socket or an fd) is ready
+        for ``events``. ``KeyError`` if it is registered already."""
+        fd = _fd_of(fileobj)
+        if fd < 0:
+            raise ValueError(f"cannot register {fileobj!r}: it is closed")
+        if fd in self._callbacks:
+            raise KeyError(f"{fileobj!r} (fd {fd}) is already registered")
+        self._poller.register(fd, events)
+        self._callbacks[fd] = callback
+        self._fileobjs[fd] = fileobj
+        self._changed.add(fd)
 
     def modify(self, fileobj, events: int, callback: Callable[[int], object]) -> None:
-        self._selector.modify(fileobj, events, callback)
-        self._keys_changed = True
+        fd = _fd_of(fileobj)
+        if fd not in self._callbacks:
+            raise KeyError(f"{fileobj!r} is not registered")
+        self._poller.modify(fd, events)
+        self._callbacks[fd] = callback
 
     def unregister(self, fileobj) -> None:
+        fd = _fd_of(fileobj)
+        if fd < 0:  # closed before it was unregistered: the kernel forgot it already
+            fd = next((n for n, obj in self._fileobjs.items() if obj is fileobj), -1)
+        if self._callbacks.pop(fd, None) is None:
+            return  # already gone: closing twice is not an error
+        del self._fileobjs[fd]
+        self._changed.add(fd)
         try:
-            self._selector.unregister(fileobj)
-        except (KeyError, ValueError):
-            pass  # already gone: closing twice is not an error
-        self._keys_changed = True
+            self._poller.unregister(fd)
+        except (OSError, ValueError):
+            pass  # closed before it was unregistered
+
+    @property
+    def registered(self) -> int:
+        """How many fds are watched (the wakeup socket included)."""
+        return len(self._callbacks)
 
     def call_soon(self, fn: Callable[[], object]) -> None:
         """Run ``fn()`` after this iteration's callbacks (loop thread only): a
@@ -196,11 +258,12 @@ class Multiplexer:
         """The calling thread runs the loop from now on (the driver decided so).
 
         ``mid_iteration``: it resumes an iteration it left in a handler call,
-        so its batch of events is stale: each key is checked again. ``ticks``
+        so the rest of its batch of events is stale and is dropped (see _serve). ``ticks``
         moves either way (a watchdog must not take the new thread for a stuck
         one) and gets the parity of where the thread is: odd before select()."""
         self._own()
-        self._keys_changed = True
+        if mid_iteration:
+            self._stale = True
         odd = self.ticks % 2
         self.ticks += (1 if odd else 2) if mid_iteration else (2 if odd else 1)
 
@@ -209,26 +272,37 @@ class Multiplexer:
         self._serve()
 
     def _serve(self) -> None:
-        select = self._selector.select
-        keys = self._selector.get_map()
+        poll = self._poller.poll
+        callbacks = self._callbacks
+        changed = self._changed
+        get = callbacks.get
         while not self._stopping:
             # The driver's hand-back point: a thread whose handler call was handed
             # off waits for the loop; this thread parks (False: the loop is over).
             if self.yield_requested and not self.driver.yield_turn():
                 return
-            events = select(self._timeout())
+            events = poll(self._timeout())
             self.ticks += 1
-            self._keys_changed = False
-            for key, mask in events:
-                # An earlier callback of this batch may have unregistered
-                # (and closed) this fd, or swapped its callback: the event
-                # belongs to a registration that is gone.
-                if self._keys_changed and keys.get(key.fd) is not key:
+            changed.clear()
+            self._stale = False
+            for fd, mask in events:
+                # An earlier callback of this batch may have unregistered (and
+                # closed) this fd, and an accept may have reused its number: the
+                # event belongs to a registration that is gone. A batch left in a
+                # handed-off call (auto) is stale once the loop comes back: the
+                # rest of it is dropped. Either way nothing is lost: the poller
+                # is level-triggered, so what is still ready is reported again.
+                if changed and fd in changed:
                     continue
+                callback = get(fd)
+                if callback is None:
+                    continue  # closed without unregister while another process holds it open
                 try:
-                    key.data(mask)
+                    callback(mask)
                 except Exception:
-                    log.exception("callback for fd %s failed", key.fd)
+                    log.exception("callback for fd %s failed", fd)
+                if self._stale:
+                    break
             if self._timers:
                 self._run_due_timers()
             self._wakeup_sent = False  # before the read of the queue: see defer()
@@ -287,6 +361,8 @@ class Multiplexer:
                 log.exception("deferred call %r failed", fn)
 
     def close(self) -> None:
-        self._selector.close()
+        self._poller.close()
+        self._callbacks.clear()
+        self._fileobjs.clear()
         self._wake_r.close()
         self._wake_w.close()

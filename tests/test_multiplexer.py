@@ -22,7 +22,7 @@ from concurrent.futures import Future
 
 import pytest
 
-from muxpool.multiplexer import EVENT_READ, EVENT_WRITE, Multiplexer
+from muxpool.multiplexer import EVENT_READ, EVENT_WRITE, READ_EVENTS, WRITE_EVENTS, Multiplexer
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -558,6 +558,77 @@ def test_modify_in_a_callback_retires_the_old_callback_for_the_rest_of_the_batch
     finally:
         for s in (a1, b1, a2, b2):
             s.close()
+
+
+def test_an_fd_number_reused_within_a_batch_does_not_get_the_closed_sockets_event(loop):
+    """The first callback closes the other ready socket and registers a new one on
+    the very same fd number (what an accept does): the event already in the batch
+    was the old socket's, and must not reach the new callback."""
+    (a1, b1), (a2, b2) = socket.socketpair(), socket.socketpair()
+    calls, reused = [], []
+    fired = threading.Event()
+
+    def make(name, sock, other):
+        def callback(mask):
+            calls.append(name)
+            fired.set()
+            sock.recv(100)
+            loop.mux.unregister(sock)
+            number = other.fileno()
+            loop.mux.unregister(other)
+            other.close()
+            twin, twin_peer = socket.socketpair()  # a quiet socket...
+            if twin.fileno() != number:  # ... on the old number (the kernel's lowest free, or forced)
+                os.dup2(twin.fileno(), number)
+                twin.close()
+                twin = socket.socket(fileno=number)
+            reused.extend([twin, twin_peer])
+            loop.mux.register(twin, EVENT_READ, lambda mask: calls.append(f"reused fd {number}"))
+        return callback
+
+    try:
+        def arm():  # both readable before the loop's next poll
+            b1.send(b"x")
+            b2.send(b"x")
+            loop.mux.register(a1, EVENT_READ, make("one", a1, a2))
+            loop.mux.register(a2, EVENT_READ, make("two", a2, a1))
+
+        loop.call(arm)
+        assert fired.wait(DEADLINE)
+        loop.round_trips(3)
+        assert len(calls) == 1, f"the new socket got the old one's event: {calls}"
+        loop.call(lambda: loop.mux.unregister(reused[0]))
+    finally:
+        for s in (a1, b1, a2, b2, *reused):
+            s.close()
+
+
+def test_a_peer_that_resets_wakes_a_callback_that_asked_only_to_write(loop):
+    """An error is reported whatever was asked for: it reads as writable (and
+    readable), so a connection waiting to write learns that its peer is gone."""
+    ours, peer = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        while True:  # fill our send buffer: no longer writable
+            try:
+                ours.send(b"x" * 65536)
+            except BlockingIOError:
+                break
+        masks = []
+        got = threading.Event()
+
+        def on_ready(mask):
+            masks.append(mask)
+            loop.mux.unregister(ours)
+            got.set()
+
+        loop.call(lambda: loop.mux.register(ours, EVENT_WRITE, on_ready))
+        peer.close()  # unread data: the kernel resets
+        assert got.wait(DEADLINE)
+        assert masks[0] & WRITE_EVENTS and masks[0] & READ_EVENTS, masks
+    finally:
+        ours.close()
+        peer.close()
 
 
 def test_registering_an_fd_twice_is_refused_and_unregistering_twice_is_not_an_error(loop, pair):
