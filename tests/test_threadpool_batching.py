@@ -50,11 +50,13 @@ class Gate:
     def __init__(self):
         self.holding = threading.Event()
         self.release = threading.Event()
+        self.returned = threading.Event()  # a held call has returned
 
     def on_message(self, conn, message):
         if message == b"hold":
             self.holding.set()
             self.release.wait(DEADLINE)
+            self.returned.set()
         elif message == b"boom":
             raise RuntimeError("boom requested by the test")
         return b"echo " + message
@@ -114,6 +116,34 @@ def test_a_blocked_call_does_not_hold_up_calls_queued_after_it():
         assert [peer.receive() for peer in others] == [b"echo %d" % i for i in range(10)]
         gate.release.set()
         assert held.receive() == b"echo hold"
+
+
+def test_a_quick_reply_is_not_held_behind_a_call_of_the_same_batch_that_blocks():
+    # One worker takes a batch of two: a quick call, then one that blocks. A
+    # worker that held results back, to wake the loop once per batch, would
+    # strand this reply until the blocked call returns.
+    gate = Gate()
+    with serving(gate, workers=1) as (srv, connect):
+        quick, slow = connect(), connect()
+        wait_for(srv._engine.idle, what="both connections' on_connect")
+        paused, resume = threading.Event(), threading.Event()
+
+        def pause_the_loop():
+            paused.set()
+            resume.wait(DEADLINE)
+
+        srv._mux.defer(pause_the_loop)  # both requests then arrive in one poll, quick's first
+        assert paused.wait(DEADLINE)
+        try:
+            quick.send(b"quick")
+            slow.send(b"hold")
+        finally:
+            resume.set()
+        assert gate.holding.wait(DEADLINE)
+        assert quick.receive() == b"echo quick"
+        assert not gate.returned.is_set(), "the quick reply came only once the blocked call returned"
+        gate.release.set()
+        assert slow.receive() == b"echo hold"
 
 
 def test_a_raising_handler_closes_only_its_connection_amid_a_batch(caplog):
