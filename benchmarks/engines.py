@@ -60,6 +60,8 @@ def main() -> int:
     for workload, connections, workers, servers, what in WORKLOADS:
         names = servers or available_servers(list(ENGINES))
         names = [n for n in names if n in available_servers(list(ENGINES))]
+        if workload == "echo":
+            names.append("bare")  # the floor: see muxpool/loadtest/servers.py
         spec = LoadSpec(connections=connections, duration=args.duration, warmup=args.warmup)
         print(f"{workload}: {', '.join(names)}", file=sys.stderr, flush=True)
         with CompareProgress(names, args.repeat, spec.warmup + spec.duration) as progress:
@@ -74,6 +76,10 @@ def main() -> int:
         section = _section(workload, connections, workers, what, rows, anchor, stem, charted)
         if workload == "mixed":
             section += _mixed_against_echo(rows, measured.get("echo", []))
+        if workload == "echo":
+            section += _against_the_floor(rows)
+        if workload == "io:5":
+            section += _against_sleep_ceiling(rows, workers, args)
         measured[workload] = rows
         sections.append(section)
     sections.append(generator_capacity(args))
@@ -120,6 +126,73 @@ def generator_capacity(args) -> str:
         "far faster than any Python server), 50 connections, 64-byte messages:", "",
         "| generator | requests/s (median) | spread | generator CPU | errors |", "|---|---:|---:|---:|---:|",
         *lines, ""])
+
+
+def _against_the_floor(rows) -> str:
+    """Each server per server CPU-second against ``bare`` (no framer, no handler call)."""
+    floor = next((row for row in rows if row.server == "bare" and row.reports), None)
+    if floor is None:
+        return ""
+    lines = []
+    for row in rows:
+        if row.reports and row.server != "bare":
+            ratios = sorted(a / b for a, b in zip(row.per_cpu_second, floor.per_cpu_second) if b)
+            if ratios:
+                lines.append(f"| {row.server} | {ratios[len(ratios) // 2]:.2f}x "
+                             f"({ratios[0]:.2f}–{ratios[-1]:.2f}) |")
+    return "\n".join([
+        "", "`bare` is not a server: one `select.epoll` loop that answers each chunk with a `recv` and a "
+        "`send`, with no framer, no handler call, no limits and no bookkeeping "
+        "(`muxpool/loadtest/servers.py`). It is the floor of what a Python loop costs per message "
+        "here, most of it the kernel's: requests per server CPU-second against it, round by round "
+        "(median, and the spread of the rounds):", "",
+        "| server | per server CPU-s, vs bare |", "|---|---:|", *lines, ""])
+
+
+SLEEPERS = """
+import os, sys, threading, time
+os.sched_setaffinity(0, {0})
+threads, seconds, duration = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+counts = [0] * threads
+stop = time.monotonic() + duration
+def sleeper(i):
+    while time.monotonic() < stop:
+        time.sleep(seconds)
+        counts[i] += 1
+workers = [threading.Thread(target=sleeper, args=(i,)) for i in range(threads)]
+for w in workers: w.start()
+for w in workers: w.join()
+print(sum(counts) / duration)
+"""
+
+
+BOUNDED_BY_WORKERS = ("muxpool:threadpool", "muxpool:auto")  # io:5's calls run on --workers threads
+
+
+def sleep_ceiling(threads: int, ms: float, duration: float) -> float:
+    """Calls/s of ``threads`` threads that do nothing but ``time.sleep(ms)``, on CPU 0."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", SLEEPERS, str(threads), str(ms / 1000), str(duration)],
+                         capture_output=True, text=True, check=True).stdout
+    return float(out)
+
+
+def _against_sleep_ceiling(rows, workers, args) -> str:
+    """io:5's nominal ideal (workers / 5 ms) is not what CPython's sleeping threads reach here."""
+    rates = sorted(sleep_ceiling(workers, 5, args.duration) for _ in range(args.repeat))
+    ceiling = rates[len(rates) // 2]
+    nominal = workers / 0.005
+    lines = [f"| {row.server} | {row.median_rps() / nominal:.2f}x | {row.median_rps() / ceiling:.2f}x |"
+             for row in rows if row.reports and row.server in BOUNDED_BY_WORKERS]
+    return "\n".join([
+        "", f"The nominal ideal is {nominal:,.0f} requests/s ({workers} threads, 5 ms each). {workers} threads "
+        f"that do nothing but `time.sleep(0.005)` in a loop, pinned to CPU 0 as the servers are, manage "
+        f"{ceiling:,.0f}/s here ({rates[0]:,.0f}–{rates[-1]:,.0f} over {len(rates)} runs: "
+        f"{ceiling / nominal:.2f}x of it): each sleep overshoots by the kernel's timer slack and its "
+        "wake-up latency. That is the ceiling for the engines that run the calls on those "
+        f"{workers} threads (the others run a thread or a greenlet per connection):", "",
+        "| server | vs nominal | vs sleeping threads |", "|---|---:|---:|", *lines, ""])
 
 
 def _print_saturation(workload, rows) -> None:

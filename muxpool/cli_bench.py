@@ -12,7 +12,7 @@ from .cli_errors import RUNTIME, UserError, nonnegative, positive
 from .engines import ENGINES
 from .framing import FRAMERS
 
-REFERENCES = ("asyncio", "uvloop", "gevent", "socketserver")
+REFERENCES = ("asyncio", "uvloop", "gevent", "socketserver", "bare")
 
 
 def _greeting(text: str):
@@ -59,7 +59,8 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--engines", help="comma-separated muxpool engines (default: all); "
                        "ENGINE+metrics: that engine with --metrics-port on")
     group.add_argument("--references", help="comma-separated reference servers "
-                       f"({', '.join(REFERENCES)}; default: those installed; 'none')")
+                       f"({', '.join(REFERENCES)}; default: those installed, but bare, a "
+                       "floor with no framer nor handler, only when named; 'none')")
     group.add_argument("--repeat", type=positive(int), default=3, help="runs per server (default 3)")
     group.add_argument("--workers", type=positive(int), help="handler threads for the threadpool engine")
     group.add_argument("--out", default="bench-results", help="folder for JSON and PNG (default bench-results)")
@@ -143,11 +144,15 @@ def _compared_servers(args: argparse.Namespace) -> list[str]:
         print(note, file=sys.stderr)
     if args.references:
         wanted = [] if args.references == "none" else _names(args.references, REFERENCES, "--references")
-        missing = [name for name in wanted if name not in servers]
+        missing = [name for name in wanted if name not in servers and name != "bare"]
         if missing:
             raise UserError(f"--references {','.join(missing)}: not installed here",
                             f"pip install {' '.join(missing)}, or leave it out of --references")
+        if "bare" in wanted and (args.app or args.workload != "echo" or args.framing != "raw"):
+            raise UserError("--references bare answers the echo workload alone, in raw framing",
+                            "leave bare out for --app, another --workload or --framing")
         servers = [s for s in servers if s.startswith("muxpool:") or s in wanted]
+        servers += ["bare"] if "bare" in wanted else []  # never by default: a floor, not a server
     return servers
 
 

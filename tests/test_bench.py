@@ -201,6 +201,21 @@ def test_bench_compare_end_to_end(tmp_path):
     assert "use --engine" in out, out
 
 
+def test_the_bare_floor_is_compared_only_when_named_and_only_on_echo(tmp_path):
+    out_dir = tmp_path / "bench-out"
+    code, out, err = run_cli(["bench", "--compare", "--engines", "loop", "--references", "bare",
+                              "-d", "0.5", "--warmup", "0.2", "--repeat", "1", "-c", "8",
+                              "--out", str(out_dir)], timeout=120)
+    assert code == 0, f"exit code {code}\nstdout:\n{out}\nstderr:\n{err}"
+    rows = {row["server"]: row for row in json.loads((out_dir / "compare-echo.json").read_text())["servers"]}
+    assert set(rows) == {"muxpool:loop", "bare"}
+    # Verified replies (the lesson's greeting and prefix): errors would count wrong bytes.
+    assert rows["bare"]["failure"] == "" and rows["bare"]["errors"] == 0, rows["bare"]
+    assert rows["bare"]["requests_per_s"][0] > 0
+    code, out, err = run_cli(["bench", "--compare", "--workload", "io:5", "--references", "bare"], timeout=60)
+    assert code != 0 and "bare answers the echo workload alone" in err, (code, err)
+
+
 # --- 7. unit level --------------------------------------------------------------------------------------
 
 

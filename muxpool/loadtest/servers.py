@@ -7,9 +7,13 @@ serves the workload (or ``--app module:attr``) with one of:
 * ``asyncio`` / ``uvloop`` — a small ``asyncio.Protocol`` server on the default
   loop / on uvloop;
 * ``gevent`` — gevent's ``StreamServer`` (monkey-patched, a greenlet per client);
-* ``socketserver`` — ``socketserver.ThreadingTCPServer`` (a thread per client).
+* ``socketserver`` — ``socketserver.ThreadingTCPServer`` (a thread per client);
+* ``bare`` — the lesson's echo and nothing else: one ``select.epoll`` loop, a
+  ``recv`` and a ``send`` per chunk, no framer, no handler call, no limits,
+  no bookkeeping. A floor for what a Python event loop can cost per message
+  here, not a server to run (echo and raw framing only).
 
-Every reference server runs the *same* handler through the same sans-IO
+Every other reference server runs the *same* handler through the same sans-IO
 framer, so the comparison is about the concurrency model, not the protocol
 code. Each stops on SIGTERM.
 """
@@ -21,7 +25,7 @@ import signal
 import sys
 from typing import Any
 
-REFERENCES = ("asyncio", "uvloop", "gevent", "socketserver")
+REFERENCES = ("asyncio", "uvloop", "gevent", "socketserver", "bare")
 
 
 class _Peer:
@@ -152,6 +156,56 @@ def serve_gevent(port: int, framing: str, app: Any) -> None:
     server.serve_forever()
 
 
+def serve_bare(port: int) -> None:
+    """The floor (see the module docstring): everything a server needs but the server."""
+    import select
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", port), backlog=1024, reuse_port=False)
+    listener.setblocking(False)
+    poller = select.epoll()
+    callbacks = {}
+
+    def client(sock):
+        recv, send, fd = sock.recv, sock.send, sock.fileno()
+
+        def on_ready(_events):
+            try:
+                data = recv(65536)
+                if data:
+                    send(b"response: " + data)
+                    return
+            except OSError:
+                pass
+            poller.unregister(fd)
+            del callbacks[fd]
+            sock.close()
+        return on_ready
+
+    def on_accept(_events):
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.send(b"Hello client-side")
+            callbacks[sock.fileno()] = client(sock)
+            poller.register(sock.fileno(), select.EPOLLIN)
+
+    def stop(*_):
+        raise SystemExit(0)  # out of poll(), which a signal alone would resume
+
+    signal.signal(signal.SIGTERM, stop)
+    callbacks[listener.fileno()] = on_accept
+    poller.register(listener.fileno(), select.EPOLLIN)
+    poll = poller.poll
+    while True:
+        for fd, mask in poll():
+            callbacks[fd](mask)
+
+
 def serve_muxpool(engine: str, port: int, framing: str, app: Any, workers: int | None) -> None:
     from ..serving import serve
 
@@ -199,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         serve_asyncio(args.port, args.framing, app, use_uvloop=args.name == "uvloop")
     elif args.name == "socketserver":
         serve_socketserver(args.port, args.framing, app)
+    elif args.name == "bare":
+        if args.framing != "raw" or args.app or args.workload != "echo":
+            parser.error("bare answers the echo workload alone, in raw framing")
+        serve_bare(args.port)
     else:
         parser.error(f"unknown server {args.name!r}")
     return 0
