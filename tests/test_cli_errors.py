@@ -180,7 +180,7 @@ CASES = {
                              "io:5 for 5 ms of waiting per message)"),
     "compare references": Case("bench --compare --references nope", 2, "muxpool: error: --references "
                                "'nope' names no such server: nope (choose from asyncio, uvloop, "
-                               "gevent, socketserver, or none)"),
+                               "gevent, socketserver, bare, or none)"),
     "compare engines": Case("bench --compare --engines fast", 2, "muxpool: error: --engines 'fast' "
                             "names no such server: fast (choose from loop, threadpool, threaded, "
                             "gevent, auto, prefork, each also as NAME+metrics)"),
