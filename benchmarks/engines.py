@@ -213,7 +213,7 @@ def _mixed_against_echo(mixed, echo) -> str:
         if row.reports and row.server in pure:
             worst = max(r.latency_ms["max"] for r in row.reports)
             lines.append(f"| {row.server} | {row.median_p99():.2f} | {worst:,.0f} | "
-                         f"{pure[row.server].median_p99():.2f} | {versus(row, pure[row.server])} |")
+                         f"{pure[row.server].median_p99():.2f} | {versus(row, pure[row.server], paired=False)} |")
     if not lines:
         return ""
     return "\n".join(["", "Against the same server on pure echo (the echo section above). Where the "
@@ -253,7 +253,8 @@ def _write_doc(sections, args, elapsed) -> None:
         "says, per row, whether the generator was the limit: it used 90% of its core, or used and waited "
         "for it (behind other processes, on a shared machine: *starved*) 90% of the time; where it was, in "
         "that row or the anchor's, the ratio column compares requests per server CPU-second instead of "
-        "requests/s.",
+        "requests/s. A ratio is taken round by round (each round runs every server once, in turn) "
+        "and given as the median of the rounds' ratios, with their spread in brackets.",
         "",
         "Reproduce: `" + command + "`.",
         "",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import json
 import pathlib
 import platform
@@ -110,7 +112,7 @@ def markdown_table(rows: list[Row], anchor: str | None = None) -> str:
     in each row's runs. ``anchor`` adds a ratio column against that server: of
     requests/s, or of requests per server CPU-second where either row's
     generator was saturated (its requests/s then say how fast the generator
-    went, not the server)."""
+    went, not the server); round by round, with the spread (see versus)."""
     base = next((r for r in rows if r.server == anchor and r.reports), None)
     head = ("| server | requests/s (median) | spread (min–max) | p99 ms | requests per server CPU-s "
             "| generator saturated | errors |")
@@ -143,13 +145,21 @@ def saturation(row: Row) -> str:
     return ("yes" if runs == len(row.reports) else f"{runs} of {len(row.reports)} runs") + starved
 
 
-def versus(row: Row, base: Row) -> str:
+def versus(row: Row, base: Row, paired: bool = True) -> str:
     """``row`` against ``base``: requests/s, or requests per server CPU-second
-    (so marked) when a saturated generator capped either."""
+    (so marked) when a saturated generator capped either.
+
+    ``paired``: the rows' runs were interleaved, run *i* of each in the same
+    round, so the ratio is the median of the per-round ratios, with their
+    spread: a slow spell of the machine falls on both sides of a ratio
+    instead of on one median. Otherwise, the ratio of the medians."""
     capped = any(r.generator_bound for r in row.reports + base.reports)
-    mine, theirs = row.median_per_cpu_second(), base.median_per_cpu_second()
-    if capped and mine and theirs:
-        return f"{mine / theirs:.2f}x per CPU-s"
-    if not base.median_rps():
+    per_cpu = capped and row.median_per_cpu_second() and base.median_per_cpu_second()
+    mine, theirs = (row.per_cpu_second, base.per_cpu_second) if per_cpu else (row.rps, base.rps)
+    unit = " per CPU-s" if per_cpu else ""
+    if paired and 1 < len(mine) == len(theirs) and all(theirs):
+        ratios = sorted(a / b for a, b in zip(mine, theirs))
+        return f"{statistics.median(ratios):.2f}x{unit} ({ratios[0]:.2f}–{ratios[-1]:.2f})"
+    if not theirs or not statistics.median(theirs):
         return "–"
-    return f"{row.median_rps() / base.median_rps():.2f}x"
+    return f"{statistics.median(mine) / statistics.median(theirs):.2f}x{unit}"
