@@ -15,6 +15,7 @@ import multiprocessing
 import pool_tasks
 import pytest
 from support.pools import made_pools
+from support.waiting import wait_for
 
 from muxpool import ProcessPool, WorkerCrashed
 
@@ -66,6 +67,12 @@ def test_queue(make_pool):
         # dies at once (the crash) may take an item with it. multiprocessing says so;
         # the pool is not what loses it. So the first half arrives before the crash.
         got.extend(q.get(timeout=10) for _ in range(10))
+        # And the feeder lets go of the queue's shared write lock only after its item
+        # is in the pipe: a worker killed in between holds it for good, and every
+        # later put hangs ("a process killed while using a Queue" corrupts it, as the
+        # docs warn). Once this process can take the lock, no feeder holds it.
+        wait_for(lambda: q._wlock.acquire(timeout=0.01) and (q._wlock.release() or True),
+                 what="the workers' queue feeders to let go of the queue's lock")
 
     pids = run_across_a_crash(pool, pool_tasks.put_on_queue, [(i,) for i in range(20)],
                               before_the_crash=take_the_first_half)
