@@ -48,7 +48,11 @@ class Logged:
             self._changed.notify_all()
 
     def log(self) -> str:
+        """The lines so far; once the process has exited, all of them: its last
+        lines may still be in the pipe, so wait (bounded) for the reader's EOF."""
         with self._changed:
+            if self.proc.poll() is not None:
+                self._changed.wait_for(lambda: self._eof, timeout=5)
             return "\n".join(self.lines)
 
     def wait_for_log(self, pattern: str, count: int = 1, timeout: float = DEADLINE) -> list[re.Match]:
