@@ -164,11 +164,6 @@ class Multiplexer:
         except (OSError, ValueError):
             pass  # closed before it was unregistered
 
-    @property
-    def registered(self) -> int:
-        """How many fds are watched (the wakeup socket included)."""
-        return len(self._callbacks)
-
     def call_soon(self, fn: Callable[[], object]) -> None:
         """Run ``fn()`` after this iteration's callbacks (loop thread only): a
         :meth:`defer` without the wakeup byte, which the loop does not need."""
