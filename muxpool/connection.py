@@ -66,7 +66,6 @@ class Connection(ConnectionClocks, LingeringClose):
         self.id = conn_id
         self.stats = ctx.stats
         self.inline = ctx.inline  # the handler may run from the read itself (loop, auto)
-        self.inline_runner = ctx.inline_runner  # ... and what runs it there, if not handle_inline
         self.session = ctx.new_session()
         self.framer = ctx.new_framer()
         self.encode = ctx.encode
@@ -277,11 +276,8 @@ class Connection(ConnectionClocks, LingeringClose):
 
     def handle_inline(self, messages: list[bytes]) -> None:
         """The ``loop`` engine's fast path: call the handler right here, with
-        none of the engine hand-off (no timers are armed: see Server.inline)."""
-        runner = self.inline_runner
-        if runner is not None:
-            runner(self, messages)
-            return
+        none of the engine hand-off (no timers are armed: see Server.inline).
+        An engine may replace it (``inline_method``: auto's calls can be handed off)."""
         on_message = self.session.on_message
         high_water = self.config.write_high_water
         times, clock = self.stats.inline_times, time.perf_counter  # times: with metrics on

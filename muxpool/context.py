@@ -35,10 +35,6 @@ class ConnectionContext:
     draining: bool = False
     drain_deadline: float | None = field(default=None)  # monotonic time the drain must end by
 
-    def __post_init__(self) -> None:
-        # An engine may run the inline path itself (auto: its calls can be handed off).
-        self.inline_runner = self.engine.handle_inline if self.inline else None
-
     def linger_time(self) -> float:
         """How long a lingering close may wait for the client's EOF: linger_timeout,
         and never past the drain's deadline."""

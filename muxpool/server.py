@@ -158,8 +158,12 @@ class Server(ServerLifecycle):
                                        serve_http=siblings is None)
                          if config.metrics_port is not None else None)
         # auto runs the inline path itself (Connection.handle_inline times the loop engine's).
-        if self._metrics is not None and self._inline and self._engine.handle_inline is not None:
-            self._new_session = timed_sessions(self._new_session, self._stats)
+        self._connection_class = Connection
+        if self._inline and self._engine.inline_method is not None:
+            self._connection_class = type(f"{type(self._engine).__name__}Connection", (Connection,),
+                                          {"handle_inline": self._engine.inline_method})
+            if self._metrics is not None:
+                self._new_session = timed_sessions(self._new_session, self._stats)
         self._ids = itertools.count(1)
         self._accepting = False
         self._draining = False
@@ -388,7 +392,7 @@ class Server(ServerLifecycle):
         elif self._engine.per_connection:
             kind = StreamConnection
         else:
-            kind = Connection
+            kind = self._connection_class
         conn = kind(self._ctx, sock, peer, next(self._ids))
         self._connections[id(conn)] = conn
         if self._siblings is not None:

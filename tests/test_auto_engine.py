@@ -171,3 +171,54 @@ def test_the_stall_warning_does_not_fire_for_a_call_that_was_handed_off(serve, c
     stuck = [r for r in caplog.records if "event loop has been stuck" in r.getMessage()]
     assert not stuck, stuck[0].getMessage()
     assert srv._engine.stats()["handoffs"] == 1
+
+
+# --- the hand-off's handshake (AutoEngine._hand_off and verdict), step by step ---------
+# The monitor raises the owner's flag, then reads its call; the owner clears its
+# call, then reads the flag. These tests put the two threads' steps in each order
+# the GIL allows, with a standby slot to hand the loop to (no loop runs).
+
+
+class _Conn:
+    busy = False
+
+
+def _engine_with_standby():
+    from muxpool.config import ServerConfig
+    from muxpool.engines._auto_parts import Slot
+    from muxpool.engines.auto import AutoEngine
+
+    engine = AutoEngine(ServerConfig(engine="auto", workers=2))
+    owner, standby = Slot(), Slot()
+    engine._owner_slot, engine._standby = owner, [standby]
+    owner.conn = _Conn()
+    return engine, owner, standby
+
+
+def test_a_call_that_returned_before_the_monitor_flagged_it_keeps_the_loop():
+    engine, owner, standby = _engine_with_standby()
+    owner.calling = 0  # the owner cleared its call 7 ...
+    engine._hand_off(owner, 7)  # ... before the monitor, which saw it running, acted
+    assert engine._owner_slot is owner and engine.handoffs == 0
+    assert not owner.check and not owner.conn.busy and standby.task is None
+
+
+def test_a_call_flagged_while_it_runs_is_handed_off_and_its_connection_waits():
+    engine, owner, standby = _engine_with_standby()
+    owner.calling = 7
+    engine._hand_off(owner, 7)
+    assert engine._owner_slot is standby and standby.wake.is_set() and engine.handoffs == 1
+    assert owner.conn.busy  # before the new owner reads: what arrives meanwhile waits
+    owner.calling = 0  # the call returns; the owner reads its flag, and asks
+    assert owner.check and engine.verdict(owner, 7) == (True, True)
+    assert not owner.check  # lowered for when it owns the loop again
+
+
+def test_a_call_flagged_with_no_thread_free_stays_on_the_loop_and_is_remembered():
+    engine, owner, _standby = _engine_with_standby()
+    engine._standby, engine._workers = [], [threading.current_thread()] * 2  # all busy
+    owner.calling = 7
+    engine._hand_off(owner, 7)
+    assert engine._owner_slot is owner and engine.handoffs == 0 and owner.stuck == 7
+    owner.calling = 0
+    assert owner.check and engine.verdict(owner, 7) == (False, True)  # kept the loop; it blocked

@@ -1,5 +1,5 @@
 """The auto engine's parts: its threads' mailboxes, its memory of blocking
-handlers, its monitor's sampling, its inline path (the engine's
+handlers, its monitor's sampling, its inline path (its connections'
 ``handle_inline``), and what it does to a connection around a call (as
 Connection._call_done does: write the reply or close, then the next)."""
 
@@ -24,16 +24,18 @@ class LoopGone(BaseException):
 
 
 class Slot:
-    """One engine thread's mailbox: the task it is given, and its wake-up."""
+    """One engine thread's mailbox: the task it is given, and its wake-up; and,
+    while it runs the loop, the call in progress (see auto's module)."""
 
-    __slots__ = ("task", "wake", "calling", "handed", "stuck")
+    __slots__ = ("task", "wake", "calling", "conn", "check", "stuck")
 
     def __init__(self, task=None):
         self.task = task
         self.wake = threading.Event()
-        # The number of this thread's handler call on the loop (0: none), and the
-        # call the monitor took the loop from, or found no thread to take it from.
-        self.calling = self.handed = self.stuck = 0
+        self.calling = 0  # the number of this thread's handler call on the loop (0: none)
+        self.conn = None  # ... and its connection (busy from the hand-off on)
+        self.check = False  # the monitor may have taken the call: ask it (AutoEngine.verdict)
+        self.stuck = 0  # the call the monitor found no thread to take over
 
 
 class Memory:
@@ -71,10 +73,15 @@ def watch(engine) -> None:
     lost measurably to ``loop``."""
     fastest = max(engine.handoff_after, 0.0002)
     period, seen, seen_at, seen_cpu = fastest, 0, 0.0, 0.0
-    while not engine._ended.wait(period):
+    ended = engine._ended
+    # time.sleep, not ended.wait(period): a timed Event.wait allocates and
+    # juggles locks in Python, and costs the loop about 1% at 100 samples a
+    # second; the end is seen one period late at most.
+    while not ended.is_set():
+        time.sleep(period)
         owner = engine._owner_slot
         calling, now = owner.calling, time.monotonic()
-        if not calling:
+        if not calling or ended.is_set():
             period = max(fastest, min(period * 2, _IDLE_PERIOD))
             continue
         period = fastest
@@ -129,78 +136,72 @@ def to_backlog(conn, on_message, messages) -> None:
     conn.backlog_bytes += sum(map(len, messages))
 
 
-def handle_inline(engine, conn, messages: list) -> None:
-    """AutoEngine.handle_inline (Connection.handle_inline on that engine):
-    loop's fast path, each call guarded, the connection busy while a call of
-    it may be out.
+def inline_path(engine):
+    """The auto engine's Connection.handle_inline (the server makes it its
+    connections' method): loop's fast path, each call guarded.
 
     One function, written out (as Connection.handle_inline is): each
-    helper call per message cost requests/s against ``loop``. The guard
-    per call is a number, the thread id cleared and set, and one lock."""
-    on_message = conn.session.on_message
-    if engine._memory and engine.threads > 1:
-        memory = engine._memory.get(getattr(on_message, "__func__", on_message))
-        if memory is not None and memory.blocking:
-            engine._to_threads(conn, on_message, messages)
-            return
-    mux, lock, numbers, slot = engine.mux, engine._lock, engine._numbers, engine._owner_slot
-    deferred, encode = mux._deferred, conn.encode
-    high_water = conn.config.write_high_water
-    me = mux.thread_id
-    conn.busy = True
-    index, ok = 0, True  # a failed call ends the batch
-    for message in messages:
-        index += 1
-        pending = len(deferred)
-        slot.calling = number = next(numbers)
-        mux.thread_id = None  # conn.send/close defer, as from a pool thread: see the module
-        try:
-            value = on_message(conn, message)
-        except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
-            value, ok = exc, False
-        lock.acquire()
-        slot.calling = 0
-        caught = slot.handed == number or slot.stuck == number
-        lock.release()
-        if caught or len(deferred) != pending:
-            off_fast_path(engine, conn, on_message, messages[index:], ok, value, slot, number, me)
-            return
-        mux.thread_id = me
-        if not ok:
-            conn.busy = False
-            handler_failed(conn.peer, value, conn_id=conn.id)
-            count_failure(conn)
-            conn.close_when_done(drop_backlog=True)
-            return
-        if value is not None and not conn.closed:
-            try:
-                data = encode(value)
-            except (ProtocolError, TypeError) as exc:
-                conn.busy = False
-                unframeable(conn.peer, exc, conn_id=conn.id)
-                count_failure(conn)
-                conn.close_when_done(drop_backlog=True)
+    helper call, attribute or check per message cost requests/s against
+    ``loop``. The guard per call is a number stored and cleared, the thread
+    id cleared and set, and a flag read: no lock (see auto's module)."""
+    numbers = engine._numbers
+
+    def handle_inline(conn, messages: list) -> None:
+        on_message = conn.session.on_message
+        if engine._memory:
+            memory = engine._memory.get(getattr(on_message, "__func__", on_message))
+            if memory is not None and memory.blocking:
+                engine._to_threads(conn, on_message, messages)
                 return
-            conn.write(data)
-        if conn.closing or conn.closed:
-            break
-        if len(conn.outbuf) > high_water:  # a slow reader: flush() runs the rest
-            conn.held = messages[index:]
-            break
-    conn.busy = False
-    if not conn.held and (conn.backlog or not conn.reading or conn.closing):
-        conn.after_call()  # what a write's abort queued (on_disconnect), or a pause
+        mux, slot = engine.mux, engine._owner_slot
+        deferred, high_water = mux._deferred, conn.config.write_high_water
+        pending, me = len(deferred), mux.thread_id
+        slot.conn = conn
+        index = 0
+        for message in messages:
+            index += 1
+            slot.calling = number = next(numbers)
+            mux.thread_id = None  # conn.send/close defer, as from a pool thread: see auto's module
+            try:
+                value = on_message(conn, message)
+            except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
+                slot.calling = 0
+                off_fast_path(engine, conn, on_message, messages[index:], False, exc, slot, number, me)
+                return
+            slot.calling = 0
+            if slot.check or len(deferred) != pending:
+                off_fast_path(engine, conn, on_message, messages[index:], True, value, slot, number, me)
+                return
+            mux.thread_id = me
+            if value is not None and not conn.closed:
+                try:
+                    data = conn.encode(value)
+                except (ProtocolError, TypeError) as exc:
+                    unframeable(conn.peer, exc, conn_id=conn.id)
+                    count_failure(conn)
+                    conn.close_when_done(drop_backlog=True)
+                    return
+                conn.write(data)
+            if conn.closing or conn.closed:
+                return  # the handler closed it: the rest of this read is dropped
+            if len(conn.outbuf) > high_water:  # a slow reader: flush() runs the rest
+                conn.held = messages[index:]
+                return
+
+    return handle_inline
 
 
 def off_fast_path(engine, conn, on_message, rest, ok, value, slot, number, me) -> None:
-    """Call ``number`` blocked (handed off or not) or deferred something: its
-    reply goes after what it sent, the rest of the read after the reply,
-    ahead of the backlog (where a close can drop them or not)."""
-    if slot.handed == number:  # final: the monitor hands a call off only while it runs
+    """Call ``number`` failed, blocked (handed off or not) or deferred
+    something: its reply goes after what it sent, the rest of the read after
+    the reply, ahead of the backlog (where a close can drop them or not)."""
+    conn.busy = True  # (the monitor set it first if it handed the call off)
+    handed, caught = engine.verdict(slot, number) if slot.check else (False, False)
+    if handed:
         engine._reclaim(slot)
     else:
         engine.mux.thread_id = me
-    if slot.handed == number or slot.stuck == number:
+    if caught:
         engine._caught(getattr(on_message, "__func__", on_message))
     to_backlog(conn, on_message, rest)
     engine._in_flight += 1

@@ -18,12 +18,17 @@ handed off only after ``_CPU_HANDOFF``. The loop runs on the engine's
 threads, one at a time: the *owner*. The others run calls of handlers known
 to block (a queue, in order), wait blocked in a handed-off call, or stand by.
 
-Exactly one owner. Before a call the owner numbers it and clears
-``mux.thread_id`` (so ``conn.send``/``close`` in the handler defer, as from a
-pool thread: none can race a hand-off); after it, under ``_lock``, it reads
-whether the monitor, under the same lock, took the loop from that call.
-Either the call returned first and the monitor sees no call, or the monitor
-won and the owner knows it is not the owner any more. Nothing else decides.
+Exactly one owner. Before a call the owner numbers it (``slot.calling``) and
+clears ``mux.thread_id`` (so ``conn.send``/``close`` in the handler defer, as
+from a pool thread: none can race a hand-off); after it, it clears
+``calling`` and then reads ``slot.check``. The monitor, under ``_lock``,
+raises ``check`` and then reads ``calling``: of two threads that each write
+one field and then read the other's (one at a time, under the GIL), at least
+one sees the other's write. So either the call had returned and the monitor
+lowers the flag again and leaves the loop where it is, or the owner sees the
+flag and asks the monitor, under the same lock, whether it is still the
+owner (``verdict``). Nothing else decides, and a call the monitor never
+flagged costs no lock.
 
 Getting the loop back. A thread whose call was handed off still has the
 loop's frames on its stack (select's batch, a read, a run of a backlog), so
@@ -59,7 +64,7 @@ import threading
 import time
 
 from ..calls import call_handler, handler_thread
-from ._auto_parts import (EXIT, LOOP, LoopGone, Memory, Slot, handle_inline, reply, settle, to_backlog,
+from ._auto_parts import (EXIT, LOOP, LoopGone, Memory, Slot, inline_path, reply, settle, to_backlog,
                           watch)
 from .base import Engine
 from .threadpool import DEFAULT_WORKERS
@@ -92,6 +97,7 @@ class AutoEngine(Engine):
         self.handoffs = 0
         self._finished = False
         self._ended = threading.Event()
+        self.inline_method = inline_path(self)  # its connections' handle_inline (_auto_parts)
 
     # --- the monitor: run()'s caller --------------------------------------------
 
@@ -112,7 +118,13 @@ class AutoEngine(Engine):
 
     def _hand_off(self, owner: Slot, call: int) -> None:
         with self._lock:
-            if self._owner_slot is not owner or owner.calling != call or self._finished:
+            if self._owner_slot is not owner or self._finished:
+                return
+            # Flag the call, then see it still runs: the owner clears ``calling``
+            # before it reads the flag, so one of the two sees the other.
+            flagged, owner.check = owner.check, True
+            if owner.calling != call:
+                owner.check = flagged  # it returned: the owner keeps the loop
                 return
             if self._reclaimers:  # its call is done: it resumes at once
                 slot = self._reclaimers.popleft()
@@ -131,10 +143,19 @@ class AutoEngine(Engine):
             else:
                 slot.task = LOOP
                 slot.wake.set()
-            owner.handed = call
+            if owner.conn is not None:
+                owner.conn.busy = True  # what it is sent meanwhile waits, in order
             self._owner_slot = slot
             self._handed += 1
             self.handoffs += 1
+
+    def verdict(self, slot: Slot, number: int) -> tuple[bool, bool]:
+        """The owner, after call ``number`` returned with its flag up:
+        ``(handed, caught)``: was the loop taken from it, did it block at all."""
+        with self._lock:
+            slot.check = False
+            handed = self._owner_slot is not slot
+            return handed, handed or slot.stuck == number
 
     # --- the engine's threads -----------------------------------------------------
 
@@ -244,16 +265,15 @@ class AutoEngine(Engine):
         ``(ok, value, caught)``; caught: it blocked (handed off or not)."""
         mux, slot = self.mux, self._owner_slot
         me = mux.thread_id
+        slot.conn = None  # busy already (dispatch)
         slot.calling = number = next(self._numbers)
         mux.thread_id = None
         try:
             value, ok = fn(conn, arg), True
         except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
             value, ok = exc, False
-        with self._lock:
-            slot.calling = 0
-            handed = slot.handed == number
-            caught = handed or slot.stuck == number
+        slot.calling = 0
+        handed, caught = self.verdict(slot, number) if slot.check else (False, False)
         if handed:
             self._reclaim(slot)
         else:
@@ -283,7 +303,6 @@ class AutoEngine(Engine):
         self._in_flight -= 1
         done(ok, value, elapsed)
 
-    handle_inline = handle_inline  # Connection.handle_inline on this engine (_auto_parts)
 
     def _resume(self, conn, ok, value) -> None:
         """The loop, after a call that was handed off or deferred something."""

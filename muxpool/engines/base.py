@@ -25,9 +25,10 @@ class MessageEngine(Protocol):
     per_connection: bool  # False: messages go through the loop
     can_block: bool  # may a handler block? (False: socketserver handlers are refused)
     inline: bool  # connections may call handlers straight from the read path
-    # With inline: None (the connection calls its handlers itself), or what runs a
-    # read's messages in its place, handle_inline(conn, messages) (auto: calls it can hand off).
-    handle_inline: Callable[[Any, list], None] | None
+    # With inline: None (the connection calls its handlers itself), or the function
+    # the server makes its connections' handle_inline(conn, messages) (auto: calls
+    # it can hand off): a method, so a read's messages cost no call more.
+    inline_method: Callable[[Any, list], None] | None
     watches_its_loop: bool  # it reports a stalled loop itself (else muxpool.watchdog does)
 
     def start(self, mux: Multiplexer) -> None:
@@ -89,7 +90,7 @@ class Engine:
     per_connection = False
     can_block = True
     inline = False
-    handle_inline = None
+    inline_method = None
     kernel_timeouts = False
     watches_its_loop = False
 
