@@ -298,9 +298,7 @@ class Connection(ConnectionClocks, LingeringClose):
                 try:  # written out, not calls.frame_reply: a call per message costs requests/s
                     data = self.encode(reply)
                 except (ProtocolError, TypeError) as exc:
-                    calls.unframeable(self.peer, exc, conn_id=self.id)
-                    handler_failed(self)
-                    self.close_when_done(drop_backlog=True)
+                    self.reply_refused(exc)
                     return
                 self.write(data)
             if self.closing or self.closed:
@@ -310,6 +308,13 @@ class Connection(ConnectionClocks, LingeringClose):
                 # so one read of tiny requests cannot turn into gigabytes of replies.
                 self.held = messages[index + 1:]
                 return
+
+    def reply_refused(self, exc: Exception) -> None:
+        """The framer refused a handler's reply (a ``str``, say, or too large):
+        logged, counted as a failed call, and the connection closes."""
+        calls.unframeable(self.peer, exc, conn_id=self.id)
+        handler_failed(self)
+        self.close_when_done(drop_backlog=True)
 
     def dispatch(self, fn, arg) -> None:
         """Run ``fn(conn, arg)`` through the engine, after any earlier call."""

@@ -521,6 +521,61 @@ def test_unregister_in_a_callback_stops_another_fd_ready_in_the_same_batch(loop)
             s.close()
 
 
+def _two_ready(loop, on_first):
+    """Two socketpairs whose read ends are ready in one select(); the first callback
+    to run calls ``on_first(the_other_pair)`` and defers a marker, which runs once
+    that iteration is over. Returns, once the loop has gone round, the callbacks
+    that ran as (name, whether that iteration was over) in order."""
+    pairs = {"one": socket.socketpair(), "two": socket.socketpair()}
+    calls, iteration_over = [], []
+
+    def make(name, other):
+        def callback(mask):
+            calls.append((name, bool(iteration_over)))
+            data = pairs[name][0].recv(16)
+            assert data, "a callback ran on a stale event: nothing to read"
+            if len(calls) == 1:
+                on_first(pairs[other])
+                loop.mux.defer(lambda: iteration_over.append(True))
+        return callback
+
+    try:
+        def arm():  # both readable before the loop's next select()
+            for name, other in (("one", "two"), ("two", "one")):
+                pairs[name][1].send(b"x")
+                pairs[name][0].setblocking(False)
+                loop.mux.register(pairs[name][0], EVENT_READ, make(name, other))
+
+        loop.call(arm)
+        wait_until(lambda: calls, what="a callback")
+        loop.round_trips(3)
+        return calls
+    finally:
+        loop.call(lambda: [loop.mux.unregister(a) for a, _b in pairs.values()])
+        for a, b in pairs.values():
+            a.close()
+            b.close()
+
+
+def test_a_batch_resumed_after_a_hand_off_drops_its_stale_events(loop):
+    """auto's case: a thread gets the loop back inside a callback it was handed off
+    in (take_over(mid_iteration=True)); meanwhile another thread served the other
+    fd of its batch. That event is stale: its callback must not run on it."""
+    def served_elsewhere_then_resumed(other):
+        other[0].recv(16)  # what the thread that had the loop meanwhile did
+        loop.mux.take_over(mid_iteration=True)
+
+    calls = _two_ready(loop, served_elsewhere_then_resumed)
+    assert len(calls) == 1, f"the stale event's callback ran: {calls}"
+
+
+def test_what_a_dropped_batch_left_ready_is_reported_again(loop):
+    """Level-triggered: dropping the rest of a resumed batch loses nothing."""
+    calls = _two_ready(loop, lambda other: loop.mux.take_over(mid_iteration=True))
+    assert len(calls) == 2, calls
+    assert calls[1][1], f"the other fd ran in the same, stale, batch: {calls}"
+
+
 def test_modify_in_a_callback_retires_the_old_callback_for_the_rest_of_the_batch(loop):
     """The first callback to run swaps the other fd's callback: the old one must not
     run for the event already in this batch; the new one gets it (level-triggered)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import time
 
-from ..calls import frame_reply, handler_failed, unframeable
+from ..calls import frame_reply, handler_failed
 from ..errors import ProtocolError
 from ..stats import handler_failed as count_failure
 
@@ -177,9 +177,7 @@ def inline_path(engine):
                 try:
                     data = conn.encode(value)
                 except (ProtocolError, TypeError) as exc:
-                    unframeable(conn.peer, exc, conn_id=conn.id)
-                    count_failure(conn)
-                    conn.close_when_done(drop_backlog=True)
+                    conn.reply_refused(exc)
                     return
                 conn.write(data)
             if conn.closing or conn.closed:
