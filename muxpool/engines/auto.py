@@ -37,11 +37,13 @@ unwind them (their ``finally`` blocks touch state). It asks for the loop
 back instead (``mux.yield_requested``) and waits; the owner, at the top of
 its next iteration, where its stack holds no loop state, hands it the loop
 and stands by there, and the thread resumes its old iteration as if its call
-had just been long (``take_over(mid_iteration=True)`` rechecks each stale
-event). Stacks stay one loop frame deep.
+had just been long (``take_over(mid_iteration=True)``: the rest of that stale
+batch is dropped; what is still ready is reported again). Stacks stay one
+loop frame deep.
 
-Order. The connection whose call blocked stays ``busy`` until that call's
-reply is written on the loop: what it sends meanwhile waits in its backlog,
+Order. The connection whose call blocked is marked ``busy`` by the monitor
+as it hands the call off (the fast path itself never sets it), and stays
+busy until that call's reply is written on the loop: what it sends meanwhile waits in its backlog,
 with the same backpressure as on ``threadpool``. A reply goes after what the
 handler sent with ``conn.send`` (deferred), so when anything was deferred
 during a call, the reply and the rest of that read follow through ``defer``.
