@@ -193,11 +193,11 @@ def off_fast_path(engine, conn, on_message, rest, ok, value, slot, number, me) -
     """Call ``number`` failed, blocked (handed off or not) or deferred
     something: its reply goes after what it sent, the rest of the read after
     the reply, ahead of the backlog (where a close can drop them or not)."""
-    conn.busy = True  # (the monitor set it first if it handed the call off)
     handed, caught = engine.verdict(slot, number) if slot.check else (False, False)
     if handed:
-        engine._reclaim(slot)
+        engine._reclaim(slot)  # the monitor marked the connection busy as it took the loop
     else:
+        conn.busy = True
         engine.mux.thread_id = me
     if caught:
         engine._caught(getattr(on_message, "__func__", on_message))
