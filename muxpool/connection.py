@@ -288,9 +288,7 @@ class Connection(ConnectionClocks, LingeringClose):
             except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
                 if times is not None:
                     times.append(clock() - started)
-                calls.handler_failed(self.peer, exc, conn_id=self.id)
-                handler_failed(self)
-                self.close_when_done(drop_backlog=True)
+                self.call_failed(exc)
                 return
             if times is not None:
                 times.append(clock() - started)
@@ -308,6 +306,13 @@ class Connection(ConnectionClocks, LingeringClose):
                 # so one read of tiny requests cannot turn into gigabytes of replies.
                 self.held = messages[index + 1:]
                 return
+
+    def call_failed(self, exc: BaseException) -> None:
+        """A handler call on the inline path raised: logged, counted, and the
+        connection closes, dropping what waits behind it."""
+        calls.handler_failed(self.peer, exc, conn_id=self.id)
+        handler_failed(self)
+        self.close_when_done(drop_backlog=True)
 
     def reply_refused(self, exc: Exception) -> None:
         """The framer refused a handler's reply (a ``str``, say, or too large):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import time
 
-from ..calls import frame_reply, handler_failed
+from ..calls import frame_reply
 from ..errors import ProtocolError
 from ..stats import handler_failed as count_failure
 
@@ -105,9 +105,7 @@ def reply(conn, ok, value) -> bool:
     """Write the reply; False: the call failed or its reply cannot be framed (closing)."""
     if not ok:
         conn.busy = False
-        handler_failed(conn.peer, value, conn_id=conn.id)
-        count_failure(conn)
-        conn.close_when_done(drop_backlog=True)
+        conn.call_failed(value)
         return False
     if value is not None and not conn.closed:
         data = frame_reply(conn.encode, value, conn.peer, conn_id=conn.id)
@@ -148,7 +146,7 @@ def inline_path(engine):
 
     def handle_inline(conn, messages: list) -> None:
         on_message = conn.session.on_message
-        if engine._memory:
+        if engine._memory and engine.threads > 1:  # (one thread: nowhere else to go)
             memory = engine._memory.get(getattr(on_message, "__func__", on_message))
             if memory is not None and memory.blocking:
                 engine._to_threads(conn, on_message, messages)
@@ -166,7 +164,11 @@ def inline_path(engine):
                 value = on_message(conn, message)
             except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
                 slot.calling = 0
-                off_fast_path(engine, conn, on_message, messages[index:], False, exc, slot, number, me)
+                if slot.check or len(deferred) != pending:
+                    off_fast_path(engine, conn, on_message, messages[index:], False, exc, slot, number, me)
+                else:  # closed at once, as on loop
+                    mux.thread_id = me
+                    conn.call_failed(exc)
                 return
             slot.calling = 0
             if slot.check or len(deferred) != pending:
@@ -190,8 +192,8 @@ def inline_path(engine):
 
 
 def off_fast_path(engine, conn, on_message, rest, ok, value, slot, number, me) -> None:
-    """Call ``number`` failed, blocked (handed off or not) or deferred
-    something: its reply goes after what it sent, the rest of the read after
+    """Call ``number`` blocked (handed off or not) or deferred something
+    (or failed after either): its reply goes after what it sent, the rest of the read after
     the reply, ahead of the backlog (where a close can drop them or not)."""
     handed, caught = engine.verdict(slot, number) if slot.check else (False, False)
     if handed:
