@@ -22,7 +22,8 @@ shut for reading with RST.
 
 Drain and ``close()`` from another thread: a thread idle in ``recv`` cannot
 be told to stop without touching the socket, so the server's loop *claims*
-it — both sides race to pop one token (``_idle``); only the winner acts. If
+it — both sides race to delete one token (``_idle["recv"]``, a single
+atomic step under the GIL); only the winner acts. If
 the loop wins, the thread was idle between messages: the loop sends the FIN
 for it and the thread, woken by the client's EOF (or any late bytes, which it
 discards), finishes the lingering close. If the thread wins, it has a message
@@ -190,7 +191,11 @@ class StreamConnection(HandshakeClock):
         """Loop thread: if the connection's thread waits between messages, send
         the FIN for it, and end the wait at the linger deadline if the client
         neither closes nor sends."""
-        if self.closed or not self._idle.pop("recv", False):
+        if self.closed:
+            return
+        try:
+            del self._idle["recv"]
+        except KeyError:
             return  # not idle: the thread sees ``closing`` after the message in hand
         self._write_shut = True
         try:
@@ -226,9 +231,9 @@ class StreamConnection(HandshakeClock):
                 self.sock.settimeout(self.config.write_timeout)
             try:
                 sent = self.sock.send(data)
+                self.bytes_out += sent
                 if sent != len(data):
                     self._send_rest(data, sent)
-                self.bytes_out += len(data)
             except _WRITE_TIMEOUTS:
                 self._log_write_timeout()
                 raise
@@ -245,7 +250,9 @@ class StreamConnection(HandshakeClock):
         while view:
             if self._kernel_timeouts and not _writable(self.sock):
                 raise BlockingIOError(errno.EAGAIN, "write_timeout ran out part-way through a reply")
-            view = view[self.sock.send(view):]
+            sent = self.sock.send(view)
+            self.bytes_out += sent
+            view = view[sent:]
 
     def _log_write_timeout(self) -> None:
         set_reason(self, "write_timeout")
@@ -327,36 +334,36 @@ class StreamConnection(HandshakeClock):
         # Greenlets and TLS cannot take the non-blocking top-up read below.
         small = SMALL_READ if self._kernel_timeouts and ctx.ssl_context is None else READ_SIZE
         read_size = small
-        idle_flag, claimed = self._idle, self._idle.pop
+        idle_flag = self._idle
+        heard = False
         while True:
             idle_flag["recv"] = True
             if self.closing:  # after the flag: a close that comes later finds it set
-                claimed("recv", False)  # whoever took it, the linger is ours to finish
+                idle_flag.pop("recv", None)  # whoever took it, the linger is ours to finish
                 return "linger"
             if settimeout is not None:
                 settimeout(idle)
             try:
                 data = recv(read_size)
             except _READ_TIMEOUTS:
-                if not claimed("recv", False):
-                    return "linger"  # the loop sent our FIN meanwhile: finish the linger
-                log.info("closing %s: no complete message for %s s (idle_timeout)", self.peer,
-                         full_idle, extra=conn_fields(self))
-                set_reason(self, "idle")
-                return "abort"
-            if not claimed("recv", False):
+                return self._timed_out_idle(full_idle)
+            try:
+                del idle_flag["recv"]  # the loop deletes it when it sends our FIN: one of us wins
+            except KeyError:
                 # The loop sent our FIN while we waited: the client's EOF, or
                 # bytes sent before it saw ours, which are discarded.
                 return "eof" if not data else "linger"
             received = len(data)
-            if received < SMALL_READ:
+            if received >= small:  # rare while messages are small
+                if received == read_size == SMALL_READ:
+                    # Take the rest of what arrived in the same chunk, as one large
+                    # read would have (raw framing treats a chunk as a message).
+                    data += self._ready_bytes()
+                    received = len(data)
+                    read_size = READ_SIZE
+            else:
                 read_size = small
-            elif received == read_size == SMALL_READ:
-                # Take the rest of what arrived in the same chunk, as one large
-                # read would have (raw framing treats a chunk as a message).
-                data += self._ready_bytes()
-                read_size = READ_SIZE
-            self.bytes_in += len(data)
+            self.bytes_in += received
             try:
                 messages = feed(data)
             except ProtocolError as exc:
@@ -364,11 +371,14 @@ class StreamConnection(HandshakeClock):
                 set_reason(self, "protocol_error")
                 return "linger" if data else "eof"
             if messages:
-                self.heard = True
                 self.messages += len(messages)
-                if self._draining_new:  # the first message of a client accepted just before a drain
-                    self._draining_new = False
-                    self.closing = True
+                if not heard:
+                    heard = self.heard = True
+                    if self._draining_new:  # a client accepted just before a drain: this one answered
+                        self._draining_new = False
+                        self.closing = True
+            elif not data:
+                return "eof"
             for message in messages:
                 reply = handle(self, message)
                 if reply is not None:
@@ -378,14 +388,14 @@ class StreamConnection(HandshakeClock):
                         calls.unframeable(self.peer, exc, conn_id=self.id)
                         handler_failed(self)
                         return "linger"
-                    acquire()
+                    acquire()  # not ``with``: it looks up and binds __enter__ and __exit__ each time
                     try:
                         if settimeout is not None:
                             settimeout(write_timeout)
                         sent = send(out)
+                        self.bytes_out += sent
                         if sent != len(out):
                             self._send_rest(out, sent)
-                        self.bytes_out += len(out)
                     except _WRITE_TIMEOUTS:
                         self._log_write_timeout()
                         raise
@@ -397,8 +407,18 @@ class StreamConnection(HandshakeClock):
                 log.warning("closing %s: %s", self.peer, framer.pending_error, extra=conn_fields(self))
                 set_reason(self, "protocol_error")
                 return "linger"
-            if not data:
-                return "eof"
+
+    def _timed_out_idle(self, full_idle: float | None) -> str:
+        """The read timed out: the idle_timeout ran out, unless the loop sent
+        our FIN meanwhile (then the linger is ours to finish)."""
+        try:
+            del self._idle["recv"]
+        except KeyError:
+            return "linger"
+        log.info("closing %s: no complete message for %s s (idle_timeout)", self.peer,
+                 full_idle, extra=conn_fields(self))
+        set_reason(self, "idle")
+        return "abort"
 
     def _send_close_notify(self) -> None:
         """End the TLS session as the loop engines do; without blocking: a peer
