@@ -244,30 +244,23 @@ class HandlerThreads:
     def _work(self) -> None:
         handler_thread.active = True  # shutdown() from a handler must not wait for itself
         lock, calls, report = self._lock, self._calls, self._report
-        woken = True  # started by _wake_one_locked
+        take = calls.popleft
+        with lock:
+            self._waking = False  # started by _wake_one_locked: here now
         while True:
-            with lock:
-                if woken:
-                    self._waking = False
-                while not calls:
-                    if self._closed:
-                        self._wakeup.notify()  # pass the stop on
-                        self._threads.remove(threading.current_thread())
-                        return
-                    self._waiting += 1
-                    notified = self._wakeup.wait(self.idle_timeout)
-                    self._waiting -= 1
-                    # Cleared even on a timeout: a notify can land on a waiter whose wait
-                    # has just timed out, and is then lost; an extra wake-up costs less
-                    # than a flag that says a worker is coming when none is.
-                    self._waking = False
-                    if not notified and not calls and not self._closed:  # (closed: pass the stop on)
-                        self._threads.remove(threading.current_thread())  # idle too long
-                        return
-                fn, conn, arg, done = calls.popleft()
-                if calls and not self._waking:
-                    self._wake_one_locked()  # a helper, in case this call blocks
-            woken = False
+            # A queued call is taken without the lock (popleft is atomic): a batch
+            # of quick calls then costs one lock round per wait, not per call.
+            # Only waiting, and waking a helper, look at the queue under it.
+            try:
+                fn, conn, arg, done = take()
+            except IndexError:
+                if not self._wait_for_calls():
+                    return
+                continue
+            if calls and not self._waking:
+                with lock:
+                    if calls and not self._waking:
+                        self._wake_one_locked()  # a helper, in case this call blocks
             if done is None:
                 try:
                     fn()
@@ -276,6 +269,28 @@ class HandlerThreads:
                 continue
             report((done, *call_handler(fn, conn, arg)))
             del fn, conn, arg, done
+
+    def _wait_for_calls(self) -> bool:
+        """The queue looked empty: wait for a call. False: this worker exits
+        (stopped, or idle for idle_timeout)."""
+        calls = self._calls
+        with self._lock:
+            while not calls:
+                if self._closed:
+                    self._wakeup.notify()  # pass the stop on
+                    self._threads.remove(threading.current_thread())
+                    return False
+                self._waiting += 1
+                notified = self._wakeup.wait(self.idle_timeout)
+                self._waiting -= 1
+                # Cleared even on a timeout: a notify can land on a waiter whose wait
+                # has just timed out, and is then lost; an extra wake-up costs less
+                # than a flag that says a worker is coming when none is.
+                self._waking = False
+                if not notified and not calls and not self._closed:  # (closed: pass the stop on)
+                    self._threads.remove(threading.current_thread())  # idle too long
+                    return False
+        return True
 
     def close(self) -> None:
         """Queued calls still run; then the workers exit."""
