@@ -98,12 +98,14 @@ class ThreadPoolEngine(Engine):
     def _deliver(self) -> None:
         """Every result in hand, in one loop callback; then the calls those results
         started (each connection's next message) leave in one batch."""
-        handlers = self._handlers
+        results = self._handlers.take_results()
+        take, settled = results.popleft, self._settled
         self._flush_pending = True  # the flush below takes them
         try:
-            for done, ok, value, elapsed in handlers.take_results():
+            for _ in range(len(results)):  # only those in hand now: see take_results
+                done, ok, value, elapsed = take()
                 self._in_flight -= 1
-                self._settled[ok] += 1
+                settled[ok] += 1
                 try:
                     done(ok, value, elapsed)
                 except Exception:  # one connection's failure must not strand the others' results
@@ -223,15 +225,15 @@ class HandlerThreads:
         with self._lock:
             return len(self._threads), self._waiting
 
-    def take_results(self):
-        """The results in hand (loop thread). Only as many as there were when the
-        drain began, so workers that keep adding cannot starve the sockets: a
-        result added after the flag is cleared asks for another drain itself."""
+    def take_results(self) -> collections.deque:
+        """The results queue, for the loop to take the results in hand from
+        (``popleft``, ``len()`` times as it is now). Only as many as there are
+        when the drain begins, so workers that keep adding cannot starve the
+        sockets: a result added after the flag is cleared asks for another drain
+        itself."""
         self._report_pending = False  # before reading the queue: see _report
         self.deliveries += 1
-        results = self._results
-        for _ in range(len(results)):
-            yield results.popleft()
+        return self._results
 
     def _report(self, result: tuple) -> None:
         self._results.append(result)
