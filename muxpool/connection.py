@@ -325,7 +325,7 @@ class Connection(ConnectionClocks, LingeringClose):
                 self.write(data)
             if self.closing or self.closed:
                 return  # the handler closed it: the rest of this read is dropped
-            if len(self.outbuf) > high_water:
+            if self.outbuf and len(self.outbuf) > high_water:  # empty once a reply has gone
                 # A slow reader: the rest waits for flush(), as on the other engines,
                 # so one read of tiny requests cannot turn into gigabytes of replies.
                 self.held = messages[index + 1:]

@@ -184,7 +184,7 @@ def inline_path(engine):
                 conn.write(data)
             if conn.closing or conn.closed:
                 return  # the handler closed it: the rest of this read is dropped
-            if len(conn.outbuf) > high_water:  # a slow reader: flush() runs the rest
+            if conn.outbuf and len(conn.outbuf) > high_water:  # a slow reader: flush() runs the rest
                 conn.held = messages[index:]
                 return
 
