@@ -2,6 +2,7 @@
  * greets with "Hello client-side" and answers each received chunk with
  * "response: " + chunk. It exists to measure the load generator against a
  * server much faster than any Python one. Build: cc -O2 -o c_echo c_echo.c */
+#define _GNU_SOURCE /* accept4 */
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
