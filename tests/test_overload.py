@@ -35,7 +35,11 @@ def test_clients_past_max_connections_are_served_or_closed_at_once(engine, tmp_p
     clients, limit = 1500, 100
     assert nofile_limit >= clients + 512, nofile_limit
     with cli_server(engine, tmp_path / "server.log", "--max-connections", str(limit),
-                    "--busy-message", "busy") as server:
+                    "--busy-message", "busy", "--access-log") as server:
+        # The readiness probe's connection holds a slot until the server has seen it
+        # close (on threaded, its thread reports that): all `limit` are free once its
+        # access-log line is out, which the server writes after freeing the slot.
+        wait_for(lambda: " reason=" in server.log(), what="the readiness probe's connection to close")
         selector = selectors.DefaultSelector()
         socks = []
         started = time.monotonic()
