@@ -179,11 +179,8 @@ class Connection(ConnectionClocks, LingeringClose):
         if self.tls is not None or not data or self.held:
             self.received(data)
             return
-        if not self.inline or self.busy:
-            self.received_for_engine(data)
-            return
-        # The loop's fast path, written out (each call here costs requests/s):
-        # plain data for a connection whose handler runs right here, now.
+        # The fast path, written out (each call here costs requests/s): plain
+        # data, its handler calls run right here (loop, auto) or go to the engine.
         self.bytes_in += len(data)
         framer = self.framer
         try:
@@ -197,9 +194,14 @@ class Connection(ConnectionClocks, LingeringClose):
         # trickles one byte a second (slowloris) still goes idle.
         self.last_active = _monotonic()
         self.heard = True
-        self.stats.messages_total += len(messages)
-        self.messages += len(messages)
-        self.handle_inline(messages)
+        if self.inline and not self.busy:
+            self.stats.messages_total += len(messages)
+            self.messages += len(messages)
+            self.handle_inline(messages)
+        else:  # counted as each call ends (_call_done)
+            dispatch, on_message = self.dispatch, self.session.on_message
+            for message in messages:
+                dispatch(on_message, message)
         if framer.pending_error is not None or self._draining_new:
             self._after_messages(True)
 
@@ -242,27 +244,6 @@ class Connection(ConnectionClocks, LingeringClose):
             self.maybe_finish()
         else:
             self._after_messages(bool(messages))
-
-    def received_for_engine(self, data: bytes) -> None:
-        """:meth:`read`'s path for plain data whose calls go through the engine
-        (threadpool; auto while a call is out): :meth:`received` without the
-        TLS and EOF branches, which cost every message."""
-        self.bytes_in += len(data)
-        framer = self.framer
-        try:
-            messages = framer.feed(data)
-        except ProtocolError as exc:
-            self._malformed(exc)
-            return
-        if not messages:
-            return
-        self.last_active = _monotonic()  # see read()
-        self.heard = True
-        dispatch, on_message = self.dispatch, self.session.on_message
-        for message in messages:
-            dispatch(on_message, message)
-        if framer.pending_error is not None or self._draining_new:
-            self._after_messages(True)
 
     def _malformed(self, exc: ProtocolError) -> None:
         log.warning("closing %s: %s", self.peer, exc, extra=conn_fields(self))
