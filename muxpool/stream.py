@@ -99,7 +99,11 @@ class StreamConnection(HandshakeClock):
         self._reset = False  # close with RST (an abort), not a lingering close
         self._close_called = False  # the handler called close(): send() raises from now on
         self.broken: OSError | None = None  # the socket error a send met (a reset, say)
+        # The connection's own thread sends its replies without the lock until
+        # another sender appears (_share_sends); a lock per reply costs requests/s.
         self._send_lock = ctx.engine.make_lock()
+        self._replying = False  # the connection's thread is in a reply's send, unlocked
+        self._shared = False  # a handler has called send(): every reply takes the lock
         self._calls = 0  # handler calls started; a handler_timeout timer checks it
         self._kernel_timeouts = False
         # Made here, on the loop thread, which collects it for the stats line.
@@ -124,7 +128,9 @@ class StreamConnection(HandshakeClock):
         if self.closed or self._close_called or self.broken is not None:
             raise_closed(self.peer, self.broken)
         try:
-            self._write(self.ctx.encode(message))
+            data = self.ctx.encode(message)
+            self._share_sends()
+            self._write(data)
         except _WRITE_TIMEOUTS:
             raise ConnectionClosed(f"connection {self.peer} closed: write_timeout") from None
         except OSError as exc:
@@ -225,21 +231,39 @@ class StreamConnection(HandshakeClock):
 
     # --- the connection's own thread or greenlet ------------------------------------
 
+    def _share_sends(self) -> None:
+        """Before the first send() (any thread): from now on the connection's
+        thread takes the send lock for its replies too. It may have read
+        ``_shared`` unset just before: then it is in that reply's send, with
+        ``_replying`` raised, and is waited out here (a send of its own, at
+        most write_timeout). Under the GIL, and between greenlets, the two
+        flags are a handshake: each side raises its own, then reads the other's."""
+        if self._shared:
+            return
+        self._shared = True
+        pause = 0.0001
+        while self._replying:  # never so on the connection's own thread: not in a send
+            time.sleep(pause)  # cooperative under gevent's patch
+            pause = min(pause * 2, 0.01)
+
     def _write(self, data: bytes) -> None:
+        try:
+            self._send_locked(data)
+        except _WRITE_TIMEOUTS:
+            self._log_write_timeout()
+            raise
+
+    def _send_locked(self, data: bytes) -> None:
         with self._send_lock:
             if not self._kernel_timeouts:
                 self.sock.settimeout(self.config.write_timeout)
-            try:
-                sent = self.sock.send(data)
-                self.bytes_out += sent
-                if sent != len(data):
-                    self._send_rest(data, sent)
-            except _WRITE_TIMEOUTS:
-                self._log_write_timeout()
-                raise
+            sent = self.sock.send(data)
+            self.bytes_out += sent
+            if sent != len(data):
+                self._send_rest(data, sent)
 
     def _send_rest(self, data: bytes, sent: int) -> None:
-        """A send took part of a reply (send lock held). On a thread, the kernel
+        """A send took part of a reply (the send lock or ``_replying`` held). On a thread, the kernel
         returns a partial count only when SO_SNDTIMEO ran out with the buffer
         full (sendall would then start a whole new timeout, doubling
         write_timeout), or when a signal cut a blocked send short, which the
@@ -325,7 +349,6 @@ class StreamConnection(HandshakeClock):
         if greeting is not None:
             self._write(encode(greeting))
         recv, send = sock.recv, sock.send
-        acquire, release = self._send_lock.acquire, self._send_lock.release
         # Greenlets time each blocking call in Python: set it before each one.
         settimeout = None if self._kernel_timeouts else sock.settimeout
         full_idle = idle = config.idle_timeout
@@ -388,19 +411,22 @@ class StreamConnection(HandshakeClock):
                         calls.unframeable(self.peer, exc, conn_id=self.id)
                         handler_failed(self)
                         return "linger"
-                    acquire()  # not ``with``: it looks up and binds __enter__ and __exit__ each time
+                    self._replying = True  # before reading _shared: see _share_sends
                     try:
-                        if settimeout is not None:
-                            settimeout(write_timeout)
-                        sent = send(out)
-                        self.bytes_out += sent
-                        if sent != len(out):
-                            self._send_rest(out, sent)
+                        if self._shared:
+                            self._send_locked(out)
+                        else:
+                            if settimeout is not None:
+                                settimeout(write_timeout)
+                            sent = send(out)
+                            self.bytes_out += sent
+                            if sent != len(out):
+                                self._send_rest(out, sent)
                     except _WRITE_TIMEOUTS:
                         self._log_write_timeout()
                         raise
                     finally:
-                        release()
+                        self._replying = False
             if full_idle and (partial_since or framer.pending):
                 partial_since, idle = self._idle_left(framer, messages, partial_since)
             if framer.pending_error is not None:

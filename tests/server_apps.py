@@ -237,6 +237,35 @@ class TwoReplies(Greeter):
         return b"second: " + message
 
 
+class CrossSender(Greeter):
+    """A shared instance: one client's handler sends to another client's connection.
+
+    ``name <x>`` files this connection as ``x``; ``push <x> <count> <size>`` sends
+    ``count`` messages of ``size`` bytes (:func:`pushed`) to connection ``x`` from
+    this connection's handler, while that client's own replies may be in flight.
+    """
+
+    def __init__(self):
+        self.conns = {}
+
+    def on_message(self, conn, message):
+        verb, _, rest = message.partition(b" ")
+        if verb == b"name":
+            self.conns[rest] = conn
+            return b"named"
+        if verb == b"push":
+            target, count, size = rest.split()
+            for index in range(int(count)):
+                self.conns[target].send(pushed(index, int(size)))
+            return b"pushed"
+        return PREFIX + message
+
+
+def pushed(index: int, size: int) -> bytes:
+    """:class:`CrossSender`'s ``index``-th push: one letter repeated, so a mixed-up frame shows."""
+    return b"push%03d " % index + bytes([97 + index % 26]) * size
+
+
 class _RecordingClass(type):
     """A class made by :func:`recording_class` pickles as a call to it, so a prefork
     worker the fork server starts (which gets its app pickled) makes the same class."""

@@ -599,6 +599,42 @@ def test_conn_send_after_the_peer_reset_raises_connection_broken_caused_by_the_s
     assert (end["raised"], end["is_oserror"]) == ("ConnectionBroken", True), end
 
 
+@pytest.mark.parametrize("framing", ["length"])
+def test_sends_from_another_connections_handler_never_cut_into_its_replies(make_server, peers, engine):
+    """One client's handler sends to a second client's connection while that one's own
+    large replies go out: every message arrives whole and in its order (a reply's
+    send and a send from another thread never interleave on the socket)."""
+    in_process_only(engine, "two connections' handlers share the app's registry")
+    srv = make_server(server_apps.CrossSender())
+    target, pusher = peers(srv), peers(srv)
+    for peer in (target, pusher):
+        assert peer.receive() == GREETING
+    target.send(b"name target")
+    assert target.receive() == b"named"
+    count, size = 12, 300_000  # each send waits for buffer space: where bytes could interleave
+    received: list = []
+
+    def read_all():
+        try:
+            received.extend(target.receive() for _ in range(2 * count))
+        except Exception as exc:  # a cut-up stream breaks the framing: shown below
+            received.append(exc)
+
+    reader = threading.Thread(target=read_all, daemon=True)
+    reader.start()
+    pusher.send(b"push target %d %d" % (count, size))
+    requests = [b"echo%03d " % index + bytes([65 + index % 26]) * size for index in range(count)]
+    for request in requests:
+        target.send(request)
+    assert pusher.receive() == b"pushed"
+    reader.join(DEADLINE)
+    assert not reader.is_alive()
+    assert not [item for item in received if not isinstance(item, bytes)], received[-1:]
+    assert [m for m in received if m.startswith(b"push")] == [
+        server_apps.pushed(index, size) for index in range(count)]
+    assert [m for m in received if not m.startswith(b"push")] == [PREFIX + r for r in requests]
+
+
 @ONE_FRAMING
 def test_a_handler_over_handler_timeout_ends_its_connection_with_handler_timeout(
         make_server, connect, tmp_path):
