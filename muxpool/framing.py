@@ -88,7 +88,7 @@ class Framer:
         if max_message_size < 1:
             raise ValueError(f"max_message_size must be at least 1, got {max_message_size}")
         self.max_message_size = max_message_size
-        self._buf = bytearray()
+        self._buf = bytearray()  # the one buffer for the framer's life: the threaded engine holds it
         self._state = _OPEN
         self._error: RemoteProtocolError | None = None
         # The violation the next feed() will raise, if the last call returned

@@ -358,6 +358,9 @@ class StreamConnection(HandshakeClock):
         small = SMALL_READ if self._kernel_timeouts and ctx.ssl_context is None else READ_SIZE
         read_size = small
         idle_flag = self._idle
+        # The framer's one buffer for its life (framer.pending, without a
+        # property call per message): bytes of a message not yet complete.
+        partial = framer._buf
         heard = False
         while True:
             idle_flag["recv"] = True
@@ -427,7 +430,7 @@ class StreamConnection(HandshakeClock):
                         raise
                     finally:
                         self._replying = False
-            if full_idle and (partial_since or framer.pending):
+            if full_idle and (partial_since or partial):
                 partial_since, idle = self._idle_left(framer, messages, partial_since)
             if framer.pending_error is not None:
                 log.warning("closing %s: %s", self.peer, framer.pending_error, extra=conn_fields(self))
