@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from . import calls
 from .clocks import HandshakeClock
 from .closing import LINGER_MAX_BYTES, discard_ready
-from .connection import raise_closed
+from .connection import READ_SIZE, SMALL_READ, raise_closed  # SMALL_READ: small messages, no malloc
 from .errors import ConnectionBroken, ConnectionClosed, HandlerTimeout, MuxpoolError, ProtocolError
 from .logs import conn_fields
 from .stats import handler_failed, set_reason
@@ -55,12 +55,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("muxpool.server")
 
-READ_SIZE = 65536
-# recv(n) allocates n bytes before it knows how many arrive. Up to ~480 bytes
-# that comes from CPython's small-object allocator (no malloc arena to share
-# between threads), so connection threads read small while messages are small
-# and switch to READ_SIZE after a read that comes back full.
-SMALL_READ = 512 - 33  # 33: a bytes object's header, on 64-bit CPython
 # A blocked call timed out: socket.timeout from a Python-level timeout;
 # BlockingIOError (and SSLWantReadError through TLS) when the kernel's
 # SO_RCVTIMEO/SO_SNDTIMEO expired.

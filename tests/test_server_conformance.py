@@ -289,7 +289,7 @@ def test_greeting_and_replies_are_exact(make_server, connect, peers, framing):
 
 
 def test_one_message_gets_one_reply_at_every_size(make_server, connect):
-    """Sizes around the threaded engine's small reads (479 bytes, after a small
+    """Sizes around the servers' small first reads (479 bytes, after a small
     message) and well past them: with raw framing a chunk the server read in
     two parts would become two messages, and two replies."""
     srv = make_server(server_apps.SizeGreeter)
