@@ -24,7 +24,6 @@ import collections
 import logging
 import socket
 import time
-from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any
 
 from . import calls
@@ -199,8 +198,9 @@ class Connection(ConnectionClocks, LingeringClose):
         if not messages:
             return  # a partial message: the framer keeps it
         # Idle means "no complete message", not "no byte": a client that
-        # trickles one byte a second (slowloris) still goes idle.
-        self.last_active = _monotonic()
+        # trickles one byte a second (slowloris) still goes idle. The time is
+        # the poll's that reported these bytes: they had arrived by then.
+        self.last_active = self.mux.now
         self.heard = True
         if self.inline and not self.busy:
             self.stats.messages_total += len(messages)
@@ -249,7 +249,7 @@ class Connection(ConnectionClocks, LingeringClose):
             set_reason(self, "eof" if framer.pending_error is None else "protocol_error")
             self.update_interest()
         if messages:
-            self.last_active = _monotonic()  # see read()
+            self.last_active = self.mux.now  # see read()
             self.heard = True
         if self.inline and not self.busy:
             self.stats.messages_total += len(messages)

@@ -128,6 +128,9 @@ class Multiplexer:
         # Odd while waiting in select() (or not running), even while running
         # callbacks: a watchdog thread reads it (muxpool.watchdog).
         self.ticks = 1
+        # When the last poll returned: the time a batch's messages are stamped
+        # with (Connection.last_active), one clock read per batch, not per message.
+        self.now = time.monotonic()
 
     # --- registrations (loop thread only) ---------------------------------
 
@@ -268,6 +271,7 @@ class Multiplexer:
 
     def _serve(self) -> None:
         poll = self._poller.poll
+        monotonic = time.monotonic
         callbacks = self._callbacks
         changed = self._changed
         get = callbacks.get
@@ -277,6 +281,7 @@ class Multiplexer:
             if self.yield_requested and not self.driver.yield_turn():
                 return
             events = poll(self._timeout())
+            self.now = monotonic()
             self.ticks += 1
             changed.clear()
             self._stale = False
