@@ -203,8 +203,7 @@ class Connection(ConnectionClocks, LingeringClose):
         self.last_active = self.mux.now
         self.heard = True
         if self.inline and not self.busy:
-            self.stats.messages_total += len(messages)
-            self.messages += len(messages)
+            self.messages += len(messages)  # the server's total sums these (ServerStats.messages_total)
             self.handle_inline(messages)
         else:  # counted as each call ends (_call_done)
             dispatch, on_message = self.dispatch, self.session.on_message
@@ -252,7 +251,6 @@ class Connection(ConnectionClocks, LingeringClose):
             self.last_active = self.mux.now  # see read()
             self.heard = True
         if self.inline and not self.busy:
-            self.stats.messages_total += len(messages)
             self.messages += len(messages)
             if self.held:
                 self.held.extend(messages)  # after those that wait for a slow reader

@@ -153,6 +153,7 @@ class Server(ServerLifecycle):
         self._address = self._listener.getsockname()
         self._stats = ServerStats(metrics=config.metrics_port is not None)
         self._connections: dict[int, Connection] = {}
+        self._stats.live = self._connections.values()  # a view: what is open at each read
         # A prefork worker's siblings publish its metrics to the supervisor, which serves them.
         self._metrics = (ServerMetrics(config, self._mux, self._stats, self._connections, self._engine,
                                        serve_http=siblings is None)

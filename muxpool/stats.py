@@ -1,11 +1,15 @@
 """Counters a server keeps for its ``--stats-interval`` line.
 
-Message engines report each handler call on the loop thread
-(:meth:`ServerStats.record`). A connection with its own thread or greenlet
-(``threaded``, ``gevent``) times its calls in a :class:`Tally` of its own
-instead, and the loop thread collects every tally when it writes the line:
-one writer per counter and no lock, so the threaded fast path pays two clock
-reads and an append per message, and only when stats are on.
+Every connection counts its own messages (``conn.messages``, one writer: the
+thread that frames them), and the server's total is the closed connections'
+sum plus the open ones' (:attr:`ServerStats.messages_total`, summed when read):
+no second counter per message. Message engines report each handler call's
+time on the loop thread (:meth:`ServerStats.record`). A connection with its
+own thread or greenlet (``threaded``, ``gevent``) times its calls in a
+:class:`Tally` of its own instead, and the loop thread collects every tally
+when it writes the line: one writer per list and no lock, so the threaded
+fast path pays two clock reads and an append per message, and only when
+stats are on.
 
 With metrics on (``metrics_port``), the same counters feed Prometheus: handler
 times also land in :class:`Histogram` buckets (on the loop thread, or when the
@@ -104,18 +108,15 @@ class MetricsSnapshot:
 
 
 class Tally:
-    """One connection's handler calls since the loop last collected them."""
+    """One connection's handler times since the loop last collected them."""
 
-    __slots__ = ("count", "seen", "times", "done")
+    __slots__ = ("times", "done")
 
     def __init__(self) -> None:
-        self.count = 0  # written by the connection's thread only
-        self.seen = 0  # written by the loop thread only
         self.times: list[float] = []  # appended by the connection, emptied from the front by the loop
         self.done = False  # the connection handles no more messages
 
     def add(self, elapsed: float) -> None:
-        self.count += 1
         if len(self.times) < _SAMPLES:
             self.times.append(elapsed)
 
@@ -126,7 +127,8 @@ class ServerStats:
     def __init__(self, metrics: bool = False) -> None:
         self.connections_total = 0
         self.connections_rejected = 0  # accepted at max_connections and closed at once
-        self.messages_total = 0
+        self._closed_messages = 0  # of the connections that have closed
+        self.live: Iterable[Any] = ()  # the open connections (the server's, a view)
         self._times: list[float] = []
         self._since = time.monotonic()
         self._counted = 0  # messages_total at the last snapshot
@@ -142,8 +144,12 @@ class ServerStats:
         self.closed_by = dict.fromkeys(CLOSE_REASONS, 0)
         self.bytes_in = self.bytes_out = self.handler_errors = 0
 
+    @property
+    def messages_total(self) -> int:
+        """Messages received since the server started (loop thread)."""
+        return self._closed_messages + sum(conn.messages for conn in self.live)
+
     def record(self, elapsed: float) -> None:
-        self.messages_total += 1
         times = self._times
         if len(times) < _SAMPLES:
             times.append(elapsed)
@@ -153,6 +159,7 @@ class ServerStats:
     def closed(self, conn: Any) -> None:
         """Fold a closed connection's counters into the totals (loop thread)."""
         self.closed_by[conn.close_reason or "eof"] += 1
+        self._closed_messages += conn.messages
         self.bytes_in += conn.bytes_in
         self.bytes_out += conn.bytes_out
         self.handler_errors += conn.errors
@@ -181,9 +188,6 @@ class ServerStats:
         """Fold every connection's tally in (loop thread)."""
         for tally in list(self._tallies):
             done = tally.done  # read first: a tally marked done gets no more adds
-            count = tally.count
-            self.messages_total += count - tally.seen
-            tally.seen = count
             taken = len(tally.times)
             room = _SAMPLES - len(self._times)
             self._times.extend(tally.times[:min(taken, max(room, 0))])
@@ -204,8 +208,9 @@ class ServerStats:
         now = time.monotonic()
         times, self._times = sorted(self._times), []
         # From the count, not the sample: the sample stops growing at _SAMPLES.
-        rate = (self.messages_total - self._counted) / max(1e-9, now - self._since)
-        self._since, self._counted = now, self.messages_total
+        total = self.messages_total
+        rate = (total - self._counted) / max(1e-9, now - self._since)
+        self._since, self._counted = now, total
 
         def pct(p: float) -> float:
             return times[min(len(times) - 1, int(p * len(times)))] * 1000 if times else 0.0
