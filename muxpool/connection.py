@@ -302,20 +302,14 @@ class Connection(ConnectionClocks, LingeringClose):
         """The ``loop`` engine's fast path: call the handler right here, with
         none of the engine hand-off (no timers are armed: see Server.inline).
         An engine may replace it (``inline_method``: auto's calls can be handed off)."""
-        on_message = self.session.on_message
-        high_water = self.config.write_high_water
-        times, clock = self.stats.inline_times, time.perf_counter  # times: with metrics on
-        for index, message in enumerate(messages):
-            started = clock() if times is not None else 0.0
+        on_message = self.session.on_message  # with metrics on, it times itself (timed_sessions)
+        waiting = iter(messages)
+        for message in waiting:
             try:
                 reply = on_message(self, message)
             except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
-                if times is not None:
-                    times.append(clock() - started)
                 self.call_failed(exc)
                 return
-            if times is not None:
-                times.append(clock() - started)
             if reply is not None and not self.closed:
                 try:  # written out, not calls.frame_reply: a call per message costs requests/s
                     data = self.encode(reply)
@@ -325,10 +319,10 @@ class Connection(ConnectionClocks, LingeringClose):
                 self.write(data)
             if self.closing or self.closed:
                 return  # the handler closed it: the rest of this read is dropped
-            if self.outbuf and len(self.outbuf) > high_water:  # empty once a reply has gone
+            if self.outbuf and len(self.outbuf) > self.config.write_high_water:  # empty once a reply has gone
                 # A slow reader: the rest waits for flush(), as on the other engines,
                 # so one read of tiny requests cannot turn into gigabytes of replies.
-                self.held = messages[index + 1:]
+                self.held = list(waiting)
                 return
 
     def call_failed(self, exc: BaseException) -> None:

@@ -158,13 +158,14 @@ class Server(ServerLifecycle):
         self._metrics = (ServerMetrics(config, self._mux, self._stats, self._connections, self._engine,
                                        serve_http=siblings is None)
                          if config.metrics_port is not None else None)
-        # auto runs the inline path itself (Connection.handle_inline times the loop engine's).
+        # auto runs the inline path itself. Neither times its calls: with metrics
+        # on, the sessions' on_message does, once per call, on any thread.
         self._connection_class = Connection
         if self._inline and self._engine.inline_method is not None:
             self._connection_class = type(f"{type(self._engine).__name__}Connection", (Connection,),
                                           {"handle_inline": self._engine.inline_method})
-            if self._metrics is not None:
-                self._new_session = timed_sessions(self._new_session, self._stats)
+        if self._inline and self._metrics is not None:
+            self._new_session = timed_sessions(self._new_session, self._stats)
         self._ids = itertools.count(1)
         self._accepting = False
         self._draining = False

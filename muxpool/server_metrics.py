@@ -7,11 +7,11 @@ waits for it, so nothing is read while the loop changes it. A loop that does
 not answer in time (a handler blocking the ``loop`` engine) gets the last
 snapshot served again: a scrape never hangs on a stuck loop.
 
-The inline path calls handlers with no engine in between, so no engine times
-them: with metrics on, ``Connection.handle_inline`` times each call itself
-(two clock reads and an append), and under the auto engine, which runs that
-path in its own way, each session's ``on_message`` is wrapped to do the same.
-The loop folds those times into the histogram every second and at each scrape.
+The inline path (``loop``, ``auto``) calls handlers with no engine in
+between, so no engine times them: with metrics on, each session's
+``on_message`` is wrapped to time itself (two clock reads and an append), and
+the inline path's code has no clock in it when metrics are off. The loop
+folds those times into the histogram every second and at each scrape.
 
 The access log is one line per closed connection on the ``muxpool.access``
 logger: peer, connection id, duration, messages, bytes and close reason, as
@@ -128,9 +128,9 @@ class ServerMetrics:
 
 def timed_sessions(new_session, stats):
     """``new_session`` whose sessions time ``on_message`` into ``stats.inline_times``:
-    for the auto engine's inline path, which it runs itself and does not time. Every
-    call is then timed here (auto hands some to its threads, and reports those too),
-    so what the engine reports is counted but not observed again."""
+    for the inline engines, whose inline path does not time its calls. Every call
+    is then timed here (auto hands some to its threads, and reports those too), so
+    what the engine reports is counted but not observed again."""
     stats.observe = None
     times = stats.inline_times
 

@@ -138,8 +138,8 @@ class ServerStats:
         self.timed = metrics  # connections with their own thread keep a Tally
         # None when every on_message call is timed on its way in (the inline path's wrapper).
         self.observe = self.histogram.observe if self.histogram is not None else None
-        # The inline path's handler times, appended by the loop thread (Connection.handle_inline)
-        # or, under the auto engine, by whichever thread ran the call.
+        # The inline engines' handler times, appended by their sessions' timed
+        # on_message (server_metrics.timed_sessions), on whichever thread ran the call.
         self.inline_times: list[float] | None = [] if metrics else None
         self.closed_by = dict.fromkeys(CLOSE_REASONS, 0)
         self.bytes_in = self.bytes_out = self.handler_errors = 0
