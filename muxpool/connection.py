@@ -86,6 +86,7 @@ class Connection(ConnectionClocks, LingeringClose):
         self.heard = False  # a message has arrived (a drain waits for a new client's first)
         self.held: list[bytes] = []  # inline messages waiting for a slow reader to catch up
         self.timing_message = False  # the call in hand is a message's (what the stats count)
+        self.counted = ctx.stats.counted  # keep bytes and messages (ServerStats.counted)
         self.events = 0
         self.last_active = self.opened = time.monotonic()
         self.write_progress = 0.0
@@ -188,7 +189,8 @@ class Connection(ConnectionClocks, LingeringClose):
             return
         # The fast path, written out (each call here costs requests/s): plain
         # data, its handler calls run right here (loop, auto) or go to the engine.
-        self.bytes_in += n
+        if self.counted:
+            self.bytes_in += n
         framer = self.framer
         try:
             messages = framer.feed(data)
@@ -203,7 +205,8 @@ class Connection(ConnectionClocks, LingeringClose):
         self.last_active = self.mux.now
         self.heard = True
         if self.inline and not self.busy:
-            self.messages += len(messages)  # the server's total sums these (ServerStats.messages_total)
+            if self.counted:  # the server's total sums these (ServerStats.messages_total)
+                self.messages += len(messages)
             self.handle_inline(messages)
         else:  # counted as each call ends (_call_done)
             dispatch, on_message = self.dispatch, self.session.on_message
@@ -228,7 +231,8 @@ class Connection(ConnectionClocks, LingeringClose):
     def received(self, data: bytes) -> None:
         """What :meth:`read` got, on any path: TLS, EOF, a handler running elsewhere."""
         n = len(data)
-        self.bytes_in += n
+        if self.counted:
+            self.bytes_in += n
         if self.tls is not None:
             data = self.tls_receive(data)
             if data is None:
@@ -251,7 +255,8 @@ class Connection(ConnectionClocks, LingeringClose):
             self.last_active = self.mux.now  # see read()
             self.heard = True
         if self.inline and not self.busy:
-            self.messages += len(messages)
+            if self.counted:
+                self.messages += len(messages)
             if self.held:
                 self.held.extend(messages)  # after those that wait for a slow reader
             else:
@@ -365,7 +370,7 @@ class Connection(ConnectionClocks, LingeringClose):
     def _call_done(self, ok: bool, value: Any, elapsed: float) -> None:
         """The engine's report that the current call ended (loop thread)."""
         ctx = self.ctx
-        if self.timing_message:
+        if self.timing_message and self.counted:
             ctx.stats.record(elapsed)
             self.messages += 1
         if self.handler_timer is not None:
@@ -444,7 +449,8 @@ class Connection(ConnectionClocks, LingeringClose):
             except OSError as exc:
                 self.abort(exc)
                 return
-            self.bytes_out += sent
+            if self.counted:
+                self.bytes_out += sent
             if sent == len(data):
                 return
             data = memoryview(data)[sent:]
@@ -464,7 +470,8 @@ class Connection(ConnectionClocks, LingeringClose):
             self.abort(exc)
             return
         del self.outbuf[:sent]
-        self.bytes_out += sent
+        if self.counted:
+            self.bytes_out += sent
         self.write_progress = time.monotonic()
         if len(self.outbuf) <= self.config.write_high_water // 4:
             if self.held:

@@ -151,7 +151,9 @@ class Server(ServerLifecycle):
         self._siblings = siblings  # a prefork worker's: the others serving the same socket
         self._reject_logged_at = -_REJECT_LOG_EVERY
         self._address = self._listener.getsockname()
-        self._stats = ServerStats(metrics=config.metrics_port is not None)
+        self._stats = ServerStats(metrics=config.metrics_port is not None, counted=bool(
+            config.metrics_port is not None or config.access_log or config.stats_interval
+            or siblings is not None))  # a prefork worker publishes its totals to the supervisor
         self._connections: dict[int, Connection] = {}
         self._stats.live = self._connections.values()  # a view: what is open at each read
         # A prefork worker's siblings publish its metrics to the supervisor, which serves them.

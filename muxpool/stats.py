@@ -124,9 +124,13 @@ class Tally:
 class ServerStats:
     """Messages handled and handler times since the last report (loop thread only)."""
 
-    def __init__(self, metrics: bool = False) -> None:
+    def __init__(self, metrics: bool = False, counted: bool = True) -> None:
         self.connections_total = 0
         self.connections_rejected = 0  # accepted at max_connections and closed at once
+        # Connections keep bytes and messages only for a reader: metrics, the
+        # access log, the stats line, a prefork worker's totals. Otherwise no
+        # per-message counter runs, and these stay 0.
+        self.counted = counted
         self._closed_messages = 0  # of the connections that have closed
         self.live: Iterable[Any] = ()  # the open connections (the server's, a view)
         self._times: list[float] = []

@@ -102,6 +102,7 @@ class StreamConnection(HandshakeClock):
         self._kernel_timeouts = False
         # Made here, on the loop thread, which collects it for the stats line.
         self.tally = ctx.stats.tally() if ctx.config.stats_interval or ctx.stats.timed else None
+        self.counted = ctx.stats.counted  # keep bytes and messages (ServerStats.counted)
         self.opened = time.monotonic()
 
     def start(self) -> None:
@@ -252,7 +253,8 @@ class StreamConnection(HandshakeClock):
             if not self._kernel_timeouts:
                 self.sock.settimeout(self.config.write_timeout)
             sent = self.sock.send(data)
-            self.bytes_out += sent
+            if self.counted:
+                self.bytes_out += sent
             if sent != len(data):
                 self._send_rest(data, sent)
 
@@ -269,7 +271,8 @@ class StreamConnection(HandshakeClock):
             if self._kernel_timeouts and not _writable(self.sock):
                 raise BlockingIOError(errno.EAGAIN, "write_timeout ran out part-way through a reply")
             sent = self.sock.send(view)
-            self.bytes_out += sent
+            if self.counted:
+                self.bytes_out += sent
             view = view[sent:]
 
     def _log_write_timeout(self) -> None:
@@ -352,6 +355,7 @@ class StreamConnection(HandshakeClock):
         small = SMALL_READ if self._kernel_timeouts and ctx.ssl_context is None else READ_SIZE
         read_size = small
         idle_flag = self._idle
+        counted = self.counted
         # The framer's one buffer for its life (framer.pending, without a
         # property call per message): bytes of a message not yet complete.
         partial = framer._buf
@@ -383,7 +387,8 @@ class StreamConnection(HandshakeClock):
                     read_size = READ_SIZE
             else:
                 read_size = small
-            self.bytes_in += received
+            if counted:
+                self.bytes_in += received
             try:
                 messages = feed(data)
             except ProtocolError as exc:
@@ -391,7 +396,8 @@ class StreamConnection(HandshakeClock):
                 set_reason(self, "protocol_error")
                 return "linger" if data else "eof"
             if messages:
-                self.messages += len(messages)
+                if counted:
+                    self.messages += len(messages)
                 if not heard:
                     heard = self.heard = True
                     if self._draining_new:  # a client accepted just before a drain: this one answered
@@ -416,7 +422,8 @@ class StreamConnection(HandshakeClock):
                             if settimeout is not None:
                                 settimeout(write_timeout)
                             sent = send(out)
-                            self.bytes_out += sent
+                            if counted:
+                                self.bytes_out += sent
                             if sent != len(out):
                                 self._send_rest(out, sent)
                     except _WRITE_TIMEOUTS:

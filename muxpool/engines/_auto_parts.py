@@ -129,7 +129,8 @@ def settle(conn) -> None:
 def to_backlog(conn, on_message, messages) -> None:
     """Ahead of the backlog (it holds what arrived after them); they run
     through the engine, and _call_done counts them again."""
-    conn.messages -= len(messages)
+    if conn.counted:
+        conn.messages -= len(messages)
     conn.backlog.extendleft((on_message, message) for message in reversed(messages))
     conn.backlog_bytes += sum(map(len, messages))
 
