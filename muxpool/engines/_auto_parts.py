@@ -143,7 +143,7 @@ def inline_path(engine):
     helper call, attribute or check per message cost requests/s against
     ``loop``. The guard per call is a number stored and cleared, the thread
     id cleared and set, and a flag read: no lock (see auto's module)."""
-    numbers = engine._numbers
+    next_number = engine._numbers.__next__
 
     def handle_inline(conn, messages: list) -> None:
         on_message = conn.session.on_message
@@ -153,27 +153,27 @@ def inline_path(engine):
                 engine._to_threads(conn, on_message, messages)
                 return
         mux, slot = engine.mux, engine._owner_slot
-        deferred, high_water = mux._deferred, conn.config.write_high_water
+        deferred = mux._deferred
         pending, me = len(deferred), mux.thread_id
         slot.conn = conn
-        index = 0
-        for message in messages:
-            index += 1
-            slot.calling = number = next(numbers)
+        waiting = iter(messages)  # what is left of them once one call goes off the fast path
+        for message in waiting:
+            slot.calling = number = next_number()
             mux.thread_id = None  # conn.send/close defer, as from a pool thread: see auto's module
             try:
                 value = on_message(conn, message)
             except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
                 slot.calling = 0
-                if slot.check or len(deferred) != pending:
-                    off_fast_path(engine, conn, on_message, messages[index:], False, exc, slot, number, me)
+                if slot.check or (deferred and len(deferred) != pending):
+                    off_fast_path(engine, conn, on_message, list(waiting), False, exc, slot, number, me)
                 else:  # closed at once, as on loop
                     mux.thread_id = me
                     conn.call_failed(exc)
                 return
             slot.calling = 0
-            if slot.check or len(deferred) != pending:
-                off_fast_path(engine, conn, on_message, messages[index:], True, value, slot, number, me)
+            # The call deferred something (a conn.send): nothing had been, nearly always.
+            if slot.check or (deferred and len(deferred) != pending):
+                off_fast_path(engine, conn, on_message, list(waiting), True, value, slot, number, me)
                 return
             mux.thread_id = me
             if value is not None and not conn.closed:
@@ -185,8 +185,9 @@ def inline_path(engine):
                 conn.write(data)
             if conn.closing or conn.closed:
                 return  # the handler closed it: the rest of this read is dropped
-            if conn.outbuf and len(conn.outbuf) > high_water:  # a slow reader: flush() runs the rest
-                conn.held = messages[index:]
+            # A slow reader: flush() runs the rest.
+            if conn.outbuf and len(conn.outbuf) > conn.config.write_high_water:
+                conn.held = list(waiting)
                 return
 
     return handle_inline
