@@ -118,8 +118,7 @@ class Multiplexer:
         self._stopping = False
         self._wakeup_sent = False  # see defer()
         self._stale = False  # the batch in hand is older than the loop's state: see _serve
-        # Who may touch loop state now: in_loop_thread() compares with it. None
-        # while an auto handler call runs on the loop thread (it may be handed off).
+        # Who may touch loop state now: in_loop_thread() compares with it.
         self.thread_id: int | None = None
         self.runner_id: int | None = None  # the thread running the loop, handler calls included
         self.native_thread_id: int | None = None  # the kernel's id, for /proc
@@ -199,7 +198,11 @@ class Multiplexer:
         return self._wake_w.fileno()
 
     def in_loop_thread(self) -> bool:
-        return threading.get_ident() == self.thread_id
+        """On the thread that runs the loop, and not inside a handler call the
+        driver may move off it (auto's: the handler's ``conn.send`` defers then,
+        as from a pool thread, so none can race a hand-off)."""
+        return threading.get_ident() == self.thread_id and (self.driver is None
+                                                            or not self.driver.in_call())
 
     # --- from any thread --------------------------------------------------
 

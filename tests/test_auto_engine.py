@@ -173,6 +173,39 @@ def test_the_stall_warning_does_not_fire_for_a_call_that_was_handed_off(serve, c
     assert srv._engine.stats()["handoffs"] == 1
 
 
+class _WhereAmI:
+    """Records, inside each call: (on the loop's thread, may touch loop state)."""
+
+    def __init__(self):
+        self.server = None
+        self.seen: list[tuple[bool, bool]] = []
+
+    def on_message(self, conn, message: bytes) -> bytes:
+        mux = self.server._mux
+        self.seen.append((threading.get_ident() == mux.runner_id, mux.in_loop_thread()))
+        return message
+
+
+def test_a_call_on_the_loop_thread_defers_what_it_does_to_the_loop_and_nothing_else_does():
+    # While a call runs the monitor may hand the loop to another thread, so the
+    # handler's conn.send/close must defer even on the loop's thread; the loop's
+    # own callbacks, between calls, must not.
+    app = _WhereAmI()
+    srv = Server(app, port=0, engine="auto", framing="line")
+    app.server = srv
+    srv.start()
+    try:
+        with Client(*srv.address[:2], framing="line", greeting=False, timeout=DEADLINE) as client:
+            assert client.request(b"hi") == b"hi"
+        assert app.seen == [(True, False)]
+        between = threading.Event()
+        outside = []
+        srv._mux.defer(lambda: (outside.append(srv._mux.in_loop_thread()), between.set()))
+        assert between.wait(DEADLINE) and outside == [True]
+    finally:
+        srv.shutdown(timeout=DEADLINE)
+
+
 # --- the hand-off's handshake (AutoEngine._hand_off and verdict), step by step ---------
 # The monitor raises the owner's flag, then reads its call; the owner clears its
 # call, then reads the flag. These tests put the two threads' steps in each order

@@ -17,6 +17,7 @@ _CPU_HANDOFF = 0.05  # s a call busy on the CPU runs before it is handed off all
 _FIRST_NEEDED = 8  # quick calls in a row that forgive a handler caught blocking once
 MOST_NEEDED = 1024  # ... however often it was caught
 LOOP, EXIT = "loop", "exit"
+current = threading.local()  # .slot: the engine thread's own Slot (AutoEngine.in_call)
 
 
 class LoopGone(BaseException):
@@ -63,9 +64,11 @@ def watch(engine) -> None:
     """The monitor (run()'s caller): sample the owner's call until the loop ends;
     hand off one that has run handoff_after mostly off the CPU.
 
-    A sample that finds a call times it: the next comes handoff_after later,
-    so a call that blocks is handed off between one and two handoff_after
-    after it was first seen. A sample that finds none (the loop in select, or
+    A sample that finds a call of an iteration it had not seen (``calling``
+    holds the loop's tick) times that iteration: the next comes
+    handoff_after later, so an iteration held up by a call that blocks is
+    handed off (in whichever call then runs) between one and two
+    handoff_after after it was first seen. A sample that finds none (the loop in select, or
     between calls: most of an echo server's time) doubles the wait, up to
     ``_IDLE_PERIOD``, which bounds how late a call is first seen. Each sample
     costs: the thread's wake-up (about 40 us of CPU on a VM) and the GIL,
@@ -137,45 +140,50 @@ def to_backlog(conn, on_message, messages) -> None:
 
 def inline_path(engine):
     """The auto engine's Connection.handle_inline (the server makes it its
-    connections' method): loop's fast path, each call guarded.
+    connections' method), and the function that binds it to the engine's
+    multiplexer (at start): loop's fast path, each call guarded.
 
     One function, written out (as Connection.handle_inline is): each
     helper call, attribute or check per message cost requests/s against
-    ``loop``. The guard per call is a number stored and cleared, the thread
-    id cleared and set, and a flag read: no lock (see auto's module)."""
-    next_number = engine._numbers.__next__
+    ``loop``; what does not change once the engine starts (the
+    multiplexer, its deferred queue, the memory) is a closure's cell, not
+    an attribute read per read. The guard per call is the loop's tick
+    stored and cleared and a flag read: no lock (see auto's module)."""
+    memory = engine._memory
+    mux = deferred = None
+
+    def bind(multiplexer) -> None:
+        nonlocal mux, deferred
+        mux, deferred = multiplexer, multiplexer._deferred
 
     def handle_inline(conn, messages: list) -> None:
         on_message = conn.session.on_message
-        if engine._memory and engine.threads > 1:  # (one thread: nowhere else to go)
-            memory = engine._memory.get(getattr(on_message, "__func__", on_message))
-            if memory is not None and memory.blocking:
+        if memory and engine.threads > 1:  # (one thread: nowhere else to go)
+            known = memory.get(getattr(on_message, "__func__", on_message))
+            if known is not None and known.blocking:
                 engine._to_threads(conn, on_message, messages)
                 return
-        mux, slot = engine.mux, engine._owner_slot
-        deferred = mux._deferred
-        pending, me = len(deferred), mux.thread_id
+        slot = engine._owner_slot
+        pending = len(deferred) if deferred else 0
+        number = mux.ticks  # this iteration's calls: the monitor times them as one run
         slot.conn = conn
         waiting = iter(messages)  # what is left of them once one call goes off the fast path
         for message in waiting:
-            slot.calling = number = next_number()
-            mux.thread_id = None  # conn.send/close defer, as from a pool thread: see auto's module
+            slot.calling = number  # conn.send/close defer meanwhile (AutoEngine.in_call)
             try:
                 value = on_message(conn, message)
             except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
                 slot.calling = 0
                 if slot.check or (deferred and len(deferred) != pending):
-                    off_fast_path(engine, conn, on_message, list(waiting), False, exc, slot, number, me)
+                    off_fast_path(engine, conn, on_message, list(waiting), False, exc, slot, number)
                 else:  # closed at once, as on loop
-                    mux.thread_id = me
                     conn.call_failed(exc)
                 return
             slot.calling = 0
             # The call deferred something (a conn.send): nothing had been, nearly always.
             if slot.check or (deferred and len(deferred) != pending):
-                off_fast_path(engine, conn, on_message, list(waiting), True, value, slot, number, me)
+                off_fast_path(engine, conn, on_message, list(waiting), True, value, slot, number)
                 return
-            mux.thread_id = me
             if value is not None and not conn.closed:
                 try:
                     data = conn.encode(value)
@@ -190,10 +198,10 @@ def inline_path(engine):
                 conn.held = list(waiting)
                 return
 
-    return handle_inline
+    return handle_inline, bind
 
 
-def off_fast_path(engine, conn, on_message, rest, ok, value, slot, number, me) -> None:
+def off_fast_path(engine, conn, on_message, rest, ok, value, slot, number) -> None:
     """Call ``number`` blocked (handed off or not) or deferred something
     (or failed after either): its reply goes after what it sent, the rest of the read after
     the reply, ahead of the backlog (where a close can drop them or not)."""
@@ -202,7 +210,6 @@ def off_fast_path(engine, conn, on_message, rest, ok, value, slot, number, me) -
         engine._reclaim(slot)  # the monitor marked the connection busy as it took the loop
     else:
         conn.busy = True
-        engine.mux.thread_id = me
     if caught:
         engine._caught(getattr(on_message, "__func__", on_message))
     to_backlog(conn, on_message, rest)

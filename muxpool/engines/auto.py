@@ -18,10 +18,15 @@ handed off only after ``_CPU_HANDOFF``. The loop runs on the engine's
 threads, one at a time: the *owner*. The others run calls of handlers known
 to block (a queue, in order), wait blocked in a handed-off call, or stand by.
 
-Exactly one owner. Before a call the owner numbers it (``slot.calling``) and
-clears ``mux.thread_id`` (so ``conn.send``/``close`` in the handler defer, as
-from a pool thread: none can race a hand-off); after it, it clears
-``calling`` and then reads ``slot.check``. The monitor, under ``_lock``,
+Exactly one owner. Before a call the owner stores the loop's tick
+(``mux.ticks``, which moves with each iteration and each take-over) in
+``slot.calling``: the calls of one iteration share it, so the monitor sees
+whether the loop has moved on since its last sample, as Go's sysmon
+compares a P's ``schedtick``; between calls, with ``calling`` cleared, it
+hands nothing off. While it is set, ``conn.send``/``close``
+from the handler defer, as from a pool thread (``in_call``, which
+``mux.in_loop_thread`` asks), so none can race a hand-off. After the call
+the owner clears ``calling`` and then reads ``slot.check``. The monitor, under ``_lock``,
 raises ``check`` and then reads ``calling``: of two threads that each write
 one field and then read the other's (one at a time, under the GIL), at least
 one sees the other's write. So either the call had returned and the monitor
@@ -60,14 +65,13 @@ blocks now and then stalls the loop for ``handoff_after`` ever more rarely.
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import threading
 import time
 
 from ..calls import call_handler, handler_thread
-from ._auto_parts import (EXIT, LOOP, LoopGone, Memory, Slot, inline_path, reply, settle, to_backlog,
-                          watch)
+from ._auto_parts import (EXIT, LOOP, LoopGone, Memory, Slot, current, inline_path, reply, settle,
+                          to_backlog, watch)
 from .base import Engine
 from .threadpool import DEFAULT_WORKERS
 
@@ -86,7 +90,6 @@ class AutoEngine(Engine):
         self.handoff_after = config.handoff_after
         self.mux = None
         self._lock = threading.Lock()
-        self._numbers = itertools.count(1)
         self._owner_slot: Slot | None = None
         self._standby: list[Slot] = []
         self._reclaimers: collections.deque[Slot] = collections.deque()
@@ -99,12 +102,14 @@ class AutoEngine(Engine):
         self.handoffs = 0
         self._finished = False
         self._ended = threading.Event()
-        self.inline_method = inline_path(self)  # its connections' handle_inline (_auto_parts)
+        # its connections' handle_inline (_auto_parts), bound to the multiplexer at start
+        self.inline_method, self._bind_inline = inline_path(self)
 
     # --- the monitor: run()'s caller --------------------------------------------
 
     def start(self, mux) -> None:
         self.mux = mux
+        self._bind_inline(mux)
         mux.driver = self
 
     def drive(self, mux) -> None:
@@ -151,6 +156,12 @@ class AutoEngine(Engine):
             self._handed += 1
             self.handoffs += 1
 
+    def in_call(self) -> bool:
+        """For Multiplexer.in_loop_thread: this thread is inside a handler call
+        (on the loop, or handed off): what it does to the loop must defer."""
+        slot = getattr(current, "slot", None)
+        return slot is not None and slot.calling != 0
+
     def verdict(self, slot: Slot, number: int) -> tuple[bool, bool]:
         """The owner, after call ``number`` returned with its flag up:
         ``(handed, caught)``: was the loop taken from it, did it block at all."""
@@ -171,6 +182,7 @@ class AutoEngine(Engine):
 
     def _thread_main(self, slot: Slot) -> None:
         handler_thread.active = True  # shutdown() from any call here must not wait for itself
+        current.slot = slot
         try:
             while (task := self._next_task(slot)) is not EXIT:
                 if task is LOOP:
@@ -265,11 +277,9 @@ class AutoEngine(Engine):
     def _inline_call(self, fn, conn, arg):
         """``fn(conn, arg)`` on the loop thread, handed off if it blocks:
         ``(ok, value, caught)``; caught: it blocked (handed off or not)."""
-        mux, slot = self.mux, self._owner_slot
-        me = mux.thread_id
+        slot = self._owner_slot
         slot.conn = None  # busy already (dispatch)
-        slot.calling = number = next(self._numbers)
-        mux.thread_id = None
+        slot.calling = number = self.mux.ticks
         try:
             value, ok = fn(conn, arg), True
         except (Exception, SystemExit) as exc:  # sys.exit() in a handler ends that call, not the server
@@ -278,8 +288,6 @@ class AutoEngine(Engine):
         handed, caught = self.verdict(slot, number) if slot.check else (False, False)
         if handed:
             self._reclaim(slot)
-        else:
-            mux.thread_id = me
         return ok, value, caught
 
     def run(self, conn, fn, arg, done) -> None:
