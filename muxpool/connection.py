@@ -71,6 +71,7 @@ class Connection(ConnectionClocks, LingeringClose):
         self.id = conn_id
         self.stats = ctx.stats
         self.inline = ctx.inline  # the handler may run from the read itself (loop, auto)
+        self.later = ctx.later or ctx.mux.defer  # what send/close do off the loop thread
         self.session = ctx.new_session()
         self.framer = ctx.new_framer()
         self.encode = ctx.encode
@@ -135,17 +136,16 @@ class Connection(ConnectionClocks, LingeringClose):
         if mux.in_loop_thread():
             self.write(data)
         else:
-            mux.defer(lambda: self.write(data))
+            self.later(lambda: self.write(data))
 
     def close(self) -> None:
         """Stop reading, flush what was sent, then close. Idempotent."""
         self._close_called = True
         set_reason(self, "closed")
-        mux = self.mux
-        if mux.in_loop_thread():
+        if self.mux.in_loop_thread():
             self.close_when_done(drop_backlog=True)
         else:
-            mux.defer(lambda: self.close_when_done(drop_backlog=True))
+            self.later(lambda: self.close_when_done(drop_backlog=True))
 
     # --- loop thread -------------------------------------------------------
 

@@ -32,6 +32,9 @@ class ConnectionContext:
     server: Any = None  # what a handler reaches as conn.server (socketserver's name)
     closed: Callable[[Any], None] = lambda conn: None  # on the loop thread
     check_drained: Callable[[], None] = lambda: None
+    # fn() on the loop, from another thread: the engine's, ordered with its results
+    # (a handler's send before its reply), or mux.defer.
+    later: Callable[[Callable[[], Any]], None] | None = None
     draining: bool = False
     drain_deadline: float | None = field(default=None)  # monotonic time the drain must end by
 

@@ -183,7 +183,8 @@ class Server(ServerLifecycle):
             config=config, mux=self._mux, engine=self._engine, encode=self._encoder.encode,
             new_session=self._new_session, new_framer=self._new_framer,
             stats=self._stats, ssl_context=self._ssl_context, inline=self._inline, server=self,
-            app=self._app, closed=self._forget, check_drained=self._stop_if_drained)
+            app=self._app, closed=self._forget, check_drained=self._stop_if_drained,
+            later=self._engine.later)
 
     @property
     def metrics_address(self):

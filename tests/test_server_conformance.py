@@ -599,6 +599,38 @@ def test_conn_send_after_the_peer_reset_raises_connection_broken_caused_by_the_s
     assert (end["raised"], end["is_oserror"]) == ("ConnectionBroken", True), end
 
 
+@ONE_FRAMING
+def test_what_a_handler_sends_arrives_before_its_reply_under_load(make_server, connect):
+    """``conn.send`` in a handler, then its returned reply: in that order on the wire,
+    for every message of 20 clients pipelining at once (on threadpool, both cross
+    from a handler thread to the loop: the reply must not overtake the send)."""
+    srv = make_server(server_apps.TwoReplies())
+    clients = [connect(srv) for _ in range(20)]
+    wrong: list = []
+
+    def converse(index, client):
+        try:
+            for turn in range(40):
+                sent = [b"c%d-%d-%d" % (index, turn, k) for k in range(5)]
+                for message in sent:
+                    client.send(message)
+                got = [client.receive() for _ in range(2 * len(sent))]
+                expected = [reply for m in sent for reply in (b"first: " + m, b"second: " + m)]
+                if got != expected:
+                    wrong.append((index, turn, got[:4]))
+                    return
+        except Exception as exc:  # shown below, with the others
+            wrong.append((index, exc))
+
+    talkers = [threading.Thread(target=converse, args=item, daemon=True) for item in enumerate(clients)]
+    for talker in talkers:
+        talker.start()
+    for talker in talkers:
+        talker.join(DEADLINE)
+    assert not any(talker.is_alive() for talker in talkers)
+    assert not wrong, wrong[:3]
+
+
 @pytest.mark.parametrize("framing", ["length"])
 def test_sends_from_another_connections_handler_never_cut_into_its_replies(make_server, peers, engine):
     """One client's handler sends to a second client's connection while that one's own

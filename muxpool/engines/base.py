@@ -91,6 +91,9 @@ class Engine:
     can_block = True
     inline = False
     inline_method = None
+    # Or a method, later(fn): fn() on the loop, ordered with the results this
+    # engine reports (what a handler's conn.send defers to: see threadpool).
+    later = None
     kernel_timeouts = False
     watches_its_loop = False
 

@@ -91,6 +91,13 @@ class ThreadPoolEngine(Engine):
             batch, self._batch = self._batch, []
             self._handlers.submit(batch)
 
+    def later(self, fn) -> None:
+        """``fn()`` on the loop, in its place among the results (Connection.send and
+        close from a handler thread): a reply reported after it goes after it.
+        Through ``mux.defer`` instead, a drain of the results already queued
+        there would run first, and the reply overtake what the handler sent."""
+        self._handlers.report_call(fn)
+
     def _deliver_later(self) -> None:
         """From a worker: results are waiting and no drain is queued."""
         self._mux.defer(self._deliver)
@@ -104,6 +111,12 @@ class ThreadPoolEngine(Engine):
         try:
             for _ in range(len(results)):  # only those in hand now: see take_results
                 done, ok, value, elapsed = take()
+                if done is None:  # a handler's send or close (later), in its place
+                    try:
+                        value()
+                    except Exception:
+                        log.exception("deferred call %r failed", value)
+                    continue
                 self._in_flight -= 1
                 settled[ok] += 1
                 try:
@@ -234,6 +247,11 @@ class HandlerThreads:
         self._report_pending = False  # before reading the queue: see _report
         self.deliveries += 1
         return self._results
+
+    def report_call(self, fn) -> None:
+        """``fn`` for the loop to run when it takes the results, after those reported
+        before it (from any thread)."""
+        self._report((None, True, fn, 0.0))
 
     def _report(self, result: tuple) -> None:
         self._results.append(result)
