@@ -57,9 +57,20 @@ class Connection(ConnectionClocks, LingeringClose):
     """A client connection as a handler sees it: ``send``, ``close``, ``peer``."""
 
     # What the metrics and the access log read once it closes (stats.CLOSE_REASONS).
+    # Slots, not the instance dict: past 30 attributes CPython gives up on an
+    # object's shared-key dict, and every self.x on the read and write paths
+    # becomes a dict lookup (LOAD_ATTR_WITH_HINT); a slot is one load. On a
+    # 50-connection echo, loop ran 14,050 -> 12,700 instructions per message.
+    # The bases keep a __dict__: anything else set on a connection still works.
+    __slots__ = ("ctx", "mux", "config", "server", "sock", "peer", "id", "stats", "inline", "later",
+                 "session", "framer", "encode", "outbuf", "backlog", "backlog_bytes", "busy",
+                 "reading", "eof", "closing", "closed", "lingering", "heard", "held", "timing_message",
+                 "counted", "events", "last_active", "opened", "write_progress", "idle_timer",
+                 "write_timer", "handler_timer", "tls_timer", "linger_timer", "linger_left",
+                 "_draining_new", "_running_next", "_close_called", "broken", "tls", "bytes_in",
+                 "bytes_out", "messages", "read_size")
     close_reason: str | None = None
-    bytes_in = bytes_out = messages = errors = 0
-    read_size = SMALL_READ  # READ_SIZE for good once a read comes back full (_read_wider)
+    errors = 0
 
     def __init__(self, ctx: "ConnectionContext", sock: socket.socket, peer: Any, conn_id: int):
         self.ctx = ctx
@@ -70,6 +81,8 @@ class Connection(ConnectionClocks, LingeringClose):
         self.peer = peer
         self.id = conn_id
         self.stats = ctx.stats
+        self.bytes_in = self.bytes_out = self.messages = 0
+        self.read_size = SMALL_READ  # READ_SIZE for good once a read comes back full (_read_wider)
         self.inline = ctx.inline  # the handler may run from the read itself (loop, auto)
         self.later = ctx.later or ctx.mux.defer  # what send/close do off the loop thread
         self.session = ctx.new_session()
