@@ -63,7 +63,9 @@ def flag(name: str) -> str:
     return _FLAGS[name]
 
 
-@dataclass(frozen=True)
+# Slots: a handler call reads options off it (handler_timeout, say), and with
+# over 30 fields an instance dict makes each read a dict lookup.
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """Options shared by every engine; ``muxpool serve``'s flags are generated from them.
 
