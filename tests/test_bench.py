@@ -195,6 +195,12 @@ def test_bench_compare_end_to_end(tmp_path):
         assert len(row["requests_per_s"]) == 1, (name, row)
         assert row["requests_per_s"][0] > 0, (name, row)
         assert row["errors"] == 0, (name, row)
+        # Where the server's CPU went: its own code and the kernel's, which add up
+        # to the CPU that requests per server CPU-second divides by.
+        [split] = row["server_cpu_us_per_request"]
+        assert split["user"] > 0 and split["kernel"] > 0, (name, split)
+        per_cpu_second = 1e6 / (split["user"] + split["kernel"])
+        assert per_cpu_second == pytest.approx(row["requests_per_server_cpu_s"][0], rel=1e-6), (name, row)
     if importlib.util.find_spec("matplotlib") is not None:
         png = out_dir / "compare-echo.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

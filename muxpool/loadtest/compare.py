@@ -75,6 +75,7 @@ class Row:
     server: str
     reports: list[Report] = field(default_factory=list)
     server_cpu: list[float] = field(default_factory=list)  # server CPU seconds per run
+    server_kernel: list[float] = field(default_factory=list)  # ... of which in the kernel
     pinned: str = ""
     failure: str = ""
 
@@ -82,6 +83,15 @@ class Row:
     def per_cpu_second(self) -> list[float]:
         """Requests served per second of server CPU: capacity, whatever the generator did."""
         return [r.requests / cpu for r, cpu in zip(self.reports, self.server_cpu) if cpu]
+
+    @property
+    def cpu_us_per_request(self) -> list[tuple[float, float]]:
+        """Server CPU per request, in microseconds: (in Python and C, in the kernel) per run.
+        On loopback the kernel's part (recv, send, the TCP stack) is the same work
+        for every server, and sets how far its own code can move the total."""
+        return [((cpu - kernel) / r.requests * 1e6, kernel / r.requests * 1e6)
+                for r, cpu, kernel in zip(self.reports, self.server_cpu, self.server_kernel)
+                if r.requests]
 
     def median_per_cpu_second(self) -> float:
         values = self.per_cpu_second
@@ -115,11 +125,13 @@ class Row:
                 "warmup_errors": self.warmup_errors,
                 "median_requests_per_s": self.median_rps(), "median_p99_ms": self.median_p99(),
                 "requests_per_server_cpu_s": self.per_cpu_second,
+                "server_cpu_us_per_request": [{"user": user, "kernel": kernel}
+                                              for user, kernel in self.cpu_us_per_request],
                 "generator_cpu": [r.generator_cpu for r in self.reports]}
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of ``pid`` and its live descendants (Linux /proc)."""
+def process_cpu_times(pid: int) -> tuple[float, float] | None:
+    """(user, system) CPU seconds of ``pid`` and its live descendants (Linux /proc)."""
     ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     try:
         stats = {}
@@ -130,19 +142,20 @@ def process_cpu_seconds(pid: int) -> float | None:
                         fields = f.read().rsplit(")", 1)[1].split()
                 except OSError:
                     continue
-                stats[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+                stats[int(entry)] = (int(fields[1]), int(fields[11]), int(fields[12]))
     except OSError:
         return None
     family, frontier = {pid}, [pid]
     while frontier:
         parent = frontier.pop()
-        for child, (ppid, _cpu) in stats.items():
+        for child, (ppid, _user, _system) in stats.items():
             if ppid == parent and child not in family:
                 family.add(child)
                 frontier.append(child)
     if pid not in stats:
         return None
-    return sum(stats[p][1] for p in family if p in stats) / ticks
+    found = [stats[p] for p in family if p in stats]
+    return sum(f[1] for f in found) / ticks, sum(f[2] for f in found) / ticks
 
 
 def free_port() -> int:
@@ -244,10 +257,11 @@ def _measure_in_own_process(row: Row, spec: LoadSpec, workload: str, app: str | 
         wait_until_listening(port, proc)
         prime(run_spec)
         generators = processes or (len(generator_cpus) if generator_cpus else None)
-        report, cpu = _measure(run_spec, generators, generator_cpus, proc.pid, on_progress,
-                               slow=_slow_client(workload, run_spec))
+        report, (user, kernel) = _measure(run_spec, generators, generator_cpus, proc.pid,
+                                          on_progress, slow=_slow_client(workload, run_spec))
         row.reports.append(report)
-        row.server_cpu.append(cpu)
+        row.server_cpu.append(user + kernel)
+        row.server_kernel.append(kernel)
     except Exception as exc:  # one broken server must not sink the whole comparison
         row.failure = str(exc)
     finally:
@@ -264,8 +278,8 @@ def _slow_client(workload: str, spec: LoadSpec):
 
 
 def _measure(spec: LoadSpec, processes, cpus, server_pid: int, on_progress=None,
-             slow=None) -> tuple[Report, float]:
-    """One load run, with the server's CPU seconds spent during the measured part
+             slow=None) -> tuple[Report, tuple[float, float]]:
+    """One load run, with the server's (user, system) CPU seconds spent during the measured part
     (the warm-up is run first, unmeasured, so the CPU figure covers only what the
     report counts)."""
     from collections import Counter
@@ -281,19 +295,19 @@ def _measure(spec: LoadSpec, processes, cpus, server_pid: int, on_progress=None,
     if spec.warmup > 0:
         warm = run_load(replace(spec, duration=spec.warmup, warmup=0), processes, cpus=cpus,
                         on_progress=on_progress)
-    before = process_cpu_seconds(server_pid) or 0.0
+    before = process_cpu_times(server_pid) or (0.0, 0.0)
     try:
         report = run_load(replace(spec, warmup=0), processes, cpus=cpus,
                           on_progress=after_warmup if on_progress or slow else None)
     finally:
         if slow is not None:
             slow.stop()
-    after = process_cpu_seconds(server_pid) or 0.0
+    after = process_cpu_times(server_pid) or (0.0, 0.0)
     if slow is not None and (slow.error is not None or not slow.started):
         raise RuntimeError(f"the mixed workload's slow client failed: {slow.error or 'never started'}")
     if warm is not None:  # its errors are the warm-up's: kept apart, never dropped
         report.warmup_errors = dict(Counter(warm.errors) + Counter(warm.warmup_errors))
-    return report, after - before
+    return report, (after[0] - before[0], after[1] - before[1])
 
 
 def _with_port(spec: LoadSpec, port: int) -> LoadSpec:
